@@ -1,0 +1,133 @@
+"""Typed, frozen model configuration with a JSON round trip.
+
+A ``ClipConfig`` fully describes an architecture *and* the preprocessing its weights
+expect, so a saved model can be rebuilt and fed correctly without the caller's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Image tower. ``arch='vit'`` uses ``layers`` (int) and ``patch_size``;
+    ``arch='resnet'`` uses ``resnet_layers`` (blocks per stage) and ``width`` as stem width."""
+
+    arch: Literal["vit", "resnet"] = "vit"
+    image_size: int = 224
+    width: int = 768
+    layers: int = 12
+    patch_size: int = 32
+    heads: int | None = None  # default: width // 64 (ViT), width * 32 // 64 (ResNet attention pool)
+    mlp_ratio: float = 4.0
+    resnet_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("vit", "resnet"):
+            raise ValueError(f"VisionConfig.arch must be 'vit' or 'resnet', got {self.arch!r}")
+        if self.arch == "vit" and self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.arch == "resnet" and self.image_size % 32:
+            raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
+        object.__setattr__(self, "resnet_layers", tuple(self.resnet_layers))
+
+    @property
+    def num_heads(self) -> int:
+        if self.heads is not None:
+            return self.heads
+        return self.width // 64 if self.arch == "vit" else self.width * 32 // 64
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Causal text transformer, pooled at the end-of-text token."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    eot_token_id: int = 49407  # pooled position: first occurrence of this id
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What the weights expect of an image; travels with the checkpoint."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    resize_mode: Literal["shortest", "squash"] = "shortest"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # OpenAI's weights were trained with QuickGELU; running them with exact GELU silently
+    # costs accuracy, so the choice is part of the config saved with every checkpoint.
+    quick_gelu: bool = False
+    init_logit_scale: float = 2.659260036932778  # ln(1 / 0.07)
+    init_logit_bias: float | None = None  # set for SigLIP-style training
+    preprocess: PreprocessConfig | None = None  # default: derived from vision.image_size
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            object.__setattr__(self, "preprocess", PreprocessConfig(image_size=self.vision.image_size))
+
+    # -- JSON round trip -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClipConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ClipConfig fields: {sorted(unknown)}")
+        vision = _build(VisionConfig, d.pop("vision", {}))
+        text = _build(TextConfig, d.pop("text", {}))
+        pre = d.pop("preprocess", None)
+        pre = _build(PreprocessConfig, pre) if pre is not None else None
+        return cls(vision=vision, text=text, preprocess=pre, **d)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        s = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(s + "\n")
+        return s
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "ClipConfig":
+        p = Path(path_or_text)
+        text = p.read_text() if not str(path_or_text).lstrip().startswith("{") else str(path_or_text)
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "ClipConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, d: dict[str, Any]) -> Any:
+    if isinstance(d, cls):
+        return d
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)

@@ -1,0 +1,54 @@
+"""Named architectures: OpenAI's nine released shapes plus small sizes that train on a CPU.
+
+Names describe shapes only; weights are loaded separately (``clipforge.load``).
+"""
+
+from __future__ import annotations
+
+from clipforge.config import ClipConfig, TextConfig, VisionConfig
+
+
+def _vit(embed: int, image: int, width: int, layers: int, patch: int, text: TextConfig, quick: bool) -> ClipConfig:
+    v = VisionConfig(arch="vit", image_size=image, width=width, layers=layers, patch_size=patch)
+    return ClipConfig(embed_dim=embed, vision=v, text=text, quick_gelu=quick)
+
+
+def _rn(embed: int, image: int, width: int, layers: tuple[int, int, int, int], text: TextConfig) -> ClipConfig:
+    v = VisionConfig(arch="resnet", image_size=image, width=width, resnet_layers=layers)
+    return ClipConfig(embed_dim=embed, vision=v, text=text, quick_gelu=True)
+
+
+def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
+    return TextConfig(width=width, heads=heads, layers=layers)
+
+
+_ARCHITECTURES: dict[str, ClipConfig] = {
+    # OpenAI's released architectures (QuickGELU, as their weights were trained).
+    "RN50": _rn(1024, 224, 64, (3, 4, 6, 3), _text(512, 8)),
+    "RN101": _rn(512, 224, 64, (3, 4, 23, 3), _text(512, 8)),
+    "RN50x4": _rn(640, 288, 80, (4, 6, 10, 6), _text(640, 10)),
+    "RN50x16": _rn(768, 384, 96, (6, 8, 18, 8), _text(768, 12)),
+    "RN50x64": _rn(1024, 448, 128, (3, 15, 36, 10), _text(1024, 16)),
+    "ViT-B-32": _vit(512, 224, 768, 12, 32, _text(512, 8), True),
+    "ViT-B-16": _vit(512, 224, 768, 12, 16, _text(512, 8), True),
+    "ViT-L-14": _vit(768, 224, 1024, 24, 14, _text(768, 12), True),
+    "ViT-L-14-336": _vit(768, 336, 1024, 24, 14, _text(768, 12), True),
+    # Small sizes for CPUs, tests and the built-in data world (64 px images, GELU).
+    # Ordered by compute, for scaling studies: nano < tiny < small < medium.
+    "nano": _vit(64, 64, 64, 2, 16, _text(64, 2, 2), False),
+    "tiny": _vit(128, 64, 128, 4, 8, _text(128, 4, 4), False),
+    "small": _vit(192, 64, 192, 6, 8, _text(192, 4, 6), False),
+    "medium": _vit(256, 64, 256, 8, 8, _text(256, 4, 8), False),
+    "tiny-rn": _rn(128, 64, 16, (1, 1, 1, 1), _text(128, 4, 4)),
+}
+
+
+def list_models() -> list[str]:
+    return list(_ARCHITECTURES)
+
+
+def get_config(name: str) -> ClipConfig:
+    try:
+        return _ARCHITECTURES[name].replace(name=name)
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(_ARCHITECTURES)}") from None
