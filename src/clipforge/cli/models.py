@@ -1,0 +1,38 @@
+"""``clipforge models``: list the registered architectures with their sizes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("models", help="list registered architectures", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from clipforge.model.clip import CLIP
+    from clipforge.model.registry import get_config, list_models
+
+    rows = []
+    for name in list_models():
+        cfg = get_config(name)
+        with torch.device("meta"):  # counts parameters without allocating them
+            params = CLIP(cfg).num_params()
+        tower = f"ViT/{cfg.vision.patch_size} x{cfg.vision.layers}" if cfg.vision.arch == "vit" else (
+            "ResNet " + "-".join(map(str, cfg.vision.resnet_layers)))
+        rows.append({"name": name, "image_tower": tower, "image_size": cfg.vision.image_size,
+                     "embed_dim": cfg.embed_dim, "params_m": round(params / 1e6, 2), "quick_gelu": cfg.quick_gelu})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<14}{'image tower':<22}{'px':>5}{'embed':>7}{'params (M)':>12}  activation")
+    for r in rows:
+        act = "QuickGELU" if r["quick_gelu"] else "GELU"
+        print(f"{r['name']:<14}{r['image_tower']:<22}{r['image_size']:>5}{r['embed_dim']:>7}{r['params_m']:>12.2f}  {act}")
+    return 0
