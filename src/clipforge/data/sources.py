@@ -1,0 +1,223 @@
+"""Training data: turning sources into batches inside DataLoader workers.
+
+Entry points (re-exported here): ``DataConfig``, ``build_train_loader(...) -> TrainLoader``,
+``Batch``. Two datasets do the work, each yielding whole ``Batch`` es so that skip counts
+travel from the worker that saw them to the trainer inside the batch they belong to:
+
+- ``MapBatches`` (CSV/TSV/Parquet/folder) builds batch k of an epoch from its list of indices.
+  A sample's augmentation randomness is seeded by (seed, epoch, index), so neither the worker
+  count nor a resume changes a single pixel.
+- ``StreamBatches`` (WebDataset shards) reads its worker's shards, shuffles, decodes, batches.
+
+Batch policy: every batch is full (``batch_size`` rows; ranks need equal shapes to gather
+features). A skipped sample's slot is refilled with another augmentation of a good sample of
+the same batch (map-style), or by the next good sample of the stream (shards). A map-style
+batch with no good sample at all draws up to ``bad_sample_limit`` random replacements
+(deterministically) and, if none is usable, the run stops with a ``DataError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import Counter
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from clipforge.data.config import DataConfig, resolve_kind, rng_for, seed_for
+from clipforge.data.skips import SKIP_KINDS, RawSample, Skip, load_sample, note_skip
+from clipforge.errors import DataError
+
+__all__ = ["DataConfig", "Batch", "SKIP_KINDS", "build_train_loader", "TrainLoader", "open_index"]
+
+_REPORT_EVERY = 64  # a stream worker reports skips at least this often, batch or not
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W] float
+    tokens: torch.Tensor  # [B, 77] long
+    skipped: dict[str, int]  # samples dropped while building this batch, by kind
+
+
+def _counts_only(counts: Counter) -> Batch:
+    """A 0-row batch carrying skip counts only; the TrainLoader folds it into a real batch."""
+    return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), dict(counts))
+
+
+def open_index(cfg: DataConfig, kind: str | None = None, with_extras: bool = False):
+    """The row index of a table or folder source (``len``, ``raw(i)``, ``extra(i)``)."""
+    kind = kind or resolve_kind(cfg)
+    if kind == "csv":
+        from clipforge.data.csv_source import read_csv
+
+        return read_csv(cfg, with_extras)
+    if kind == "parquet":
+        from clipforge.data.csv_source import read_parquet
+
+        return read_parquet(cfg, with_extras)
+    if kind == "folder":
+        from clipforge.data.folder_source import read_folder
+
+        return read_folder(cfg)
+    raise DataError(f"{cfg.path} is WebDataset shards, not a table or folder")
+
+
+class Featurizer:
+    """Raw sample -> (image tensor, token ids), augmentation seeded per sample (inside ``rng_scope``)."""
+
+    def __init__(self, cfg: DataConfig, transform: Callable[[Any], torch.Tensor],
+                 tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+        self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
+
+    @contextlib.contextmanager
+    def rng_scope(self) -> Iterator[None]:
+        """Per-sample seeding happens inside: afterwards the global RNGs are as they were.
+        With workers=0 this runs in the trainer's process, whose RNG must not depend on the
+        data. CUDA generators are never touched."""
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                yield
+            finally:
+                random.setstate(py_state)
+
+    def image(self, pil: Any, seed: int) -> torch.Tensor:
+        torch.default_generator.manual_seed(seed)  # torchvision's random transforms draw from it
+        random.seed(seed)  # for transforms written with Python's random
+        return self.transform(pil)  # [3, H, W]
+
+    def sample(self, raw: RawSample, *seed_parts: int) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+        got = load_sample(raw, self.cfg.min_image_side, self.cfg.max_image_pixels)
+        if isinstance(got, Skip):
+            return got
+        pil, caption = got
+        try:
+            tokens = self.tokenizer([caption])[0]  # [77]
+        except Exception as e:  # noqa: BLE001 - one caption the tokenizer rejects is one bad sample
+            return Skip("bad_caption", f"{raw.where}: {type(e).__name__}: {e}")
+        try:
+            image = self.image(pil, seed_for(*seed_parts))
+        except Exception as e:  # noqa: BLE001 - e.g. an image the transform cannot crop
+            return Skip("corrupt_image", f"{raw.where}: transform failed: {type(e).__name__}: {e}")
+        return image, tokens
+
+
+class MapBatches(Dataset):
+    """Indexed by ``(epoch, batch_index, [sample indices])`` (from ``EpochBatches``)."""
+
+    def __init__(self, index: Any, feat: Featurizer, seed: int, rank: int) -> None:
+        self.index, self.feat, self.seed, self.rank = index, feat, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _get(self, epoch: int, i: int, copy: int, counts: Counter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        got = self.feat.sample(self.index.raw(i), self.seed, epoch, i, copy)
+        if isinstance(got, Skip):
+            note_skip(got, counts)
+            return None
+        return got
+
+    def __getitem__(self, spec: tuple[int, int, list[int]]) -> Batch:
+        with self.feat.rng_scope():
+            return self._build(*spec)
+
+    def _build(self, epoch: int, k: int, indices: list[int]) -> Batch:
+        counts: Counter = Counter()
+        rows = [self._get(epoch, i, 0, counts) for i in indices]
+        donors = [(i, r) for i, r in zip(indices, rows) if r is not None]
+        if not donors:  # nothing good here: look further, deterministically
+            n = len(self.index)
+            rng = rng_for(self.seed, epoch, self.rank, k, 0xF111)
+            for _ in range(min(self.feat.cfg.bad_sample_limit, n)):
+                i = int(rng.integers(n))
+                r = self._get(epoch, i, 0, counts)
+                if r is not None:
+                    donors = [(i, r)]
+                    break
+            if not donors:
+                return _counts_only(counts)
+        m = 0
+        for slot, r in enumerate(rows):
+            if r is None:  # refill: another augmentation (copy number >= 1) of a good sample
+                i, first = donors[m % len(donors)]
+                again = self.feat.sample(self.index.raw(i), self.seed, epoch, i, 1 + m // len(donors))
+                rows[slot] = again if not isinstance(again, Skip) else first
+                m += 1
+        images = torch.stack([r[0] for r in rows])  # [B, 3, H, W]
+        tokens = torch.stack([r[1] for r in rows])  # [B, 77]
+        return Batch(images, tokens, dict(counts))
+
+
+class StreamBatches(IterableDataset):
+    """Batches from WebDataset shards; each DataLoader worker reads its own shards.
+
+    The epoch reaches persistent workers through shared memory (their copy of this object
+    was made once, when they started). Skips are reported with the next batch, or as a
+    0-row batch at least every ``_REPORT_EVERY`` skips and at the end of the stream.
+    """
+
+    def __init__(self, shards: list[str], feat: Featurizer, seed: int, rank: int, world_size: int,
+                 batch_size: int, drop_last: bool) -> None:
+        self.shards, self.feat, self.seed = shards, feat, seed
+        self.rank, self.world_size, self.batch_size, self.drop_last = rank, world_size, batch_size, drop_last
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def _shard_order(self, epoch: int, worker: int, num_workers: int):
+        from clipforge.data.wds import assigned_shards, resampled_shards
+
+        n = len(self.shards)
+        if self.feat.cfg.resampled:
+            return resampled_shards(n, self.seed, epoch, self.rank, worker)
+        return assigned_shards(n, self.seed, epoch, self.rank, self.world_size, worker, num_workers)
+
+    def __iter__(self):
+        from clipforge.data.wds import iter_tar, shuffle_buffer, to_raw
+
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, cfg = int(self._epoch[0]), self.feat.cfg
+        counts: Counter = Counter()
+
+        def samples():
+            for s in self._shard_order(epoch, worker, num_workers):
+                for key, sample in iter_tar(self.shards[s], counts):
+                    yield s, key, sample
+
+        rng = rng_for(self.seed, epoch, self.rank, worker, 0x5B0F)
+        report_every = min(_REPORT_EVERY, cfg.bad_sample_limit)
+        images: list[torch.Tensor] = []
+        tokens: list[torch.Tensor] = []
+        for n, (s, key, sample) in enumerate(shuffle_buffer(samples(), cfg.shuffle_buffer, rng)):
+            with self.feat.rng_scope():  # not held across a yield: the trainer may run in between
+                got = self.feat.sample(to_raw(self.shards[s], key, sample, cfg), self.seed, epoch, self.rank, worker, n)
+            if isinstance(got, Skip):
+                note_skip(got, counts)
+                if sum(counts.values()) >= report_every:
+                    yield _counts_only(counts)
+                    counts.clear()
+                continue
+            images.append(got[0])
+            tokens.append(got[1])
+            if len(images) == self.batch_size:
+                yield Batch(torch.stack(images), torch.stack(tokens), dict(counts))  # [B,3,H,W], [B,77]
+                images, tokens = [], []
+                counts.clear()
+        if images and not self.drop_last:
+            yield Batch(torch.stack(images), torch.stack(tokens), dict(counts))
+        elif counts:
+            yield _counts_only(counts)
+
+
+def __getattr__(name: str) -> Any:
+    # The loader imports this module; importing it back lazily keeps one entry point without a cycle.
+    if name in ("build_train_loader", "TrainLoader", "EpochBatches"):
+        from clipforge.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

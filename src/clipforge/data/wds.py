@@ -1,0 +1,169 @@
+"""WebDataset shards: brace patterns, reading samples from a tar, splitting shards over
+ranks and workers, the streaming shuffle. No torch here: ``pack`` and tests use it too.
+
+A sample is the run of consecutive tar members sharing a key (the member name up to the
+first dot of its base name): ``000123.jpg`` + ``000123.txt`` -> key ``000123``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+from collections import Counter
+from typing import Iterable, Iterator, TypeVar
+
+from clipforge.data.config import IMAGE_SUFFIXES, DataConfig, rng_for
+from clipforge.data.skips import RawSample, Skip, note_skip
+from clipforge.errors import DataError
+
+log = logging.getLogger("clipforge.data")
+T = TypeVar("T")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a/{000..002}.tar`` -> ``a/000.tar a/001.tar a/002.tar``; ``{x,y}`` lists; several
+    braces multiply; ``p1::p2`` concatenates patterns. Zero padding follows the bounds."""
+    out: list[str] = []
+    for part in pattern.split("::"):
+        if part:
+            out.extend(_expand(part))
+    return out
+
+
+def _expand(s: str) -> list[str]:
+    m = _BRACE.search(s)
+    if m is None:
+        return [s]
+    pre, body, post = s[: m.start()], m.group(1), s[m.end() :]
+    r = _RANGE.fullmatch(body)
+    if r:
+        a, b = r.groups()
+        lo, hi = int(a), int(b)
+        width = len(a) if len(a) == len(b) else 0
+        step = 1 if hi >= lo else -1
+        items = [f"{i:0{width}d}" for i in range(lo, hi + step, step)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise DataError(f"cannot expand {{{body}}} in {s!r}: use {{000..127}} or {{a,b,c}}")
+    return [x for item in items for x in _expand(pre + item + post)]
+
+
+def list_shards(cfg: DataConfig) -> list[str]:
+    """The shard files, checked: all missing is an error, some missing is a warning (each is
+    then skipped as 'unreadable_shard' whenever its turn comes)."""
+    if os.path.isdir(cfg.path):
+        shards = sorted(os.path.join(cfg.path, n) for n in os.listdir(cfg.path) if n.endswith(".tar"))
+    else:
+        shards = expand_braces(cfg.path)
+    if not shards:
+        raise DataError(f"no shards in {cfg.path}")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if len(missing) == len(shards):
+        raise DataError(f"no shard of {cfg.path} exists (first: {missing[0]})")
+    if missing:
+        log.warning("%d of %d shards do not exist (first: %s); they will be skipped", len(missing), len(shards),
+                    missing[0])
+    return shards
+
+
+def _split_key(name: str) -> tuple[str, str] | None:
+    head, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_tar(path: str, counts: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, streamed member by member.
+
+    A shard that cannot be opened counts one 'unreadable_shard'. A shard that ends without
+    its end-of-archive block, or breaks mid-way, counts one 'truncated_tar': the samples
+    before the break are kept, the one being assembled is dropped (it may be incomplete).
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        note_skip(Skip("unreadable_shard", f"{path}: {e.strerror or e}"), counts)
+        return
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            note_skip(Skip("unreadable_shard", f"{path}: {e}"), counts)
+            return
+        key, cur = None, {}
+        try:
+            while True:
+                member = tf.next()
+                if member is None:
+                    break
+                split = _split_key(member.name) if member.isfile() else None
+                if split is None:
+                    continue
+                if split[0] != key:  # the previous sample is complete: hand it out before reading on
+                    if cur:
+                        yield key, cur
+                    key, cur = split[0], {}
+                data = tf.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("short member")
+                cur[split[1]] = data
+            f.seek(tf.offset)
+            end = f.read(tarfile.BLOCKSIZE)  # tarfile stops quietly at EOF or garbage: check why it stopped
+            clean = len(end) == tarfile.BLOCKSIZE and end.count(0) == tarfile.BLOCKSIZE
+            error = "no end-of-archive block"
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            clean, error = False, str(e)
+        if not clean:
+            note_skip(Skip("truncated_tar", f"{path}: {error}"), counts)
+            return
+        if cur:
+            yield key, cur
+
+
+def to_raw(shard: str, key: str, sample: dict[str, bytes], cfg: DataConfig) -> RawSample:
+    """The image and caption members of a tar sample (extensions chosen by the config keys)."""
+    exts = [cfg.image_key] if cfg.image_key != "image" else [s[1:] for s in IMAGE_SUFFIXES]
+    image = next((sample[e] for e in exts if e in sample), None)
+    caption = sample.get("txt" if cfg.caption_key == "caption" else cfg.caption_key)
+    return RawSample(f"{shard}:{key}", image, caption)
+
+
+def assigned_shards(n: int, seed: int, epoch: int, rank: int, world_size: int, worker: int,
+                    num_workers: int) -> list[int]:
+    """This worker's shards for one epoch: the epoch's shard permutation, position i going
+    to global worker i mod (world_size * num_workers). Global workers are numbered worker-major
+    (``worker * world_size + rank``) so that shards spread over ranks before workers."""
+    order = rng_for(seed, epoch, 0x5AD).permutation(n)
+    g, total = worker * world_size + rank, world_size * num_workers
+    return [int(i) for i in order[g::total]]
+
+
+def resampled_shards(n: int, seed: int, epoch: int, rank: int, worker: int) -> Iterator[int]:
+    """Shards drawn with replacement, forever."""
+    rng = rng_for(seed, rank, worker, epoch, 0x5A3)
+    while True:
+        yield int(rng.integers(n))
+
+
+def shuffle_buffer(items: Iterable[T], size: int, rng) -> Iterator[T]:
+    """Streaming shuffle: hold ``size`` items, emit a random one as each new one arrives."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[T] = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        j = int(rng.integers(size))
+        buf[j], x = x, buf[j]
+        yield x
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
