@@ -40,12 +40,14 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     arch: str | None = None,
+    quick_gelu: bool | None = None,
 ) -> tuple[CLIP, Callable[[Any], torch.Tensor]]:
     """Load any supported checkpoint (format auto-detected); returns (model in eval mode, preprocess).
 
-    ``arch`` names the architecture for state dicts whose layout does not reveal it.
+    ``arch`` names the architecture for state dicts whose layout does not reveal it;
+    ``quick_gelu`` sets the activation of weights whose file does not record it.
     """
-    model = checkpoints.load_any(Path(path), arch=arch)
+    model = checkpoints.load_any(Path(path), arch=arch, quick_gelu=quick_gelu)
     model = model.to(device=device, dtype=dtype).eval()
     return model, get_preprocess(model)
 

@@ -2,14 +2,28 @@
 
 clipforge's own format is a directory with ``config.json`` + ``model.safetensors``: no
 pickle, and the config (architecture, activation, preprocessing) travels with the weights.
-Other formats (OpenAI, OpenCLIP, Hugging Face) are recognised by ``detect_format`` and
-mapped by adapters that check every name and shape one to one.
+``load_any`` also reads, recognised by content rather than by name:
+
+- OpenAI's TorchScript archives (``ViT-B-32.pt``), whose tensors are read without running
+  the archived program (``interop.torchscript``);
+- OpenAI / OpenCLIP state dicts in ``.pt``/``.bin``/``.safetensors``, bare or wrapped as an
+  OpenCLIP training checkpoint (``{"state_dict": ..., "epoch": ...}``, ``module.`` prefixes),
+  alone or beside an ``open_clip_config.json``;
+- Hugging Face ``CLIPModel`` directories (``config.json`` + ``model.safetensors``/``pytorch_model.bin``).
+
+Nothing is ever unpickled beyond tensors and containers (``torch.load(weights_only=True)``);
+a file that needs more is refused. Architectures inferred from shapes are verified by strict
+loading: every adapter maps names and shapes one to one and fails on anything left over.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import warnings
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,19 +31,22 @@ from safetensors.torch import load_file, save_file
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
 from clipforge.model.clip import CLIP
+from clipforge.model.interop import hf, openai, torchscript
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+OPENCLIP_CONFIG = "open_clip_config.json"
+OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ExportFormat = Literal["clipforge", "hf", "openclip", "openai"]
 
 
 def save(model: CLIP, out_dir: str | Path) -> Path:
     """Write ``model`` in the own format; returns the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "clipforge"})
-    tmp.replace(out / WEIGHTS_NAME)  # atomic: a reader never sees half a file
+    _write_safetensors(model.state_dict(), out / WEIGHTS_NAME, {"format": "clipforge"})
     model.config.to_json(out / CONFIG_NAME)
     return out
 
@@ -37,21 +54,14 @@ def save(model: CLIP, out_dir: str | Path) -> Path:
 def is_own_format(path: Path) -> bool:
     if not (path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
         return False
-    try:
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return "vision" in cfg and "embed_dim" in cfg  # a Hugging Face config has vision_config instead
+    cfg = _read_json(path / CONFIG_NAME, quiet=True)
+    return cfg is not None and "vision" in cfg and "embed_dim" in cfg  # a Hugging Face config has vision_config
 
 
 def load_own(path: Path) -> CLIP:
     cfg = ClipConfig.from_json(path / CONFIG_NAME)
     model = CLIP(cfg)
-    try:
-        state = load_file(str(path / WEIGHTS_NAME))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path / WEIGHTS_NAME}: cannot read safetensors file ({e})") from e
-    load_state_strict(model, state, source=str(path))
+    load_state_strict(model, _read_safetensors(path / WEIGHTS_NAME), source=str(path))
     return model
 
 
@@ -72,8 +82,272 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
             parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
         raise CheckpointError(f"{source}: weights do not match the architecture: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-def load_any(path, arch=None):
-    from pathlib import Path
-    if is_own_format(Path(path)):
-        return load_own(Path(path))
-    raise CheckpointError(f"{path}: unrecognised checkpoint format")
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+
+def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | None = None) -> CLIP:
+    """Load any supported checkpoint, format detected from the content.
+
+    ``arch`` names a registered architecture for weights whose shapes do not pin it down (head
+    counts); ``quick_gelu`` overrides the activation where the file does not record it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if is_own_format(path):
+            return load_own(path)
+        cfg = _read_json(path / CONFIG_NAME, quiet=True) if (path / CONFIG_NAME).is_file() else None
+        hf_weights = _first(path, HF_WEIGHTS)
+        if cfg is not None and ("vision_config" in cfg or cfg.get("model_type") == "clip") and hf_weights:
+            return load_hf_dir(path, hf_weights, quick_gelu=quick_gelu)
+        oc_weights = _first(path, OPENCLIP_WEIGHTS)
+        if (path / OPENCLIP_CONFIG).is_file() and oc_weights:
+            return load_state_file(oc_weights, arch=arch, quick_gelu=quick_gelu)
+        raise CheckpointError(
+            f"{path}: directory holds no recognised checkpoint (expected clipforge's config.json + "
+            f"{WEIGHTS_NAME}, a Hugging Face config.json + model.safetensors/pytorch_model.bin, or "
+            f"{OPENCLIP_CONFIG} + open_clip_model.safetensors)")
+    return load_state_file(path, arch=arch, quick_gelu=quick_gelu)
+
+
+def load_state_file(path: Path, arch: str | None = None, quick_gelu: bool | None = None) -> CLIP:
+    """One weights file: TorchScript archive, torch pickle, or safetensors."""
+    source = str(path)
+    state, file_quick_gelu, origin = _read_state(path)
+    quick_gelu = file_quick_gelu if quick_gelu is None else quick_gelu
+    kind = openai.layout(state)
+    meta: dict[str, int] = {}
+    if kind == "hf":
+        if arch is None:
+            raise CheckpointError(f"{source}: Hugging Face CLIP weights need their config.json; pass the "
+                                  "directory that holds both (or name the architecture with arch=)")
+        state = hf.from_hf(state, source)
+    elif kind == "openai":
+        state, meta = openai.from_openai(state, source)
+    elif kind != "own":
+        raise CheckpointError(f"{source}: tensors are not a CLIP model in any known layout "
+                              f"(first names: {', '.join(list(state)[:5])})")
+    _fill_bn_counters(state)
+    cfg = _resolve_config(path, state, arch, quick_gelu, origin)
+    openai.check_meta(meta, cfg, source)
+    model = CLIP(cfg)
+    load_state_strict(model, state, source)
+    return model
+
+
+def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str]:
+    """(tensors, activation if the file records it, origin: 'openai' or 'openclip-training')."""
+    if torchscript.is_torchscript_zip(path):
+        state, types = torchscript.read_torchscript_state(path)
+        # The archive names its modules' types, so the activation is read, not guessed.
+        found = {t.rsplit(".", 1)[-1] for name, t in types.items() if name.endswith("mlp.gelu")}
+        return state, (found == {"QuickGELU"}) if found in ({"QuickGELU"}, {"GELU"}) else None, "openai"
+    obj = _read_weights_file(path)
+    training = isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj
+    return _unwrap(obj, str(path)), None, "openclip-training" if training else "openai"
+
+
+def _resolve_config(path: Path, state: dict[str, torch.Tensor], arch: str | None, quick_gelu: bool | None,
+                    origin: str) -> ClipConfig:
+    """The architecture: named (registry), from OpenCLIP's config file beside the weights, or
+    inferred from shapes. Strict loading then verifies it."""
+    oc_cfg_path = path.parent / OPENCLIP_CONFIG
+    if arch is not None:
+        from clipforge.model.registry import get_config
+
+        try:
+            cfg = get_config(arch)
+        except KeyError as e:
+            raise CheckpointError(str(e.args[0])) from None
+    elif path.name in OPENCLIP_WEIGHTS and oc_cfg_path.is_file():
+        cfg = openai.config_from_openclip(_read_json(oc_cfg_path), str(oc_cfg_path))
+        cfg = cfg.replace(name=_registry_name(cfg, default=path.parent.name))
+    else:
+        if quick_gelu is None:
+            # OpenAI's weights (and openai/CLIP's build_model) use QuickGELU; OpenCLIP trains with GELU.
+            quick_gelu = origin != "openclip-training"
+            warnings.warn(
+                f"{path}: the file does not record its activation; assuming "
+                f"{'QuickGELU (OpenAI)' if quick_gelu else 'GELU (OpenCLIP default)'}. "
+                "Pass quick_gelu=True/False if that is wrong.", stacklevel=4)
+        cfg = openai.infer_config(state, quick_gelu, str(path))
+        return cfg.replace(name=_registry_name(cfg))
+    return cfg if quick_gelu is None else cfg.replace(quick_gelu=quick_gelu)
+
+
+def load_hf_dir(path: Path, weights: Path | None = None, quick_gelu: bool | None = None) -> CLIP:
+    """A Hugging Face CLIPModel directory; ``quick_gelu`` overrides its config's hidden_act."""
+    weights = weights or _first(path, HF_WEIGHTS)
+    if weights is None:
+        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+    pre_path = path / "preprocessor_config.json"
+    cfg = hf.config_from_hf(_read_json(path / CONFIG_NAME), _read_json(pre_path) if pre_path.is_file() else None,
+                            str(path / CONFIG_NAME))
+    cfg = cfg.replace(name=_registry_name(cfg, default=path.name))
+    if quick_gelu is not None:
+        cfg = cfg.replace(quick_gelu=quick_gelu)
+    if weights.name.endswith(".index.json"):  # sharded: {"weight_map": {name: shard file}}
+        shards = sorted(set(_read_json(weights).get("weight_map", {}).values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{weights}: shard name {shard!r} points outside the directory")
+            state.update(_unwrap(_read_weights_file(path / shard), str(path / shard)))
+    else:
+        state = _unwrap(_read_weights_file(weights), str(weights))
+    model = CLIP(cfg)
+    load_state_strict(model, hf.from_hf(state, str(weights)), str(path))
+    return model
+
+
+# -- reading files without unpickling code ----------------------------------------------------------
+
+def _read_weights_file(path: Path) -> Any:
+    source = str(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"{source}: empty file")
+    is_zip, is_pickle = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"
+    if path.suffix == ".safetensors" or not (is_zip or is_pickle) and head[8:9] == b"{":
+        return _read_safetensors(path)  # an 8-byte header length, then the JSON header
+    if not (is_zip or is_pickle):  # neither a zip archive nor a pickle (protocol >= 2)
+        raise CheckpointError(f"{source}: not a PyTorch, safetensors or TorchScript file (unrecognised content)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            reason = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                          "it references Python objects other than tensors")
+            raise CheckpointError(
+                f"{source}: refusing to unpickle: the file references Python objects other than tensors "
+                f"({reason}), and unpickling those can run arbitrary code. clipforge reads only tensors; "
+                "if you trust the file, re-save its state_dict() with torch.save or as safetensors") from None
+        raise CheckpointError(f"{source}: damaged pickle ({msg})") from e
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{source}: damaged or truncated checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint: OpenCLIP's {"state_dict": ...}, DDP's ``module.`` and
+    torch.compile's ``_orig_mod.`` prefixes removed."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{source}: entries that are not named tensors: {', '.join(map(str, bad[:5]))}")
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _fill_bn_counters(state: dict[str, torch.Tensor]) -> None:
+    """BatchNorm's num_batches_tracked is a training counter that does not change outputs
+    (momentum is set); some exports drop it. It is the only tensor we fill in."""
+    for k in [k for k in state if k.endswith(".running_var")]:
+        state.setdefault(k[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+
+def _read_json(path: Path, quiet: bool = False) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if quiet:
+            return None
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
+
+
+def _first(directory: Path, names: tuple[str, ...]) -> Path | None:
+    return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
+def _registry_name(cfg: ClipConfig, default: str = "") -> str:
+    """The registered architecture with these shapes (names describe shapes, not activations)."""
+    from clipforge.model.registry import get_config, list_models
+
+    for name in list_models():
+        ref = get_config(name)
+        if (ref.embed_dim, ref.vision, ref.text) == (cfg.embed_dim, cfg.vision, cfg.text):
+            return name
+    return default
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+def export(model: CLIP, fmt: ExportFormat, out: str | Path) -> Path:
+    """Write ``model`` as clipforge's format, a Hugging Face CLIPModel directory, an OpenCLIP
+    directory/state dict, or an OpenAI-layout state dict (``.pt``). Returns what was written."""
+    writers = {"clipforge": save, "hf": save_hf, "openclip": save_openclip, "openai": save_openai}
+    if fmt not in writers:
+        raise CheckpointError(f"unknown export format {fmt!r}; choose from {', '.join(writers)}")
+    return writers[fmt](model, Path(out))
+
+
+def save_hf(model: CLIP, out_dir: str | Path) -> Path:
+    """``config.json`` + ``model.safetensors`` (+ ``preprocessor_config.json``) for
+    ``transformers.CLIPModel.from_pretrained``."""
+    config, pre = hf.config_to_hf(model.config)
+    state = hf.to_hf(model.state_dict())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(state, out / WEIGHTS_NAME, {"format": "pt"})  # transformers requires format=pt
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    return out
+
+
+def save_openclip(model: CLIP, out: str | Path) -> Path:
+    """A file (``.safetensors``, ``.pt``, ``.bin``): the state dict that
+    ``open_clip.create_model(...).load_state_dict`` takes. A directory: that state dict plus
+    ``open_clip_config.json``, which ``open_clip.create_model('local-dir:DIR')`` reads."""
+    out = Path(out)
+    state = openai.to_openai(model.state_dict())
+    if out.suffix in (".safetensors", ".pt", ".bin", ".pth"):
+        return _write_state(state, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(state, out / OPENCLIP_WEIGHTS[0], {"format": "pt"})
+    (out / OPENCLIP_CONFIG).write_text(json.dumps(openai.config_to_openclip(model.config), indent=2) + "\n")
+    return out
+
+
+def save_openai(model: CLIP, out: str | Path) -> Path:
+    """An OpenAI-layout state dict, as openai/CLIP's ``clip.load(path, jit=False)`` rebuilds it."""
+    openai.check_openai_compatible(model.config)
+    out = Path(out)
+    if out.is_dir() or not out.suffix:
+        out = out / "model.pt"
+    return _write_state(openai.to_openai(model.state_dict()), out)
+
+
+def _write_state(state: dict[str, torch.Tensor], out: Path) -> Path:
+    if out.suffix == ".safetensors":
+        return _write_safetensors(state, out, {"format": "pt"})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+    tmp.replace(out)
+    return out
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path

@@ -1,0 +1,250 @@
+"""OpenAI / OpenCLIP state dicts: name mapping, architecture inference, open_clip configs.
+
+OpenAI's layout (also OpenCLIP's ``CLIP``) keeps the image tower under ``visual.`` and the
+text tower at the top level (``token_embedding``, ``transformer.resblocks.N``...). Ours keeps
+the same names with the text tower under ``text.`` (which is also OpenCLIP's
+``CustomTextCLIP`` layout), so mapping is a prefix change, checked key by key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+from clipforge.config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
+from clipforge.errors import CheckpointError
+
+# Top-level names of OpenAI's text tower; they live under ``text.`` in our layout.
+_TEXT_TOP = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+# Tensors OpenAI's TorchScript archives (and traced OpenCLIP models) carry that are not weights:
+# metadata scalars, checked against the inferred shapes, and the constant causal mask.
+_META = ("input_resolution", "context_length", "vocab_size")
+_MASK = re.compile(r"^(visual\.)?(transformer\.resblocks\.\d+\.)?attn_mask$")
+
+
+def layout(state: dict[str, torch.Tensor]) -> str:
+    """'own' (text under ``text.``), 'openai' (text at top level) or 'hf' (CLIPModel names)."""
+    if "text.token_embedding.weight" in state:
+        return "own"
+    if "token_embedding.weight" in state:
+        return "openai"
+    if any(k.startswith(("vision_model.", "text_model.")) for k in state):
+        return "hf"
+    return "unknown"
+
+
+def from_openai(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """OpenAI/OpenCLIP names -> ours. Returns (weights, metadata scalars found). Any key that is
+    neither a known weight prefix nor a known non-weight is an error."""
+    out: dict[str, torch.Tensor] = {}
+    meta: dict[str, int] = {}
+    unknown = []
+    for k, v in state.items():
+        if _MASK.match(k):
+            continue  # a constant the model rebuilds
+        if k.startswith("visual.") or k in ("logit_scale", "logit_bias"):
+            out[k] = v
+        elif k.split(".", 1)[0] in _TEXT_TOP:
+            out["text." + k] = v
+        elif k in _META and v.numel() == 1:
+            meta[k] = int(v.item())
+        else:
+            unknown.append(k)
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} tensors with no counterpart in the OpenAI layout "
+                              f"(e.g. {', '.join(sorted(unknown)[:5])})")
+    return out, meta
+
+
+def to_openai(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names -> OpenAI/OpenCLIP names (the inverse of ``from_openai``)."""
+    return {k[len("text."):] if k.startswith("text.") else k: v for k, v in state.items()}
+
+
+def check_meta(meta: dict[str, int], cfg: ClipConfig, source: str) -> None:
+    expected = {"input_resolution": cfg.vision.image_size, "context_length": cfg.text.context_length,
+                "vocab_size": cfg.text.vocab_size}
+    bad = [f"{k}={v} but the weights say {expected[k]}" for k, v in meta.items() if v != expected[k]]
+    if bad:
+        raise CheckpointError(f"{source}: metadata disagrees with the weights: {'; '.join(bad)}")
+
+
+# -- architecture inference (as openai/CLIP build_model, then verified by strict loading) ----------
+
+def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return len({m.group(1) for k in state if (m := pat.match(k))})
+
+
+def _ratio(hidden: int, width: int) -> float:
+    r = hidden / width
+    return r if int(width * r) == hidden else (hidden + 0.25) / width  # survive float rounding
+
+
+def _grid(n_tokens: int, what: str, source: str) -> int:
+    g = math.isqrt(n_tokens)
+    if g * g != n_tokens:
+        raise CheckpointError(f"{source}: {what} has {n_tokens} positions, not a square grid")
+    return g
+
+
+def infer_config(state: dict[str, torch.Tensor], quick_gelu: bool, source: str) -> ClipConfig:
+    """Architecture from tensor shapes of an own-layout state dict. Heads cannot be seen in the
+    shapes; like openai/CLIP we assume 64-dim heads (pass ``arch=`` when that is wrong)."""
+    try:
+        return _infer(state, quick_gelu, source)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: cannot infer the architecture, tensor {e} is missing") from None
+
+
+def _heads(width: int, what: str, source: str) -> int:
+    if width % 64:
+        raise CheckpointError(f"{source}: {what} width {width} is not a multiple of 64, so its head count "
+                              "cannot be inferred; name the architecture with arch=")
+    return width // 64
+
+
+def _infer(s: dict[str, torch.Tensor], quick_gelu: bool, source: str) -> ClipConfig:
+    if "visual.proj" in s:
+        width, _, patch, _ = s["visual.conv1.weight"].shape
+        grid = _grid(s["visual.positional_embedding"].shape[0] - 1, "visual.positional_embedding", source)
+        hidden = s["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        vision = VisionConfig(arch="vit", image_size=patch * grid, width=width, patch_size=patch,
+                              layers=_count(s, "visual.transformer.resblocks."), mlp_ratio=_ratio(hidden, width))
+        _heads(width, "vision", source)
+        embed_dim = s["visual.proj"].shape[1]
+    elif "visual.attnpool.c_proj.weight" in s:
+        width = s["visual.layer1.0.conv1.weight"].shape[0]
+        grid = _grid(s["visual.attnpool.positional_embedding"].shape[0] - 1, "visual.attnpool.positional_embedding",
+                     source)
+        stages = tuple(_count(s, f"visual.layer{i}.") for i in (1, 2, 3, 4))
+        vision = VisionConfig(arch="resnet", image_size=grid * 32, width=width, resnet_layers=stages)
+        embed_dim = s["visual.attnpool.c_proj.weight"].shape[0]
+    else:
+        raise CheckpointError(f"{source}: no image tower found (neither visual.proj nor visual.attnpool)")
+    twidth = s["text.ln_final.weight"].shape[0]
+    vocab = s["text.token_embedding.weight"].shape[0]
+    text = TextConfig(
+        context_length=s["text.positional_embedding"].shape[0], vocab_size=vocab, width=twidth,
+        heads=_heads(twidth, "text", source), layers=_count(s, "text.transformer.resblocks."),
+        mlp_ratio=_ratio(s["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], twidth),
+        # The last id is OpenAI's end-of-text; pooling at its first occurrence is their argmax rule.
+        eot_token_id=vocab - 1,
+    )
+    if s["text.text_projection"].shape[1] != embed_dim:
+        raise CheckpointError(f"{source}: image embedding size {embed_dim} != text embedding size "
+                              f"{s['text.text_projection'].shape[1]}")
+    bias = float(s["logit_bias"]) if "logit_bias" in s else None
+    return ClipConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu, init_logit_bias=bias)
+
+
+# -- open_clip_config.json (the file OpenCLIP's hf-hub: and local-dir: models carry) -----------------
+
+# Options we implement, and the values of every other option that leave the model unchanged.
+# (None: any value is fine, e.g. patch_dropout acts only in training.) Unlisted options must be falsy.
+_VISION_NEUTRAL = {"pool_type": "tok", "pos_embed_type": "learnable", "attn_pooler_queries": 256,
+                   "attn_pooler_heads": 8, "timm_pool": "avg", "timm_proj": "linear", "patch_dropout": None,
+                   "block_type": "default"}
+_TEXT_NEUTRAL = {"proj_type": "linear", "pad_id": None, "eos_id": None,
+                 "hf_tokenizer_name": None, "tokenizer_mode": None, "tokenizer_kwargs": None}
+_VISION_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
+_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type"}
+
+
+def _unsupported(cfg: dict[str, Any], known: set[str], neutral: dict[str, Any]) -> list[str]:
+    bad = []
+    for k, v in cfg.items():
+        if k in known or (k in neutral and (neutral[k] is None or v == neutral[k])):
+            continue
+        if v in (None, False, 0, 0.0, {}, []):
+            continue
+        bad.append(f"{k}={v!r}")
+    return bad
+
+
+def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
+    m = d.get("model_cfg", d)
+    v, t = dict(m.get("vision_cfg", {})), dict(m.get("text_cfg", {}))
+    bad = _unsupported(v, _VISION_KEYS, _VISION_NEUTRAL) + _unsupported(t, _TEXT_KEYS, _TEXT_NEUTRAL)
+    bad += [f"{k}={m[k]!r}" for k in ("cast_dtype",) if m.get(k)]
+    if t.get("pool_type", "argmax") not in ("argmax", "eos"):
+        bad.append(f"text pool_type={t['pool_type']!r}")
+    if bad:
+        raise CheckpointError(f"{source}: OpenCLIP options not supported by clipforge: {', '.join(bad)}")
+    image = v.get("image_size", 224)
+    image = image[0] if isinstance(image, (list, tuple)) and image[0] == image[-1] else image
+    layers = v.get("layers", 12)
+    width = v.get("width", 768)
+    head_width = v.get("head_width", 64)
+    if isinstance(layers, (list, tuple)):
+        vision = VisionConfig(arch="resnet", image_size=image, width=width, resnet_layers=tuple(layers),
+                              heads=None if head_width == 64 else width * 32 // head_width)
+    else:
+        vision = VisionConfig(arch="vit", image_size=image, width=width, layers=layers,
+                              patch_size=v.get("patch_size", 16),
+                              heads=None if head_width == 64 else width // head_width,
+                              mlp_ratio=v.get("mlp_ratio", 4.0))
+    vocab = t.get("vocab_size", 49408)
+    eot = t.get("eos_id", 2) if t.get("pool_type") == "eos" else vocab - 1
+    text = TextConfig(context_length=t.get("context_length", 77), vocab_size=vocab, width=t.get("width", 512),
+                      heads=t.get("heads", 8), layers=t.get("layers", 12), mlp_ratio=t.get("mlp_ratio", 4.0),
+                      eot_token_id=eot, pad_token_id=t.get("pad_id", 0))
+    p = d.get("preprocess_cfg", {})
+    if p.get("resize_mode", "shortest") not in ("shortest", "squash"):
+        raise CheckpointError(f"{source}: preprocessing resize_mode={p['resize_mode']!r} is not supported")
+    defaults = PreprocessConfig()
+    pre = PreprocessConfig(image_size=image, mean=tuple(p.get("mean", defaults.mean)),
+                           std=tuple(p.get("std", defaults.std)),
+                           interpolation=p.get("interpolation", "bicubic"),
+                           resize_mode=p.get("resize_mode", "shortest"))
+    return ClipConfig(embed_dim=m.get("embed_dim", 512), vision=vision, text=text,
+                      quick_gelu=bool(m.get("quick_gelu", False)), init_logit_bias=m.get("init_logit_bias"),
+                      preprocess=pre)
+
+
+def config_to_openclip(cfg: ClipConfig) -> dict[str, Any]:
+    v, t = cfg.vision, cfg.text
+    if v.arch == "resnet":
+        vision: dict[str, Any] = {"image_size": v.image_size, "layers": list(v.resnet_layers), "width": v.width,
+                                  "head_width": v.width * 32 // v.num_heads}
+    else:
+        vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
+                  "head_width": v.width // v.num_heads, "mlp_ratio": v.mlp_ratio}
+    text: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                            "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
+    if t.eot_token_id != t.vocab_size - 1:  # argmax pooling finds the end token only when it is the top id
+        text.update(pool_type="eos", eos_id=t.eot_token_id)
+    model: dict[str, Any] = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+                             "vision_cfg": vision, "text_cfg": text}
+    if cfg.init_logit_bias is not None:
+        model["init_logit_bias"] = cfg.init_logit_bias
+    p = cfg.preprocess
+    pre = {"size": p.image_size, "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation,
+           "resize_mode": p.resize_mode}
+    return {"model_cfg": model, "preprocess_cfg": pre}
+
+
+def check_openai_compatible(cfg: ClipConfig) -> None:
+    """openai/CLIP's ``build_model`` rebuilds from shapes with 64-dim heads, QuickGELU and argmax
+    pooling; a state dict that needs anything else would load there and silently compute garbage."""
+    v, t = cfg.vision, cfg.text
+    problems = []
+    if not cfg.quick_gelu:
+        problems.append("uses GELU (OpenAI's code always runs QuickGELU)")
+    vheads = v.width // 64 if v.arch == "vit" else v.width * 32 // 64
+    if v.num_heads != vheads:
+        problems.append(f"vision tower has {v.num_heads} heads, OpenAI's code would use {vheads}")
+    if t.heads != t.width // 64:
+        problems.append(f"text tower has {t.heads} heads, OpenAI's code would use {t.width // 64}")
+    if v.arch == "vit" and v.mlp_ratio != 4.0 or t.mlp_ratio != 4.0:
+        problems.append("MLP ratio is not 4")
+    if t.eot_token_id != t.vocab_size - 1:
+        problems.append("end-of-text id is not the last vocabulary id (OpenAI pools at argmax)")
+    if cfg.init_logit_bias is not None:
+        problems.append("has a logit bias")
+    if problems:
+        raise CheckpointError("model cannot be expressed in OpenAI's layout: " + "; ".join(problems)
+                              + " (export --to openclip instead)")
