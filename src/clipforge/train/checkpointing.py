@@ -1,0 +1,183 @@
+"""Training checkpoints: atomic, complete or absent, and loadable as a model.
+
+Layout of ``<out>/checkpoints/step_00000420/``:
+
+    config.json, model.safetensors   the model in the own format (``clipforge.load`` reads it)
+    train_state.pt                   optimizer, scheduler, scaler, RNG of every rank, data position
+    meta.json                        step, samples seen, ... (human-readable)
+    COMPLETE                         written last; a directory without it is never resumed from
+
+Everything is written into ``.tmp-step_...``, fsynced, and renamed into place, so a crash
+or a full disk leaves at worst a temporary directory (removed by the next save) and the
+previous checkpoints untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from clipforge.config import ClipConfig
+from clipforge.errors import CheckpointError
+from clipforge.model.checkpoints import CONFIG_NAME, WEIGHTS_NAME
+
+MARKER = "COMPLETE"
+STATE_NAME = "train_state.pt"
+META_NAME = "meta.json"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_RE.match(d.name)
+        if m and d.is_dir() and (d / MARKER).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+# -- RNG ----------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from (patch dropout, augmentation in-process)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy's state holds an ndarray; stored as a tensor to load with weights_only=True
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_py, np_state[2:])),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tupled(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _py(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _tupled(v: Any) -> Any:
+    return tuple(_tupled(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+# -- save ---------------------------------------------------------------------------------
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    model_config: ClipConfig,
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write one checkpoint atomically and prune the oldest beyond ``keep_last``.
+
+    Raises ``CheckpointError`` (with the previous checkpoints intact) when the directory
+    cannot be written, e.g. a full disk.
+    """
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        write_model_dir(model_state, model_config, tmp)
+        torch.save(train_state, tmp / STATE_NAME)
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / MARKER).write_text(f"{step}\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        if final.exists():  # the same step saved again (resume of a finished run): swap
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(root)
+        kept = f"; the previous checkpoint {prev.name} is intact" if prev else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}") from e
+    for _, old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_model_dir(state: dict[str, torch.Tensor], config: ClipConfig, out: Path) -> Path:
+    """The own model format (``config.json`` + ``model.safetensors``) from a state dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "clipforge"})
+    config.to_json(out / CONFIG_NAME)
+    return out
+
+
+def save_model_atomic(state: dict[str, torch.Tensor], config: ClipConfig, out: Path) -> Path:
+    """Write a model directory under a temporary name, then swap it into place."""
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model_dir(state, config, tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write model to {out}: {e.strerror or e}") from e
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- load ---------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, train state) of a complete checkpoint."""
+    from safetensors.torch import load_file
+
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path}: not a complete training checkpoint (no {MARKER} marker)")
+    try:
+        model_state = load_file(str(path / WEIGHTS_NAME))
+        train_state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged files raise many types
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+    return model_state, train_state

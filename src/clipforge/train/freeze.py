@@ -1,0 +1,56 @@
+"""LiT-style locking: freeze a tower, optionally keeping its last blocks trainable.
+
+``unlocked_layers=N`` keeps the last N transformer blocks (ViT / text) or ResNet stages
+trainable, together with the tower's head (final norm + projection / attention pool);
+``N=0`` freezes the whole tower. Locked modules are also put in eval mode by
+``set_locked_eval`` so a frozen ResNet keeps its BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from clipforge.model.clip import CLIP
+from clipforge.model.text import TextTransformer
+from clipforge.model.vision import ModifiedResNet, VisionTransformer
+
+
+def _blocks_and_head(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    if isinstance(tower, VisionTransformer):
+        return list(tower.transformer.resblocks), [tower.ln_post]
+    if isinstance(tower, TextTransformer):
+        return list(tower.transformer.resblocks), [tower.ln_final]
+    if isinstance(tower, ModifiedResNet):
+        return [tower.layer1, tower.layer2, tower.layer3, tower.layer4], [tower.attnpool]
+    raise TypeError(f"cannot lock a tower of type {type(tower).__name__}")
+
+
+_HEAD_PARAMS = {VisionTransformer: ("proj",), TextTransformer: ("text_projection",), ModifiedResNet: ()}
+
+
+def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Module]:
+    """Freeze ``model.visual`` (tower='image') or ``model.text`` (tower='text').
+
+    Returns the fully frozen sub-modules (to be kept in eval mode while training).
+    """
+    module = {"image": model.visual, "text": model.text}[tower]
+    blocks, head = _blocks_and_head(module)
+    if unlocked_layers > len(blocks):
+        raise ValueError(f"the {tower} tower has {len(blocks)} blocks; cannot keep {unlocked_layers} unlocked")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if unlocked_layers == 0:
+        return [module]
+    trainable = blocks[len(blocks) - unlocked_layers:] + head
+    for m in trainable:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    for name in _HEAD_PARAMS[type(module)]:
+        getattr(module, name).requires_grad_(True)
+    return [b for b in blocks[: len(blocks) - unlocked_layers]]
+
+
+def set_locked_eval(locked: list[nn.Module]) -> None:
+    """Call after ``model.train()``: frozen parts compute as at inference (BatchNorm stats fixed)."""
+    for m in locked:
+        m.eval()

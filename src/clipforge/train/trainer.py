@@ -1,0 +1,617 @@
+"""The training loop: ``train(cfg)`` on one CPU or many GPUs, with exact resume.
+
+One process per device (``torchrun``); each reads its own shard of the data and computes
+the loss over the features of all ranks. Rank 0 logs and writes checkpoints. A step is
+
+    K micro-batches -> forward/backward (GradCache when K > 1) -> unscale -> clip
+    -> one all-reduce of [loss, non-finite flags, stop flag] (the step's only host sync)
+    -> optimizer step, or skip/stop on a non-finite loss (--nan-policy)
+
+Exact resume: the checkpoint holds everything that decides the next steps (weights,
+optimizer, schedule step, scaler, every rank's RNG, and the data position as (epoch,
+micro-batches consumed)); the data loader replays an epoch deterministically from any
+position, so a killed-and-resumed CPU run ends bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import clipforge
+from clipforge.config import ClipConfig
+from clipforge.errors import CheckpointError, ClipforgeError
+from clipforge.model.checkpoints import CONFIG_NAME, load_state_strict
+from clipforge.model.clip import CLIP
+from clipforge.train import checkpointing as ckpt
+from clipforge.train.accumulation import accumulated_contrastive_backward
+from clipforge.model.registry import get_config
+from clipforge.train.config import ConfigError, TrainConfig, ValConfig, dump_config
+from clipforge.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from clipforge.train.freeze import lock_tower, set_locked_eval
+from clipforge.train.logging import MetricsLogger, Progress
+from clipforge.train.loss import ContrastiveLoss
+from clipforge.train.optim import LrSchedule, build_optimizer
+from clipforge.utils import autocast, resolve_device
+
+
+class NonFiniteLossError(ClipforgeError):
+    """The loss or the gradients became NaN/Inf and the policy is to stop."""
+
+
+@dataclass
+class TrainState:
+    """Where the run stands; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # micro-batches of ``epoch`` this rank has consumed
+    samples_seen: int = 0  # over all ranks
+    nan_skipped: int = 0
+    elapsed: float = 0.0  # wall seconds of earlier sessions of this run
+    last_loss: float | None = None
+    skipped: Counter = field(default_factory=Counter)  # this rank's unusable samples, by kind
+
+
+def train(cfg: TrainConfig, model: CLIP | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train as ``cfg`` says and return the summary (also written to ``<out>/summary.json``).
+
+    ``model`` replaces ``cfg.model`` (ignored when resuming: the checkpoint's model is used).
+    Launched by torchrun (or srun), the processes form one data-parallel job.
+    """
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    threads = torch.get_num_threads()
+    info = init_distributed(backend="gloo" if cfg.device == "cpu" else None)
+    try:
+        return Trainer(cfg, info, model, progress).run()
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, not ours
+        if owns_group:
+            cleanup()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo, model: CLIP | None, progress: bool) -> None:
+        if cfg.data is None:
+            raise ConfigError("no training data given (data.path / --data)")
+        self.info, self.main = info, info.rank == 0
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda requested, but CUDA is not available")
+        self.device = info.device if cfg.device in ("auto", "cuda") else resolve_device(cfg.device)
+        _configure_threads(self.device, cfg.workers)
+        self.precision = _resolve_precision(cfg.precision, self.device)
+        self.cfg = cfg = cfg.replace(precision=self.precision)
+        self.run_dir = Path(cfg.out)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.state = TrainState()
+        self.resume_dir = self._find_resume()
+
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        raw = self._build_model(model)
+        train_state = None
+        if self.resume_dir is not None:
+            model_state, train_state = ckpt.load_checkpoint(self.resume_dir)
+            load_state_strict(raw, model_state, source=str(self.resume_dir))
+            self._check_compatible(train_state)
+            self._restore_position(train_state)
+        self.raw = raw.to(self.device).train()
+        self.locked = self._prepare_model(self.raw)
+        self.model = self._wrap(self.raw)
+        self.opt = build_optimizer(self.raw, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.loss_fn = ContrastiveLoss(cfg.loss, cfg.loss_tile, info.world_size, info.rank)
+
+        self.loader = self._build_loader()
+        self.total_steps = self._total_steps()
+        self.schedule = LrSchedule(self.opt, self.cfg.schedule, self.total_steps)
+        self.pending_rng = None
+        if train_state is not None:
+            self._restore_optimization(train_state)
+        else:  # distinct randomness per rank (patch dropout) from here on
+            torch.manual_seed(cfg.seed + info.rank)
+            random.seed(cfg.seed + info.rank)
+            np.random.seed(cfg.seed + info.rank)
+        self.start_step = self.state.step
+        self.show_progress = progress and self.main
+        self._signalled = False  # set by SIGTERM on this rank
+        self._stop = False  # agreed by all ranks (through the per-step all-reduce)
+        self.last_eval: dict[str, float] | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def _find_resume(self) -> Path | None:
+        """Rank 0 picks the checkpoint (or the error) for everyone: no rank waits alone."""
+        choice, error = None, None
+        if self.main and self.cfg.resume:
+            if self.cfg.resume == "auto":
+                choice = ckpt.latest_checkpoint(self.ckpt_root)
+            else:
+                choice = Path(self.cfg.resume)
+                if not (choice / ckpt.MARKER).is_file():
+                    error = f"{choice}: not a complete training checkpoint (no {ckpt.MARKER} marker)"
+        choice, error = _broadcast((choice, error), self.info)
+        if error:
+            raise CheckpointError(error)
+        return choice
+
+    def _build_model(self, model: CLIP | None) -> CLIP:
+        cfg = self.cfg
+        if self.resume_dir is not None:
+            model = CLIP(ClipConfig.from_json(self.resume_dir / CONFIG_NAME))
+        elif model is None and cfg.model in clipforge.list_models():
+            arch = get_config(cfg.model)
+            if cfg.loss == "siglip":  # the SigLIP paper's initial temperature and bias
+                arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+            model = clipforge.create_model(arch)
+        elif model is None:
+            if not Path(cfg.model).exists():
+                raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
+                                  f"({', '.join(clipforge.list_models())}) nor an existing checkpoint path")
+            model, _ = clipforge.load(cfg.model)
+        if cfg.loss == "siglip" and model.logit_bias is None:  # fine-tuning a CLIP model with SigLIP
+            with_bias = CLIP(model.config.replace(init_logit_bias=-10.0))
+            missing, unexpected = with_bias.load_state_dict(model.state_dict(), strict=False)
+            assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
+            model = with_bias
+        return model.float()
+
+    def _prepare_model(self, raw: CLIP) -> list[torch.nn.Module]:
+        cfg = self.cfg
+        if cfg.patch_dropout:
+            if not hasattr(raw.visual, "patch_dropout"):
+                raise ConfigError("patch dropout needs a ViT image tower")
+            raw.visual.patch_dropout = cfg.patch_dropout
+        if cfg.grad_checkpointing:
+            raw.set_grad_checkpointing(True)
+        locked = []
+        try:
+            if cfg.lock_image:
+                locked += lock_tower(raw, "image", cfg.lock_unlocked_layers)
+            if cfg.lock_text:
+                locked += lock_tower(raw, "text", cfg.lock_unlocked_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        set_locked_eval(locked)
+        if cfg.compile:
+            raw.text.trim_padding = False  # static shapes: no data-dependent slicing
+        return locked
+
+    def _wrap(self, raw: CLIP) -> torch.nn.Module:
+        cfg, info = self.cfg, self.info
+        self.replicated: list[torch.nn.Parameter] = []
+        if cfg.fsdp and info.world_size > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            # Each block, then each tower, is one shard group. The scalar temperature (and
+            # bias) cannot be sharded: they stay replicated, their gradients averaged by hand.
+            for tower in (raw.visual, raw.text):
+                for block in getattr(getattr(tower, "transformer", None), "resblocks", []):
+                    fully_shard(block)
+                fully_shard(tower)
+            self.replicated = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None and p.requires_grad]
+        if cfg.compile:
+            raw.compile()  # in place: parameter names and state-dict keys stay unchanged
+        if info.world_size > 1 and not cfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(raw, device_ids=ids)
+        return raw
+
+    def _build_loader(self) -> Any:
+        from clipforge.data.loader import build_train_loader
+
+        cfg = self.cfg
+        tokenizer = functools.partial(clipforge.tokenize, context_length=self.raw.context_length)
+        return build_train_loader(
+            cfg.data, clipforge.get_preprocess(self.raw, train=True), tokenizer,
+            batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+            rank=self.info.rank, world_size=self.info.world_size,
+            start_epoch=self.state.epoch, start_batch=self.state.batch,
+            pin_memory=self.device.type == "cuda", drop_last=True,
+        )
+
+    def _total_steps(self) -> int | None:
+        cfg = self.cfg
+        if cfg.steps is not None:
+            return cfg.steps
+        per_epoch = self.loader.num_batches_per_epoch
+        if per_epoch is not None:
+            return cfg.run_epochs * per_epoch // cfg.grad_accum
+        # a stream of unknown length: run until it ends
+        if cfg.data.resampled:
+            raise ConfigError("resampled shards never end: give the run length in steps")
+        if cfg.schedule.kind != "constant":
+            if self.main:
+                print(f"warning: the {cfg.schedule.kind} schedule needs the run length, which shard streams do "
+                      "not know: using a constant rate after warm-up (give --steps for the schedule)", flush=True)
+            self.cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, kind="constant"))
+        return None
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.info.world_size
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.time()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(self.run_dir, self.main, cfg.tensorboard,
+                                    resume_step=self.start_step if self.resume_dir else None)
+        bar = Progress(self.total_steps, self.start_step, self.show_progress)
+        if self.resume_dir is not None and self.main:
+            bar.write(f"resuming from {self.resume_dir} (step {self.start_step})")
+        old_handlers = self._install_signal_handlers()
+        try:
+            self._loop(bar, t0)
+            if self._stop:
+                bar.write(f"stop requested: checkpoint saved at step {self.state.step}")
+                return {"steps": self.state.step, "stopped_early": True}
+            return self._finish(t0)
+        finally:
+            bar.close()
+            self.logger.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+
+    def _loop(self, bar: Progress, t0: float) -> None:
+        cfg, st = self.cfg, self.state
+        batches = self._micro_batches()
+        window_t, window_losses, window_steps, paused = time.time(), [], 0, 0.0
+        while self.total_steps is None or st.step < self.total_steps:
+            micro = []
+            for _ in range(cfg.grad_accum):
+                nxt = next(batches, None)
+                if nxt is None:
+                    break
+                micro.append(nxt)
+            if not self._all_have_data(len(micro) == cfg.grad_accum):
+                break  # the data ran out (epochs done, or a stream ended)
+            st.epoch, st.batch = micro[-1][0], micro[-1][1]
+            for *_, b in micro:
+                st.skipped.update(b.skipped)
+            loss, gnorm = self._step([b for *_, b in micro])
+            lr = self.opt.param_groups[0]["lr"]  # the rate this step used
+            st.step += 1
+            st.samples_seen += self.global_batch
+            self.schedule.set_step(st.step)
+            window_losses.append(loss)
+            window_steps += 1
+            elapsed = time.time() - window_t - paused  # checkpoints and evaluations excluded
+            rate = window_steps * self.global_batch / max(elapsed, 1e-9)
+            bar.update(1, loss=loss, lr=lr, samples_s=rate)
+            if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                finite = [x for x in window_losses if math.isfinite(x)]
+                self.logger.log(st.step, {
+                    "loss": sum(finite) / len(finite) if finite else float("nan"), "lr": lr,
+                    "grad_norm": gnorm, "logit_scale": float(self.raw.scale().detach()), "samples_per_s": rate,
+                    "epoch": st.epoch, "samples_seen": st.samples_seen, "nan_skipped": st.nan_skipped,
+                })
+                window_t, window_losses, window_steps, paused = time.time(), [], 0, 0.0
+            last = st.step == self.total_steps
+            t_pause = time.time()
+            if self._stop or (cfg.save_every and st.step % cfg.save_every == 0 and not last):
+                self._save(t0)
+                if self._stop:
+                    return
+            if cfg.val is not None and cfg.val.every and st.step % cfg.val.every == 0 and not last:
+                self._evaluate(bar)
+            paused += time.time() - t_pause
+        if st.step == self.start_step and self.resume_dir is None:
+            raise ClipforgeError(
+                f"the training data yielded no full batch of {cfg.batch_size} per process "
+                f"x {cfg.grad_accum} micro-batches: lower --batch-size or add data")
+
+    def _micro_batches(self) -> Iterator[tuple[int, int, Any]]:
+        """(epoch, micro-batches of that epoch consumed, Batch), continuing across epochs."""
+        epoch, pos = self.state.epoch, self.state.batch
+        max_epochs = self.cfg.run_epochs
+        it = iter(self.loader.epoch_iter(epoch, start_batch=pos))
+        if self.pending_rng is not None:  # after the loader's setup, as in the uninterrupted run
+            ckpt.set_rng_state(self.pending_rng)
+            self.pending_rng = None
+        while True:
+            yielded = False
+            for batch in it:
+                pos += 1
+                yielded = True
+                yield epoch, pos, batch
+            if not yielded and pos == 0:
+                return  # an epoch with no full batch: stop rather than loop forever
+            epoch, pos = epoch + 1, 0
+            if max_epochs is not None and epoch >= max_epochs:
+                return
+            it = iter(self.loader.epoch_iter(epoch))
+
+    def _all_have_data(self, have: bool) -> bool:
+        """Ranks stop together: a rank whose stream ended must not leave the others in a collective."""
+        if self.info.world_size == 1 or self.loader.num_batches_per_epoch is not None:
+            return have
+        flag = all_reduce_sum(torch.tensor([0.0 if have else 1.0], device=self.device))
+        return flag.item() == 0
+
+    def _step(self, micro: list[Any]) -> tuple[float, float]:
+        dev = self.device
+        self.opt.zero_grad(set_to_none=True)
+        pairs = [(b.images.to(dev, non_blocking=True), b.tokens.to(dev, non_blocking=True)) for b in micro]
+        if len(pairs) == 1:
+            with autocast(self.precision, dev):
+                out = self.model(*pairs[0])
+            # the loss in fp32, outside autocast (as the accumulated path does)
+            bias = out.logit_bias.float() if out.logit_bias is not None else None
+            loss = self.loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float(), bias)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss = loss.detach()
+        else:
+            loss = accumulated_contrastive_backward(
+                self.model, self.loss_fn, pairs, lambda: autocast(self.precision, dev), self.scaler)
+        for p in self.replicated:  # FSDP only: what DDP would have averaged
+            if p.grad is not None:
+                p.grad = all_reduce_sum(p.grad) / self.info.world_size
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        gnorm = self._clip_grads().float()
+        signalled = torch.tensor(1.0 if self._signalled else 0.0, device=loss.device)
+        flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), (~torch.isfinite(gnorm)).float(),
+                             signalled, gnorm])  # [5]
+        loss_sum, bad_loss, bad_grad, stop, gnorm_sum = all_reduce_sum(flags).tolist()  # the step's host sync
+        self._stop = stop > 0
+        loss_value, gnorm_value = loss_sum / self.info.world_size, gnorm_sum / self.info.world_size
+        # fp16: an overflowing gradient is the scaler's business (it skips and lowers the scale)
+        bad = bad_loss > 0 or (bad_grad > 0 and self.scaler is None)
+        if bad:
+            self._non_finite(loss_value, gnorm_value)
+        elif self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if not bad:
+            self.state.last_loss = loss_value
+        return loss_value, gnorm_value
+
+    def _clip_grads(self) -> torch.Tensor:
+        """Global gradient norm (clipped to grad_clip when set). Under FSDP the sharded and
+        the replicated parameters are measured apart, then combined."""
+        utils = torch.nn.utils
+        norms = []
+        for group in self.opt.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if grads:
+                n = utils.get_total_norm(grads)
+                norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)  # DTensor under FSDP
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+        if self.cfg.optim.grad_clip > 0:
+            for group in self.opt.param_groups:
+                utils.clip_grads_with_norm_(group["params"], self.cfg.optim.grad_clip, total)
+        return total
+
+    def _non_finite(self, loss: float, gnorm: float) -> None:
+        step = self.state.step + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+        if self.cfg.nan_policy == "stop":
+            last = ckpt.latest_checkpoint(self.ckpt_root)
+            where = f"; the last checkpoint is {last}" if last else ""
+            raise NonFiniteLossError(f"non-finite {what} at step {step}: stopping (nothing saved){where}. "
+                                     "Lower --lr, use --precision fp32/bf16, or --nan-policy skip")
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.state.nan_skipped += 1
+        if self.main:
+            print(f"warning: non-finite {what} at step {step}: update skipped (nan-policy skip)", flush=True)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _save(self, t0: float) -> Path | None:
+        st, info = self.state, self.info
+        model_state, optim_state = self._full_states()
+        rank_state = {"rng": ckpt.rng_state(), "skipped": dict(st.skipped)}
+        ranks = _gather(rank_state, info)
+        error, path = None, None
+        if self.main:
+            bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                error = f"refusing to checkpoint step {st.step}: non-finite weights in {bad[:3]}"
+            else:
+                train_state = {
+                    "step": st.step, "epoch": st.epoch, "batch": st.batch, "samples_seen": st.samples_seen,
+                    "nan_skipped": st.nan_skipped, "elapsed": st.elapsed + time.time() - t0,
+                    "last_loss": st.last_loss, "optimizer": optim_state, "schedule": self.schedule.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "ranks": ranks, "compat": self._compat(),
+                }
+                meta = {k: train_state[k] for k in ("step", "epoch", "batch", "samples_seen", "last_loss")}
+                try:
+                    path = ckpt.save_checkpoint(self.ckpt_root, st.step, model_state, self.raw.config,
+                                                train_state, meta, self.cfg.keep_last)
+                except CheckpointError as e:
+                    error = str(e)
+        error = _broadcast(error, info)
+        if error:
+            raise CheckpointError(error)
+        return path
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if not (self.cfg.fsdp and self.info.world_size > 1):
+            return self.raw.state_dict(), self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.raw, options=opts), get_optimizer_state_dict(self.raw, self.opt, options=opts)
+
+    def _compat(self) -> dict[str, Any]:
+        """Settings that give the saved data position its meaning."""
+        return {"batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                "world_size": self.info.world_size}
+
+    def _check_compatible(self, train_state: dict[str, Any]) -> None:
+        saved, now = train_state.get("compat", {}), self._compat()
+        diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+        if diff:
+            raise CheckpointError(
+                f"cannot resume {self.resume_dir} exactly: {', '.join(diff)}. Start a new run from its "
+                f"weights instead (--model {self.resume_dir})")
+
+    def _restore_position(self, ts: dict[str, Any]) -> None:
+        st = self.state
+        st.step, st.epoch, st.batch = ts["step"], ts["epoch"], ts["batch"]
+        st.samples_seen, st.nan_skipped, st.elapsed = ts["samples_seen"], ts["nan_skipped"], ts["elapsed"]
+        st.last_loss = ts["last_loss"]
+        st.skipped = Counter(ts["ranks"][self.info.rank]["skipped"])
+
+    def _restore_optimization(self, ts: dict[str, Any]) -> None:
+        if self.cfg.fsdp and self.info.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.raw, self.opt, ts["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(ts["optimizer"])
+        self.schedule.load_state_dict(ts["schedule"])
+        if self.scaler is not None and ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        self.pending_rng = ts["ranks"][self.info.rank]["rng"]  # set once the data iterator exists
+
+    # -- evaluation, end of run ----------------------------------------------------------
+    def _evaluate(self, bar: Progress) -> dict[str, Any] | None:
+        """Validation on rank 0 (all ranks under FSDP, whose forward is collective)."""
+        metrics = None
+        if self.main or self.cfg.fsdp:
+            rng = ckpt.rng_state()  # evaluation must not shift the training randomness (exact resume)
+            metrics = run_validation(self.raw, self.cfg.val, self.device, self.precision)
+            ckpt.set_rng_state(rng)
+            self.raw.train()
+            set_locked_eval(self.locked)
+            if self.main:
+                self.logger.log(self.state.step, metrics, prefix="val")
+                shown = {k: round(v, 4) for k, v in metrics.items() if "@1" in k or "acc1" in k}
+                bar.write(f"step {self.state.step} val: {shown}")
+        barrier()
+        self.last_eval = metrics
+        return metrics
+
+    def _finish(self, t0: float) -> dict[str, Any]:
+        cfg, st, info = self.cfg, self.state, self.info
+        if st.step > self.start_step or self.resume_dir is None:
+            self._save(t0)
+        if cfg.val is not None:
+            self._evaluate(Progress(None, 0, False))
+        model_state, _ = self._full_states()
+        skipped = Counter()
+        for counts in _gather(dict(st.skipped), info):
+            skipped.update(counts)
+        summary = None
+        if self.main:
+            final = ckpt.save_model_atomic(model_state, self.raw.config, self.run_dir / "final")
+            wall = time.time() - t0
+            summary = {
+                "steps": st.step,
+                "samples_seen": st.samples_seen,
+                "final_loss": st.last_loss,
+                "skipped": dict(sorted(skipped.items())),
+                "skipped_total": sum(skipped.values()),
+                "nan_skipped_steps": st.nan_skipped,
+                "wall_time_s": round(st.elapsed + wall, 3),
+                "session_wall_time_s": round(wall, 3),
+                "resumed_from_step": self.start_step if self.resume_dir is not None else None,
+                "world_size": info.world_size,
+                "global_batch_size": self.global_batch,
+                "precision": self.precision,
+                "final_model": str(final),
+                "eval": self.last_eval,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return _broadcast(summary, info)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGTERM (SLURM preemption, torchrun shutdown): checkpoint at the next step, then stop."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._signalled = True
+
+        return {signal.SIGTERM: signal.signal(signal.SIGTERM, request_stop)}
+
+
+def run_validation(model: CLIP, val: ValConfig, device: torch.device, precision: str) -> dict[str, float]:
+    """Retrieval recall@1/5/10 both ways on ``val.path``; zero-shot accuracy with class names."""
+    from clipforge.eval.datasets import load_captions, load_labelled
+    from clipforge.eval.features import FeatureOptions
+    from clipforge.eval.retrieval import evaluate_retrieval
+
+    opts = FeatureOptions(batch_size=val.batch_size, device=str(device), precision=precision, progress=False)
+    preprocess = clipforge.get_preprocess(model)
+    captions = load_captions(val.path, val.image_key, val.caption_key)
+    metrics = dict(evaluate_retrieval(model, captions, opts, preprocess)["metrics"])
+    if val.classnames:
+        from clipforge.eval.templates import load_classnames, load_templates
+        from clipforge.eval.zeroshot import evaluate_zeroshot
+
+        classnames = load_classnames(val.classnames)
+        templates = load_templates(val.templates) if val.templates else ["a photo of a {}."]
+        labelled = load_labelled(val.path, classnames, val.image_key, val.label_key)
+        zs = evaluate_zeroshot(model, labelled, classnames, templates, opts, preprocess)["metrics"]
+        metrics.update({f"zeroshot_{k}": v for k, v in zs.items()})
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _configure_threads(device: torch.device, workers: int) -> None:
+    """On CPU, give the compute threads the cores that the data workers and the other
+    processes of this node leave free (OMP_NUM_THREADS, when set, decides instead).
+
+    Over-subscription is far worse than idling: OpenMP threads spin while they wait, and
+    measured 10-20x slower steps when they shared 2 cores with data workers."""
+    if device.type != "cpu":
+        return
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (cores - workers * local_world) // local_world))
+
+
+def _broadcast(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, info: DistInfo) -> list[Any]:
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
