@@ -1,0 +1,44 @@
+"""A shortened demo runs end to end and produces the report files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipforge.cli import main
+
+
+@pytest.mark.timeout(300)
+def test_short_demo_writes_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--steps", "4", "--model", "nano", "--train-samples", "96",
+                 "--test-samples", "40", "--shifted-samples", "16", "--batch-size", "16", "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train"]["steps"] == 4
+    zs = summary["results"]["zeroshot"]
+    assert {"colour", "shape", "size", "position", "count"} <= set(zs)
+    for task in ("colour", "shape", "count"):
+        test = zs[task]["test"]
+        assert 0.0 <= test["ensemble"] <= 1.0 and test["num_samples"] > 0
+        assert set(test) >= {"plain", "template", "ensemble", "confusion_matrix"}
+    assert summary["results"]["retrieval"]["num_texts"] == 40
+    report = out / "report"
+    page = (report / "index.html").read_text()
+    for name in ("training.png", "zeroshot_prompts.png", "zeroshot_shift.png", "confusion_shape.png"):
+        assert (report / name).stat().st_size > 1000
+        assert name in page
+    assert page.count("<img class=\"thumb\"") == 5 * 8  # five example queries, top 8 each
+    printed = capsys.readouterr().out
+    assert "text->image retrieval on 40 test captions" in printed
+    # A second run reuses the generated world rather than rendering it again.
+    world_json = (out / "world" / "world.json").stat().st_mtime_ns
+    assert main(["demo", "--out", str(out), "--steps", "1", "--model", "nano", "--train-samples", "96",
+                 "--test-samples", "40", "--shifted-samples", "16", "--batch-size", "16", "--no-progress"]) == 0
+    assert (out / "world" / "world.json").stat().st_mtime_ns == world_json
+
+
+def test_demo_rejects_bad_arguments(capsys):
+    assert main(["demo", "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
