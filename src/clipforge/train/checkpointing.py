@@ -168,6 +168,30 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                sharded: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded (model, optimizer) state dicts. Under FSDP this is a collective: every rank
+    calls it, rank 0 receives the full tensors (on CPU), the others empty dicts."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         sharded: bool) -> None:
+    """Inverse of ``full_states`` for the optimizer (each rank keeps its shard under FSDP)."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 # -- load ---------------------------------------------------------------------------------
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, train state) of a complete checkpoint."""

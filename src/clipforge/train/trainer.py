@@ -37,9 +37,9 @@ from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model.checkpoints import CONFIG_NAME, load_state_strict
 from clipforge.model.clip import CLIP
+from clipforge.model.registry import get_config
 from clipforge.train import checkpointing as ckpt
 from clipforge.train.accumulation import accumulated_contrastive_backward
-from clipforge.model.registry import get_config
 from clipforge.train.config import ConfigError, TrainConfig, ValConfig, dump_config
 from clipforge.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from clipforge.train.freeze import lock_tower, set_locked_eval
@@ -133,9 +133,18 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _find_resume(self) -> Path | None:
-        """Rank 0 picks the checkpoint (or the error) for everyone: no rank waits alone."""
+        """Rank 0 checks the run directory and picks the checkpoint (or the error) for
+        everyone, so no rank is left waiting alone in a collective."""
         choice, error = None, None
-        if self.main and self.cfg.resume:
+        if self.main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / f".write-test-{os.getpid()}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                error = f"cannot write to the output directory {self.run_dir}: {e.strerror or e}"
+        if self.main and self.cfg.resume and error is None:
             if self.cfg.resume == "auto":
                 choice = ckpt.latest_checkpoint(self.ckpt_root)
             else:
@@ -250,7 +259,6 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         self.logger = MetricsLogger(self.run_dir, self.main, cfg.tensorboard,
                                     resume_step=self.start_step if self.resume_dir else None)
@@ -448,13 +456,7 @@ class Trainer:
         return path
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        if not (self.cfg.fsdp and self.info.world_size > 1):
-            return self.raw.state_dict(), self.opt.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.raw, options=opts), get_optimizer_state_dict(self.raw, self.opt, options=opts)
+        return ckpt.full_states(self.raw, self.opt, sharded=self.cfg.fsdp and self.info.world_size > 1)
 
     def _compat(self) -> dict[str, Any]:
         """Settings that give the saved data position its meaning."""
@@ -477,13 +479,7 @@ class Trainer:
         st.skipped = Counter(ts["ranks"][self.info.rank]["skipped"])
 
     def _restore_optimization(self, ts: dict[str, Any]) -> None:
-        if self.cfg.fsdp and self.info.world_size > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.raw, self.opt, ts["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.opt.load_state_dict(ts["optimizer"])
+        ckpt.load_optimizer_state(self.raw, self.opt, ts["optimizer"], sharded=self.cfg.fsdp and self.info.world_size > 1)
         self.schedule.load_state_dict(ts["schedule"])
         if self.scaler is not None and ts.get("scaler"):
             self.scaler.load_state_dict(ts["scaler"])
