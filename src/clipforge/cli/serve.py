@@ -1,0 +1,50 @@
+"""``clipforge serve``: the search service (HTTP API + web page) over an index and a model.
+
+OpenAPI schema at /docs and /openapi.json. Binds to 127.0.0.1 unless --host says otherwise;
+--api-key (or CLIPFORGE_API_KEY) protects every endpoint except /health and the page itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve text/image search, zero-shot classification and a web page",
+                       description=__doc__)  # fmt: skip
+    p.add_argument("--index", required=True, help="index directory from clipforge index")
+    p.add_argument("--model", required=True, help="checkpoint the embeddings were made with")
+    p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
+    p.add_argument("--api-key", default=None, help="require this key (X-API-Key header); default $CLIPFORGE_API_KEY")
+    p.add_argument("--max-k", type=int, default=200, help="largest k a request may ask for")
+    p.add_argument("--max-labels", type=int, default=100, help="most labels per /classify request")
+    p.add_argument("--max-request-mb", type=float, default=16, help="largest request body in MiB")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="larger uploads are refused unread")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    import clipforge
+    from clipforge.search.service import ServeSettings, create_app
+    from clipforge.utils import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = ServeSettings(
+        max_request_bytes=int(args.max_request_mb * 2**20), max_image_pixels=args.max_image_pixels,
+        max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
+    )  # fmt: skip
+    model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch)
+    app = create_app(args.index, model, preprocess, settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can query it")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,207 @@
+"""Image decoding for batch embedding.
+
+Two paths, both producing exactly the model's eval preprocessing (resize, center crop, RGB),
+as uint8 so that worker -> main process transfers are 4x smaller than float tensors:
+
+- ``pil``: DataLoader workers decode with Pillow. A JPEG much larger than the target is
+  decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 inside the DCT, nearly for free,
+  keeping both sides >= the target so the following bicubic resize still only shrinks.
+- ``torch``: workers only read bytes and parse headers; JPEGs are decoded in batches by
+  torchvision on the embedding device (nvJPEG on CUDA). Other formats fall back to Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from clipforge.config import PreprocessConfig
+
+_INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+class UnreadableImage(Exception):
+    """An input that cannot be embedded; recorded in the skip file, never fatal."""
+
+
+def read_bytes(path: str, tar_offset: int | None = None, nbytes: int | None = None) -> bytes:
+    """The file's bytes, or a WebDataset member's bytes read straight from its offset."""
+    try:
+        if tar_offset is None:
+            with open(path, "rb") as f:
+                return f.read()
+        shard = path[: path.index(".tar/") + 4]
+        with open(shard, "rb") as f:
+            f.seek(tar_offset)
+            data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise UnreadableImage(f"truncated tar member ({len(data)} of {nbytes} bytes)")
+        return data
+    except OSError as e:
+        raise UnreadableImage(f"cannot read: {e.strerror or e}") from None
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the header only; refuse decompression bombs before any pixel is decoded."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image (unrecognised format)") from None
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+        raise UnreadableImage(f"not an image: {e}") from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise UnreadableImage(f"empty image ({w}x{h})")
+    if w * h > max_pixels:
+        raise UnreadableImage(f"too many pixels ({w}x{h} > {max_pixels})")
+    return im
+
+
+def pil_resize_crop(im: Image.Image, cfg: PreprocessConfig, draft: bool = True) -> Image.Image:
+    """The eval transform up to (not including) normalisation, in the same order as
+    ``clipforge.model.transforms.eval_transform``: resize, center crop, then RGB."""
+    size = cfg.image_size
+    if draft and im.format == "JPEG":
+        # Keeps both sides >= size, so the result is still a downscale of a sharp image.
+        im.draft("RGB", (size, size))
+    try:
+        if cfg.resize_mode == "squash":
+            im = TF.resize(im, [size, size], interpolation=_INTERP[cfg.interpolation])
+        else:
+            im = T.CenterCrop(size)(TF.resize(im, size, interpolation=_INTERP[cfg.interpolation]))
+        return im.convert("RGB") if im.mode != "RGB" else im
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"cannot decode: {e}") from None
+
+
+@dataclass
+class Loaded:
+    position: int
+    error: str | None = None
+    pixels: torch.Tensor | None = None  # [3, S, S] uint8, decoded on the CPU
+    jpeg: bytes | None = None  # raw JPEG bytes, left for batched decoding on the device
+    width: int = 0
+    height: int = 0
+    nbytes: int = 0
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over input positions; never raises for a bad image."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        tar_offsets: list[int] | None,
+        nbytes: list[int] | None,
+        cfg: PreprocessConfig,
+        mode: str = "pil",
+        draft: bool = True,
+        max_pixels: int = 2**27,
+    ) -> None:
+        self.paths, self.tar_offsets, self.nbytes = paths, tar_offsets, nbytes
+        self.cfg, self.mode, self.draft, self.max_pixels = cfg, mode, draft, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> Loaded:
+        out = Loaded(position)
+        try:
+            off = self.tar_offsets[position] if self.tar_offsets is not None else None
+            n = self.nbytes[position] if self.nbytes is not None else None
+            data = read_bytes(self.paths[position], off, n)
+            out.nbytes = len(data)
+            im = open_image(data, self.max_pixels)
+            out.width, out.height = im.size
+            if self.mode == "torch" and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                out.jpeg = data
+            else:
+                out.pixels = TF.pil_to_tensor(pil_resize_crop(im, self.cfg, self.draft))  # [3, S, S] uint8
+        except UnreadableImage as e:
+            out.error = str(e)
+        except Exception as e:  # a decoder bug on one odd file must not stop a million-image run
+            out.error = f"{type(e).__name__}: {e}"
+        return out
+
+
+@dataclass
+class Batch:
+    """Worker output: the CPU-decoded images stacked into one tensor (one shared-memory transfer
+    per batch instead of one per image), the rest of each item alongside."""
+
+    items: list[Loaded]
+    pixels: torch.Tensor | None  # [n, 3, S, S] uint8
+    rows: list[int]  # row of each item in ``pixels``, -1 if none
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(items: list[Loaded]) -> Batch:
+    rows, stack = [], []
+    for it in items:
+        rows.append(len(stack) if it.pixels is not None else -1)
+        if it.pixels is not None:
+            stack.append(it.pixels)
+            it.pixels = None
+    return Batch(items, torch.stack(stack) if stack else None, rows)
+
+
+def decode_jpeg_batch(blobs: list[bytes], cfg: PreprocessConfig, device: torch.device) -> list[torch.Tensor | str]:
+    """Batched JPEG decoding + resize/crop on ``device``; per image a [3, S, S] uint8 tensor or an error."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not blobs:
+        return []
+    raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 points to TorchCodec; decode_jpeg (nvJPEG batches) still works.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        try:
+            images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            images = []  # one bad file fails the whole batch: redo one by one to find it
+            for r in raw:
+                try:
+                    images.append(decode_jpeg(r, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as e:
+                    images.append(str(e).splitlines()[0] if str(e) else "cannot decode JPEG")
+    return [img if isinstance(img, str) else _tensor_resize_crop(img, cfg) for img in images]
+
+
+def _tensor_resize_crop(img: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    size = cfg.image_size
+    interp = _INTERP[cfg.interpolation]
+    if cfg.resize_mode == "squash":
+        return TF.resize(img, [size, size], interpolation=interp, antialias=True)
+    img = TF.resize(img, size, interpolation=interp, antialias=True)  # [3, H', W'], short side = size
+    return TF.center_crop(img, [size, size])
+
+
+def normalize(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> the float input ``ToTensor`` + ``Normalize`` would give."""
+    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def loader_kwargs(num_workers: int) -> dict[str, Any]:
+    if num_workers <= 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "prefetch_factor": 4, "persistent_workers": False}

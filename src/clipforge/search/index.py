@@ -1,0 +1,251 @@
+"""Build and update a FAISS index from embedding parts, with metadata in SQLite beside it.
+
+    INDEX_DIR/index.faiss   vectors (inner product on L2-normalised embeddings = cosine)
+    INDEX_DIR/meta.sqlite   one row per vector, id = FAISS id (see ``store.py``)
+    INDEX_DIR/index.json    kind, search parameters, measured recall, model, version
+
+The kind is chosen from the collection size and a memory budget (``plan_index``): exact
+search while that is cheap, HNSW while the raw vectors and graph fit, IVF-Flat beyond that,
+and IVF-PQ when the vectors themselves do not fit. Approximate indexes are tuned (nprobe /
+efSearch) on held-out queries until they reach the target recall@k against exact search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from clipforge.errors import DataError
+from clipforge.search import store as store_mod
+from clipforge.search.embed import FORMAT as EMB_FORMAT
+from clipforge.search.embed import finished_parts
+
+INDEX_FORMAT = "clipforge-index/1"
+Kind = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: Kind = "auto"
+    memory_budget: int = 4 * 2**30  # bytes the index may take in RAM
+    exact_below: int = 50_000  # collections up to this size get exact search
+    hnsw_below: int = 2_000_000  # HNSW builds slowly; past this IVF is the better trade
+    target_recall: float = 0.95  # recall@k the search parameters are tuned to reach
+    recall_queries: int = 500
+    recall_k: int = 10
+    nlist: int | None = None  # IVF lists; default ~4 sqrt(n)
+    pq_m: int | None = None  # PQ sub-quantisers; default: the largest that fits the budget
+    hnsw_m: int = 32
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str
+    reason: str
+    nlist: int = 0
+    pq_m: int = 0
+    hnsw_m: int = 32
+
+
+@dataclass
+class Part:
+    emb_dir: str
+    name: str  # e.g. "00003"
+    npy: Path
+    meta: Path
+    rows: int
+    dim: int
+    first_id: int = -1
+
+
+@dataclass
+class Report:
+    kind: str
+    reason: str
+    total: int
+    added: int
+    removed: int
+    params: dict
+    recall: dict | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_index(n: int, d: int, cfg: IndexConfig) -> Plan:
+    """Which index to build for ``n`` vectors of dimension ``d``, and why."""
+    flat_bytes = n * (d * 4 + 16)  # vectors + id maps
+    nlist = cfg.nlist or int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
+    n_train = n - min(cfg.recall_queries, n // 10)  # recall queries are held out of training
+    nlist = max(1, min(nlist, n_train // 39))  # faiss wants >= 39 training points per list
+    kind = cfg.kind
+    if kind == "auto":
+        if n <= cfg.exact_below and flat_bytes <= cfg.memory_budget:
+            return Plan("flat", f"{n} vectors <= exact_below={cfg.exact_below}: exact search")
+        if n <= cfg.hnsw_below and flat_bytes + n * cfg.hnsw_m * 2 * 4 * 1.1 <= cfg.memory_budget:
+            kind, why = "hnsw", "vectors and graph fit the memory budget"
+        elif flat_bytes * 1.05 <= cfg.memory_budget:
+            kind, why = "ivf", "raw vectors fit the memory budget"
+        else:
+            kind, why = "ivfpq", "raw vectors exceed the memory budget: product-quantised"
+    else:
+        why = "requested"
+    if kind in ("ivf", "ivfpq") and nlist < 2:
+        return Plan("flat", f"{n} vectors are too few to train IVF lists: exact search")
+    if kind == "ivfpq":
+        m = cfg.pq_m or _pq_m(n, d, cfg.memory_budget)
+        if d % m:
+            raise DataError(f"pq_m={m} must divide the embedding dimension {d}")
+        return Plan("ivfpq", f"{why} (IVF{nlist},PQ{m})", nlist=nlist, pq_m=m)
+    if kind == "ivf":
+        return Plan("ivf", f"{why} (IVF{nlist},Flat)", nlist=nlist)
+    if kind == "hnsw":
+        return Plan("hnsw", f"{why} (HNSW{cfg.hnsw_m})", hnsw_m=cfg.hnsw_m)
+    return Plan("flat", f"{why}: exact search")
+
+
+def _pq_m(n: int, d: int, budget: int) -> int:
+    """Largest number of 1-byte codes per vector (dividing d, at most d/2) that fits the budget."""
+    for m in sorted((m for m in range(1, d // 2 + 1) if d % m == 0), reverse=True):
+        if n * (m + 16) <= budget:
+            return m
+    raise DataError(f"{n} vectors do not fit a memory budget of {budget} bytes even at 1 byte each")
+
+
+def scan_embeddings(emb_dir: str | Path) -> tuple[list[Part], dict]:
+    """Finished parts of an embedding directory (image parts; text parts for text-only runs)."""
+    root = Path(emb_dir).resolve()
+    manifest_path = root / "embeddings.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{str(emb_dir)!r} is not an embeddings directory (no embeddings.json); run clipforge embed")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != EMB_FORMAT:
+        raise DataError(f"{str(emb_dir)!r}: unknown embeddings format {manifest.get('format')!r}")
+    kind = "text_emb" if manifest.get("kind") == "text" else "img_emb"
+    parts = []
+    for k in finished_parts(root):
+        npy = root / kind / f"{kind}_{k:05d}.npy"
+        arr = np.load(npy, mmap_mode="r")
+        parts.append(Part(str(root), f"{k:05d}", npy, root / "metadata" / f"metadata_{k:05d}.parquet", *arr.shape))
+    return parts, manifest
+
+
+def read_part(part: Part) -> np.ndarray:
+    return np.ascontiguousarray(np.load(part.npy), dtype=np.float32)  # [rows, d]
+
+
+def _gather(parts: list[Part], positions: np.ndarray) -> np.ndarray:
+    """Rows at global positions (over the concatenated parts), read through memory maps."""
+    starts = np.cumsum([0] + [p.rows for p in parts])
+    out = np.empty((len(positions), parts[0].dim), np.float32)
+    which = np.searchsorted(starts, positions, side="right") - 1
+    for j in np.unique(which):
+        sel = np.nonzero(which == j)[0]
+        out[sel] = np.load(parts[j].npy, mmap_mode="r")[positions[sel] - starts[j]]
+    return out
+
+
+def _new_index(plan: Plan, d: int):
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if plan.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    if plan.kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(d, plan.hnsw_m, ip)
+        hnsw.hnsw.efConstruction = 80
+        return faiss.IndexIDMap2(hnsw)
+    if plan.kind == "ivf":
+        return faiss.index_factory(d, f"IVF{plan.nlist},Flat", ip)
+    return faiss.index_factory(d, f"IVF{plan.nlist},PQ{plan.pq_m}x8", ip)
+
+
+def set_params(index, kind: str, params: dict) -> None:
+    import faiss
+
+    if kind in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    elif kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efSearch = int(params["efSearch"])
+
+
+def _candidates(kind: str, index) -> list[dict]:
+    if kind in ("ivf", "ivfpq"):
+        import faiss
+
+        nlist = faiss.extract_index_ivf(index).nlist
+        return [{"nprobe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p < nlist] + [{"nprobe": nlist}]
+    if kind == "hnsw":
+        return [{"efSearch": e} for e in (16, 32, 64, 128, 256, 512, 1024)]
+    return [{}]
+
+
+def exact_topk(parts: list[Part], queries: np.ndarray, k: int, live: np.ndarray | None = None) -> np.ndarray:
+    """Ids of the exact top-k by inner product, streaming over parts (ids from ``first_id``)."""
+    import faiss
+
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for p in parts:
+        vecs = read_part(p)
+        ids = np.arange(p.first_id, p.first_id + p.rows, dtype=np.int64)
+        if live is not None:  # sorted live ids: skip replaced and removed rows
+            keep = np.isin(ids, live, assume_unique=True)
+            vecs, ids = vecs[keep], ids[keep]
+        if len(ids) == 0:
+            continue
+        scores = queries @ vecs.T  # [q, rows]
+        kk = min(k, len(ids))
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # [q, kk]
+        heap.add_result(np.take_along_axis(scores, top, 1), ids[top])
+    heap.finalize()
+    return heap.I
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: int) -> float:
+    """Mean |approx ∩ exact| / k over queries, each query's own id left out of both lists."""
+    hits = 0
+    for a, e, q in zip(approx, exact, query_ids):
+        e_ids = [i for i in e if i != q and i >= 0][:k]
+        a_ids = [i for i in a if i != q and i >= 0][:k]
+        hits += len(set(a_ids) & set(e_ids))
+    return hits / (k * len(exact)) if len(exact) else 1.0
+
+
+def tune(index, kind: str, queries: np.ndarray, query_ids: np.ndarray, exact: np.ndarray, cfg: IndexConfig):
+    """The cheapest search parameters reaching the target recall; when recall plateaus below it
+    (PQ codes cap it), the cheapest within 0.005 of the best seen."""
+    k = cfg.recall_k
+    tried: list[tuple[dict, dict]] = []
+    for params in _candidates(kind, index):
+        set_params(index, kind, params)
+        t = time.perf_counter()
+        _, found = index.search(queries, k + 1)
+        ms = (time.perf_counter() - t) * 1000 / max(len(queries), 1)
+        r = recall_at_k(found, exact, query_ids, k)
+        measured = {"k": k, "queries": len(queries), "recall": round(r, 4), "ms_per_query": round(ms, 3), **params}
+        tried.append((params, measured))
+        if r >= cfg.target_recall:
+            break
+        if len(tried) >= 3 and r - tried[-3][1]["recall"] < 0.005:
+            break
+    best = max(t[1]["recall"] for t in tried)
+    enough = cfg.target_recall if best >= cfg.target_recall else best - 0.005
+    chosen = next(t for t in tried if t[1]["recall"] >= enough)
+    set_params(index, kind, chosen[0])
+    return chosen
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
