@@ -60,7 +60,7 @@ def plot_training(run_dir: Path, out: Path) -> str | None:
 def plot_prompts(zeroshot: dict[str, Any], out: Path) -> str:
     plt = _plt()
     tasks = [t for t in zeroshot if "test" in zeroshot[t]]
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.27
     for j, (key, label) in enumerate([("plain", "class name only"), ("template", "one template"),
                                       ("ensemble", "template ensemble")]):
@@ -68,7 +68,7 @@ def plot_prompts(zeroshot: dict[str, Any], out: Path) -> str:
         ax.bar(xs, [100 * zeroshot[t]["test"][key] for t in tasks], width, label=label)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set(ylabel="zero-shot top-1 (%)", ylim=(0, 100), title="Zero-shot accuracy on the test split, by prompt")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     return _save(fig, out / "zeroshot_prompts.png")
 
 
@@ -76,7 +76,7 @@ def plot_shift(zeroshot: dict[str, Any], out: Path) -> str:
     plt = _plt()
     tasks = [t for t in zeroshot if "test" in zeroshot[t]]
     splits = [s for s in SHIFT_NAMES if any(s in zeroshot[t] for t in tasks)]
-    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     width = 0.8 / len(splits)
     for j, s in enumerate(splits):
         xs = [i + (j - (len(splits) - 1) / 2) * width for i in range(len(tasks))]
@@ -84,7 +84,7 @@ def plot_shift(zeroshot: dict[str, Any], out: Path) -> str:
                label=SHIFT_NAMES[s])
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set(ylabel="zero-shot top-1 (%)", ylim=(0, 100), title="Zero-shot accuracy under distribution shift")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     return _save(fig, out / "zeroshot_shift.png")
 
 
