@@ -33,19 +33,22 @@ import torch
 import torch.distributed as dist
 
 import clipforge
-from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError, ClipforgeError
-from clipforge.model.checkpoints import CONFIG_NAME, load_state_strict
+from clipforge.model.checkpoints import load_state_strict
 from clipforge.model.clip import CLIP
-from clipforge.model.registry import get_config
 from clipforge.train import checkpointing as ckpt
 from clipforge.train.accumulation import accumulated_contrastive_backward
-from clipforge.train.config import ConfigError, TrainConfig, ValConfig, dump_config
+from clipforge.train.config import ConfigError, TrainConfig, dump_config
 from clipforge.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from clipforge.train.freeze import lock_tower, set_locked_eval
+from clipforge.train.freeze import set_locked_eval
 from clipforge.train.logging import MetricsLogger, Progress
 from clipforge.train.loss import ContrastiveLoss
 from clipforge.train.optim import LrSchedule, build_optimizer
+from clipforge.train.setup import build_model, prepare_model
+from clipforge.train.runtime import (
+    broadcast_object, configure_threads, gather_objects, install_sigterm_handler, resolve_precision,
+)
+from clipforge.train.validation import run_validation
 from clipforge.utils import autocast, resolve_device
 
 
@@ -92,8 +95,8 @@ class Trainer:
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda requested, but CUDA is not available")
         self.device = info.device if cfg.device in ("auto", "cuda") else resolve_device(cfg.device)
-        _configure_threads(self.device, cfg.workers)
-        self.precision = _resolve_precision(cfg.precision, self.device)
+        configure_threads(self.device, cfg.workers)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.cfg = cfg = cfg.replace(precision=self.precision)
         self.run_dir = Path(cfg.out)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -101,7 +104,7 @@ class Trainer:
         self.resume_dir = self._find_resume()
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-        raw = self._build_model(model)
+        raw = build_model(self.cfg, self.resume_dir, model)
         train_state = None
         if self.resume_dir is not None:
             model_state, train_state = ckpt.load_checkpoint(self.resume_dir)
@@ -109,7 +112,7 @@ class Trainer:
             self._check_compatible(train_state)
             self._restore_position(train_state)
         self.raw = raw.to(self.device).train()
-        self.locked = self._prepare_model(self.raw)
+        self.locked = prepare_model(self.cfg, self.raw)
         self.model = self._wrap(self.raw)
         self.opt = build_optimizer(self.raw, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -127,9 +130,12 @@ class Trainer:
             np.random.seed(cfg.seed + info.rank)
         self.start_step = self.state.step
         self.show_progress = progress and self.main
-        self._signalled = False  # set by SIGTERM on this rank
+        self._signalled = False  # set by SIGTERM on this rank (see _request_stop)
         self._stop = False  # agreed by all ranks (through the per-step all-reduce)
         self.last_eval: dict[str, float] | None = None
+
+    def _request_stop(self) -> None:
+        self._signalled = True
 
     # -- setup ---------------------------------------------------------------------------
     def _find_resume(self) -> Path | None:
@@ -151,52 +157,10 @@ class Trainer:
                 choice = Path(self.cfg.resume)
                 if not (choice / ckpt.MARKER).is_file():
                     error = f"{choice}: not a complete training checkpoint (no {ckpt.MARKER} marker)"
-        choice, error = _broadcast((choice, error), self.info)
+        choice, error = broadcast_object((choice, error), self.info)
         if error:
             raise CheckpointError(error)
         return choice
-
-    def _build_model(self, model: CLIP | None) -> CLIP:
-        cfg = self.cfg
-        if self.resume_dir is not None:
-            model = CLIP(ClipConfig.from_json(self.resume_dir / CONFIG_NAME))
-        elif model is None and cfg.model in clipforge.list_models():
-            arch = get_config(cfg.model)
-            if cfg.loss == "siglip":  # the SigLIP paper's initial temperature and bias
-                arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
-            model = clipforge.create_model(arch)
-        elif model is None:
-            if not Path(cfg.model).exists():
-                raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
-                                  f"({', '.join(clipforge.list_models())}) nor an existing checkpoint path")
-            model, _ = clipforge.load(cfg.model)
-        if cfg.loss == "siglip" and model.logit_bias is None:  # fine-tuning a CLIP model with SigLIP
-            with_bias = CLIP(model.config.replace(init_logit_bias=-10.0))
-            missing, unexpected = with_bias.load_state_dict(model.state_dict(), strict=False)
-            assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
-            model = with_bias
-        return model.float()
-
-    def _prepare_model(self, raw: CLIP) -> list[torch.nn.Module]:
-        cfg = self.cfg
-        if cfg.patch_dropout:
-            if not hasattr(raw.visual, "patch_dropout"):
-                raise ConfigError("patch dropout needs a ViT image tower")
-            raw.visual.patch_dropout = cfg.patch_dropout
-        if cfg.grad_checkpointing:
-            raw.set_grad_checkpointing(True)
-        locked = []
-        try:
-            if cfg.lock_image:
-                locked += lock_tower(raw, "image", cfg.lock_unlocked_layers)
-            if cfg.lock_text:
-                locked += lock_tower(raw, "text", cfg.lock_unlocked_layers)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        set_locked_eval(locked)
-        if cfg.compile:
-            raw.text.trim_padding = False  # static shapes: no data-dependent slicing
-        return locked
 
     def _wrap(self, raw: CLIP) -> torch.nn.Module:
         cfg, info = self.cfg, self.info
@@ -265,7 +229,7 @@ class Trainer:
         bar = Progress(self.total_steps, self.start_step, self.show_progress)
         if self.resume_dir is not None and self.main:
             bar.write(f"resuming from {self.resume_dir} (step {self.start_step})")
-        old_handlers = self._install_signal_handlers()
+        old_handlers = install_sigterm_handler(self._request_stop)
         try:
             self._loop(bar, t0)
             if self._stop:
@@ -430,7 +394,7 @@ class Trainer:
         st, info = self.state, self.info
         model_state, optim_state = self._full_states()
         rank_state = {"rng": ckpt.rng_state(), "skipped": dict(st.skipped)}
-        ranks = _gather(rank_state, info)
+        ranks = gather_objects(rank_state, info)
         error, path = None, None
         if self.main:
             bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -450,7 +414,7 @@ class Trainer:
                                                 train_state, meta, self.cfg.keep_last)
                 except CheckpointError as e:
                     error = str(e)
-        error = _broadcast(error, info)
+        error = broadcast_object(error, info)
         if error:
             raise CheckpointError(error)
         return path
@@ -511,7 +475,7 @@ class Trainer:
             self._evaluate(Progress(None, 0, False))
         model_state, _ = self._full_states()
         skipped = Counter()
-        for counts in _gather(dict(st.skipped), info):
+        for counts in gather_objects(dict(st.skipped), info):
             skipped.update(counts)
         summary = None
         if self.main:
@@ -534,80 +498,4 @@ class Trainer:
                 "eval": self.last_eval,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return _broadcast(summary, info)
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGTERM (SLURM preemption, torchrun shutdown): checkpoint at the next step, then stop."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def request_stop(signum: int, frame: Any) -> None:
-            self._signalled = True
-
-        return {signal.SIGTERM: signal.signal(signal.SIGTERM, request_stop)}
-
-
-def run_validation(model: CLIP, val: ValConfig, device: torch.device, precision: str) -> dict[str, float]:
-    """Retrieval recall@1/5/10 both ways on ``val.path``; zero-shot accuracy with class names."""
-    from clipforge.eval.datasets import load_captions, load_labelled
-    from clipforge.eval.features import FeatureOptions
-    from clipforge.eval.retrieval import evaluate_retrieval
-
-    opts = FeatureOptions(batch_size=val.batch_size, device=str(device), precision=precision, progress=False)
-    preprocess = clipforge.get_preprocess(model)
-    captions = load_captions(val.path, val.image_key, val.caption_key)
-    metrics = dict(evaluate_retrieval(model, captions, opts, preprocess)["metrics"])
-    if val.classnames:
-        from clipforge.eval.templates import load_classnames, load_templates
-        from clipforge.eval.zeroshot import evaluate_zeroshot
-
-        classnames = load_classnames(val.classnames)
-        templates = load_templates(val.templates) if val.templates else ["a photo of a {}."]
-        labelled = load_labelled(val.path, classnames, val.image_key, val.label_key)
-        zs = evaluate_zeroshot(model, labelled, classnames, templates, opts, preprocess)["metrics"]
-        metrics.update({f"zeroshot_{k}": v for k, v in zs.items()})
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-# -- helpers --------------------------------------------------------------------------------
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def _configure_threads(device: torch.device, workers: int) -> None:
-    """On CPU, give the compute threads the cores that the data workers and the other
-    processes of this node leave free (OMP_NUM_THREADS, when set, decides instead).
-
-    Over-subscription is far worse than idling: OpenMP threads spin while they wait, and
-    measured 10-20x slower steps when they shared 2 cores with data workers."""
-    if device.type != "cpu":
-        return
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (cores - workers * local_world) // local_world))
-
-
-def _broadcast(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if info.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj: Any, info: DistInfo) -> list[Any]:
-    if info.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
+        return broadcast_object(summary, info)

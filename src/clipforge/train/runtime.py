@@ -1,0 +1,62 @@
+"""Process-level helpers of the trainer: precision, CPU threads, and collectives on Python objects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from clipforge.train.distributed import DistInfo
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def configure_threads(device: torch.device, workers: int) -> None:
+    """On CPU, give the compute threads the cores that the data workers and the other
+    processes of this node leave free (OMP_NUM_THREADS, when set, decides instead).
+
+    Over-subscription is far worse than idling: OpenMP threads spin while they wait, and
+    measured 10-20x slower steps when they shared 2 cores with data workers."""
+    if device.type != "cpu":
+        return
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (cores - workers * local_world) // local_world))
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def install_sigterm_handler(request_stop: Callable[[], None]) -> dict[int, Any]:
+    """SIGTERM (SLURM preemption, torchrun shutdown) asks the run to checkpoint at the next step
+    and stop. Returns the previous handlers, for the caller to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: request_stop())}

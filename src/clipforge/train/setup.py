@@ -1,0 +1,60 @@
+"""Building the model a run trains: fresh, fine-tuned or resumed, with its training options applied."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import clipforge
+from clipforge.config import ClipConfig
+from clipforge.model.checkpoints import CONFIG_NAME
+from clipforge.model.clip import CLIP
+from clipforge.model.registry import get_config
+from clipforge.train.config import ConfigError, TrainConfig
+from clipforge.train.freeze import lock_tower, set_locked_eval
+
+
+def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -> CLIP:
+    """The model to train: the checkpoint's architecture when resuming, else ``model``, a
+    registered architecture (fresh init) or a checkpoint path (fine-tuning)."""
+    if resume_dir is not None:
+        model = CLIP(ClipConfig.from_json(resume_dir / CONFIG_NAME))
+    elif model is None and cfg.model in clipforge.list_models():
+        arch = get_config(cfg.model)
+        if cfg.loss == "siglip":  # the SigLIP paper's initial temperature and bias
+            arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+        model = clipforge.create_model(arch)
+    elif model is None:
+        if not Path(cfg.model).exists():
+            raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
+                              f"({', '.join(clipforge.list_models())}) nor an existing checkpoint path")
+        model, _ = clipforge.load(cfg.model)
+    if cfg.loss == "siglip" and model.logit_bias is None:  # fine-tuning a CLIP model with SigLIP
+        with_bias = CLIP(model.config.replace(init_logit_bias=-10.0))
+        missing, unexpected = with_bias.load_state_dict(model.state_dict(), strict=False)
+        assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
+        model = with_bias
+    return model.float()
+
+def prepare_model(cfg: TrainConfig, raw: CLIP) -> list[torch.nn.Module]:
+    """Apply patch dropout, checkpointing and tower locking; returns the locked modules."""
+    if cfg.patch_dropout:
+        if not hasattr(raw.visual, "patch_dropout"):
+            raise ConfigError("patch dropout needs a ViT image tower")
+        raw.visual.patch_dropout = cfg.patch_dropout
+    if cfg.grad_checkpointing:
+        raw.set_grad_checkpointing(True)
+    locked = []
+    try:
+        if cfg.lock_image:
+            locked += lock_tower(raw, "image", cfg.lock_unlocked_layers)
+        if cfg.lock_text:
+            locked += lock_tower(raw, "text", cfg.lock_unlocked_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    set_locked_eval(locked)
+    if cfg.compile:
+        raw.text.trim_padding = False  # static shapes: no data-dependent slicing
+    return locked
