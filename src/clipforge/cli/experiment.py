@@ -1,0 +1,84 @@
+"""``clipforge experiment``: the CLIP paper's central findings, reproduced in miniature.
+
+Each finding trains what it needs on the built-in data world (shared models are trained once
+per seed and cached under --work), prints a table, and writes <finding>.json and <finding>.png
+under --out. ``all`` runs the six in turn; ``report`` writes REPORT.md from the JSON results.
+The default scale runs everything on two CPU cores in well under an hour; --scale medium/large
+are the same experiments at GPU sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+ACTIONS = ("objectives", "prompts", "fewshot", "probe", "robustness", "scaling", "all", "report")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="reproduce the CLIP paper's findings in miniature", description=__doc__)
+    p.add_argument("finding", choices=ACTIONS, help="which finding to run (all: every one; report: REPORT.md only)")
+    p.add_argument("--out", default="benchmarks/paper/results", help="results: JSON + plots [benchmarks/paper/results]")
+    p.add_argument("--work", default="runs/paper", help="world, trained models and caches [runs/paper]")
+    p.add_argument("--report", default=None, help="REPORT.md path [<out>/../REPORT.md]")
+    p.add_argument("--scale", default="small", help="smoke | small | medium | large [small]")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per experiment [scale's, 3 for small]")
+    p.add_argument("--clip-steps", type=int, default=None, help="steps of the shared CLIP models (findings 2-5)")
+    p.add_argument("--objectives-steps", type=int, default=None, help="steps per objective (finding 1)")
+    p.add_argument("--scaling-steps", type=int, default=None, help="steps per model size (finding 6)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (sets OMP_NUM_THREADS; use 1 on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+# Flags that change what is computed or where it goes, with their defaults (left out when equal).
+_RECORDED = {"out": "benchmarks/paper/results", "work": "runs/paper", "scale": "small", "seeds": None,
+             "clip_steps": None, "objectives_steps": None, "scaling_steps": None, "device": "auto", "threads": None}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, as recorded in every result."""
+    words = ["clipforge", "experiment", args.finding]
+    for name, default in _RECORDED.items():
+        value = getattr(args, name)
+        if value is not None and value != default:
+            words += [f"--{name.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clipforge.cli import CliError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError("--threads must be >= 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the trainer reads it; set before torch spins up
+    import torch
+
+    from clipforge.experiments import RUN_ORDER, ExperimentConfig, get_scale, run_finding, write_report
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    for flag in ("seeds", "clip_steps", "objectives_steps", "scaling_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be >= 1")
+    scale = get_scale(args.scale, seeds=args.seeds, clip_steps=args.clip_steps,
+                      objectives_steps=args.objectives_steps, scaling_steps=args.scaling_steps)
+    out = Path(args.out)
+    report = Path(args.report) if args.report else out.parent / "REPORT.md"
+    cfg = ExperimentConfig(scale=scale, out=out, work=Path(args.work), device=args.device,
+                           progress=not args.no_progress, command=command_line(args))
+    if args.finding != "report":
+        for name in RUN_ORDER if args.finding == "all" else (args.finding,):
+            record = run_finding(name, cfg)
+            verdict = record["verdict"]["verdict"]
+            print(f"[{name}] {verdict} ({record['wall_s']:.0f} s) -> {out / name}.json", flush=True)
+    path = write_report(out, report)
+    print(f"report: {path}")
+    return 0

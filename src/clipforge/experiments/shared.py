@@ -1,0 +1,136 @@
+"""Models and features shared between findings, trained once per seed and cached under ``work``.
+
+* CLIP models are trained by the library's trainer (``train(TrainConfig(...))``) on the world's
+  ``train.csv``, exactly as ``clipforge train`` would, and loaded back with ``clipforge.load``.
+  Findings 2-5 share one per seed; finding 6 adds other sizes (its ``clip_model`` point is the
+  same run when the step counts agree).
+* Their world evaluation (``evaluate_world``), the supervised baselines and image features are
+  cached next to them, so each finding can be run alone, in any order, and reruns are cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.experiments.common import (
+    CLASS_TASKS, LoopConfig, SplitData, batched, ensure_world, load_split, load_task_specs, log_spaced_steps,
+    read_json, seed_everything, write_json,
+)
+from clipforge.experiments.config import ExperimentConfig, model_config
+from clipforge.utils import resolve_device
+
+EVAL_SPLITS = ("test", "test_heldout", "test_sketch", "test_noise", "test_texture", "test_scale_rotation")
+SHIFTED = EVAL_SPLITS[1:]
+
+
+def class_tasks(world: Path) -> dict[str, dict[str, Any]]:
+    return {n: t for n, t in load_task_specs(world).items() if n in CLASS_TASKS}
+
+
+def clip_run_dir(cfg: ExperimentConfig, seed: int, size: str | None = None, steps: int | None = None) -> Path:
+    size, steps = size or cfg.scale.clip_model, steps or cfg.scale.clip_steps
+    return cfg.scale_dir / "clip" / f"{size}-{steps}steps-s{seed}"
+
+
+def clip_model(cfg: ExperimentConfig, seed: int, size: str | None = None, steps: int | None = None
+               ) -> tuple[Any, dict[str, Any]]:
+    """The trained CLIP of (size, steps, seed), training it through the trainer when not cached.
+    Returns (model in eval mode, the trainer's summary)."""
+    import clipforge
+    from clipforge.data.config import DataConfig
+    from clipforge.train.config import OptimConfig, ScheduleConfig, TrainConfig
+    from clipforge.train.trainer import train
+
+    scale = cfg.scale
+    size, steps = size or scale.clip_model, steps or scale.clip_steps
+    run = clip_run_dir(cfg, seed, size, steps)
+    summary_file = run / "summary.json"
+    if not (summary_file.is_file() and (run / "final").is_dir()):
+        world = ensure_world(cfg)
+        device = resolve_device(cfg.device)
+        tcfg = TrainConfig(
+            data=DataConfig(path=str(world / "train.csv")), model=size, out=str(run), steps=steps,
+            batch_size=scale.batch_size, workers=0, seed=seed, device=device.type,
+            precision=scale.precision if device.type == "cuda" else "fp32",  # type: ignore[arg-type]
+            save_every=0, keep_last=1, tensorboard=False, log_every=max(1, min(20, steps // 20)),
+            optim=OptimConfig(lr=scale.lr, weight_decay=scale.weight_decay),
+            schedule=ScheduleConfig(kind="cosine", warmup_steps=min(scale.warmup, max(1, steps // 10))),
+        )
+        torch.manual_seed(seed)
+        model = clipforge.create_model(model_config(size))
+        if cfg.progress:
+            print(f"training CLIP {size} for {steps} steps (seed {seed}) -> {run}", flush=True)
+        train(tcfg, model=model, progress=cfg.progress)
+    model, _ = clipforge.load(run / "final", device=resolve_device(cfg.device))
+    return model, json.loads(summary_file.read_text())
+
+
+def clip_world_eval(cfg: ExperimentConfig, seed: int, size: str | None = None, steps: int | None = None,
+                    splits: tuple[str, ...] = EVAL_SPLITS) -> dict[str, Any]:
+    """``evaluate_world`` of that CLIP (zero-shot per task / split / prompt set), cached as JSON."""
+    from clipforge.eval.features import FeatureOptions
+    from clipforge.eval.world import WorldEvalConfig, evaluate_world
+
+    run = clip_run_dir(cfg, seed, size, steps)
+    cache = run / f"world_eval-{'-'.join(splits)}.json"
+    if cache.is_file():
+        return read_json(cache)
+    model, summary = clip_model(cfg, seed, size, steps)
+    world = ensure_world(cfg)
+    opts = FeatureOptions(batch_size=256, progress=False, workers=0, device=str(resolve_device(cfg.device)))
+    res = evaluate_world(model, world, WorldEvalConfig(splits=splits, options=opts))
+    out = {"zeroshot": res["zeroshot"], "retrieval": res["retrieval"], "train": summary}
+    write_json(cache, out)
+    return out
+
+
+def supervised_model(cfg: ExperimentConfig, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The supervised baseline of this seed (same image tower as ``clip_model``), trained when not
+    cached; its history holds accuracies on every evaluation split at log-spaced steps."""
+    from clipforge.experiments.supervised import SupervisedClassifier, train_supervised
+
+    scale = cfg.scale
+    vision = model_config(scale.clip_model).vision
+    path = cfg.scale_dir / "supervised" / f"{scale.clip_model}-{scale.supervised_steps}steps-s{seed}"
+    world = ensure_world(cfg)
+    tasks = class_tasks(world)
+    device = str(resolve_device(cfg.device))
+    if (path / "model.pt").is_file() and (path / "history.json").is_file():
+        model = SupervisedClassifier(vision, {t: len(tasks[t]["classes"]) for t in tasks})
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        return model.to(device).eval(), read_json(path / "history.json")
+    seed_everything(seed)
+    train = load_split(world, "train")
+    evals = {s: load_split(world, s) for s in EVAL_SPLITS}
+    loop = LoopConfig.from_scale(scale, scale.supervised_steps, seed, device)
+    model, history = train_supervised(vision, train, tasks, loop, evals,
+                                      log_spaced_steps(scale.supervised_steps, scale.supervised_evals), cfg.progress)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path / "model.pt")
+    write_json(path / "history.json", history)
+    return model.eval(), history
+
+
+def features(cfg: ExperimentConfig, kind: str, seed: int, split: str) -> tuple[torch.Tensor, SplitData]:
+    """Pre-projection image features [N, W] of ``kind`` ('clip' | 'supervised') on a split, cached."""
+    world = ensure_world(cfg)
+    data = load_split(world, split)
+    cache = cfg.scale_dir / "features" / f"{kind}-{cfg.scale.clip_model}-s{seed}-{split}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True), data
+    device = str(resolve_device(cfg.device))
+    if kind == "clip":
+        model, _ = clip_model(cfg, seed)
+        feats = batched(lambda x: model.encode_image(x, project=False), data.images, device)
+    elif kind == "supervised":
+        model, _ = supervised_model(cfg, seed)
+        feats = batched(model.features, data.images, device)
+    else:
+        raise ValueError(f"unknown feature kind {kind!r}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(feats, cache)
+    return feats, data
