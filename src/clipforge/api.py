@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 
 from clipforge.config import ClipConfig
 from clipforge.model import checkpoints
 from clipforge.model.clip import CLIP
+from clipforge.model.hf_text import HFTextTower, HFTokenizer
 from clipforge.model.registry import get_config, list_models
 from clipforge.model.transforms import eval_transform, train_transform
 
-__all__ = ["list_models", "create_model", "load", "save", "tokenize", "get_preprocess"]
+__all__ = ["list_models", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess"]
 
 
 def create_model(
@@ -22,11 +24,15 @@ def create_model(
     dtype: torch.dtype | None = None,
     seed: int | None = None,
 ) -> CLIP:
-    """A randomly initialised model from a registered name or a config."""
+    """A new model from a registered name or a config: randomly initialised, except that a
+    Hugging Face text tower starts from the pretrained weights of its model directory."""
     cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if seed is not None:
         torch.manual_seed(seed)
-    model = CLIP(cfg).to(device)
+    model = CLIP(cfg)
+    if isinstance(model.text, HFTextTower):
+        model.text.load_pretrained()
+    model = model.to(device)
     return model.to(dtype) if dtype is not None else model
 
 
@@ -62,3 +68,24 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
     from clipforge.model.tokenizer import tokenize as _tokenize
 
     return _tokenize(texts, context_length=context_length, truncate=truncate)
+
+
+def tokenizer_for(model_or_config: CLIP | ClipConfig) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The tokenizer a model's text tower reads: texts -> LongTensor [N, context_length].
+
+    CLIP's BPE (``tokenize``) for clipforge's text transformer; the encoder's own tokenizer for a
+    Hugging Face text tower. The result can be pickled (DataLoader workers)."""
+    if isinstance(model_or_config, ClipConfig):
+        cfg = model_or_config
+    else:  # a CLIP model, also compiled (whose attributes forward to the original)
+        cfg = getattr(model_or_config, "config", None)
+        if not isinstance(cfg, ClipConfig):
+            raise TypeError(f"tokenizer_for takes a CLIP model or a ClipConfig, got {type(model_or_config).__name__}")
+        tower = getattr(model_or_config, "text", None)
+        if isinstance(tower, HFTextTower):
+            return HFTokenizer(tower.tokenizer, tower.context_length)
+    if cfg.text.hf_model is not None:
+        return HFTokenizer.from_config(cfg.text)
+    from clipforge.model.tokenizer import tokenize as _tokenize
+
+    return functools.partial(_tokenize, context_length=cfg.text.context_length)

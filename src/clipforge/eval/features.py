@@ -71,9 +71,13 @@ class ImageFeatures:
 
 
 def default_tokenizer(model: nn.Module) -> Tokenizer:
-    """``clipforge.tokenize`` padded to the model's context length."""
+    """The tokenizer of the model's text tower (``clipforge.tokenizer_for``); for other modules,
+    ``clipforge.tokenize`` padded to their ``context_length``."""
     import clipforge
+    from clipforge.config import ClipConfig
 
+    if isinstance(getattr(model, "config", None), ClipConfig):
+        return clipforge.tokenizer_for(model)
     length = int(getattr(model, "context_length", 77))
     return lambda texts: clipforge.tokenize(list(texts), context_length=length)
 

@@ -11,6 +11,9 @@ pickle, and the config (architecture, activation, preprocessing) travels with th
   alone or beside an ``open_clip_config.json``;
 - Hugging Face ``CLIPModel`` directories (``config.json`` + ``model.safetensors``/``pytorch_model.bin``).
 
+A model whose text tower is a Hugging Face encoder also keeps that encoder's config and tokenizer
+in ``text_model/`` beside ``config.json`` (``write_config``).
+
 Nothing is ever unpickled beyond tensors and containers (``torch.load(weights_only=True)``);
 a file that needs more is refused. Architectures inferred from shapes are verified by strict
 loading: every adapter maps names and shapes one to one and fails on anything left over.
@@ -18,6 +21,7 @@ loading: every adapter maps names and shapes one to one and fails on anything le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -31,10 +35,12 @@ from safetensors.torch import load_file, save_file
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
 from clipforge.model.clip import CLIP
+from clipforge.model.hf_text import HFTextTower
 from clipforge.model.interop import hf, openai, torchscript
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TEXT_MODEL_DIR = "text_model"  # a Hugging Face text tower's config and tokenizer
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
@@ -47,8 +53,20 @@ def save(model: CLIP, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_safetensors(model.state_dict(), out / WEIGHTS_NAME, {"format": "clipforge"})
-    model.config.to_json(out / CONFIG_NAME)
+    write_config(model, out)
     return out
+
+
+def write_config(model: CLIP, out: Path) -> Path:
+    """``config.json`` into the model directory ``out``. A Hugging Face text tower's config and
+    tokenizer go to ``out/text_model/`` (its weights are in ``model.safetensors``), recorded by
+    that relative path, so the directory stands alone and can be moved."""
+    cfg = model.config
+    if isinstance(model.text, HFTextTower):
+        model.text.save_assets(out / TEXT_MODEL_DIR)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, hf_model=TEXT_MODEL_DIR))
+    cfg.to_json(out / CONFIG_NAME)
+    return out / CONFIG_NAME
 
 
 def is_own_format(path: Path) -> bool:
@@ -293,6 +311,9 @@ def export(model: CLIP, fmt: ExportFormat, out: str | Path) -> Path:
     writers = {"clipforge": save, "hf": save_hf, "openclip": save_openclip, "openai": save_openai}
     if fmt not in writers:
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {', '.join(writers)}")
+    if fmt != "clipforge" and model.config.text.hf_model is not None:
+        raise CheckpointError(f"cannot export to {fmt}: its format has no place for a Hugging Face text tower "
+                              f"({model.config.text.hf_model}); save it in clipforge's format")
     return writers[fmt](model, Path(out))
 
 

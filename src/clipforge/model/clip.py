@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.config import ClipConfig
+from clipforge.model.hf_text import HFTextTower
 from clipforge.model.text import TextTransformer
 from clipforge.model.vision import ModifiedResNet, VisionTransformer
 
@@ -31,7 +32,10 @@ class CLIP(nn.Module):
             self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.quick_gelu)
         else:
             self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.quick_gelu)
+        if cfg.text.hf_model is not None:  # a Hugging Face encoder, random weights until filled
+            self.text: nn.Module = HFTextTower(cfg.text, cfg.embed_dim)
+        else:
+            self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.quick_gelu)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None

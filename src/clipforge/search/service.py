@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 
+import clipforge
 from clipforge.errors import ClipforgeError
 from clipforge.search import decode
 from clipforge.search.embed import model_fingerprint
@@ -222,6 +223,7 @@ class _Engine:
         self.dim = index.dim
         self.image_size = model.config.preprocess.image_size
         self._lock = threading.Lock()
+        self.tokenizer = clipforge.tokenizer_for(model)  # CLIP's BPE, or a Hugging Face text tower's own
         self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         expected = index.info.get("model", {}).get("model_fingerprint")
@@ -260,9 +262,7 @@ class _Engine:
 
     @torch.no_grad()
     def text_vectors(self, texts: list[str]) -> np.ndarray:
-        import clipforge
-
-        tokens = clipforge.tokenize(texts, context_length=self.model.context_length).to(self.device)  # [N, 77]
+        tokens = self.tokenizer(texts).to(self.device)  # [N, context_length]
         with self._lock:
             feats = self.model.encode_text(tokens)  # [N, E]
         return F.normalize(feats.float(), dim=-1).cpu().numpy()

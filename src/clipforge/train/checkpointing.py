@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
-from clipforge.model.checkpoints import CONFIG_NAME, WEIGHTS_NAME
+from clipforge.model.checkpoints import WEIGHTS_NAME, write_config
+from clipforge.model.clip import CLIP
 
 MARKER = "COMPLETE"
 STATE_NAME = "train_state.pt"
@@ -94,12 +94,13 @@ def save_checkpoint(
     root: Path,
     step: int,
     model_state: dict[str, torch.Tensor],
-    model_config: ClipConfig,
+    model: CLIP,
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write one checkpoint atomically and prune the oldest beyond ``keep_last``.
+    """Write one checkpoint atomically and prune the oldest beyond ``keep_last``. ``model``
+    gives the config (and a Hugging Face text tower's files); ``model_state`` the weights.
 
     Raises ``CheckpointError`` (with the previous checkpoints intact) when the directory
     cannot be written, e.g. a full disk.
@@ -111,11 +112,11 @@ def save_checkpoint(
         for stale in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by a crash
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        write_model_dir(model_state, model_config, tmp)
+        write_model_dir(model_state, model, tmp)
         torch.save(train_state, tmp / STATE_NAME)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MARKER).write_text(f"{step}\n")
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
             _fsync(f)
         _fsync(tmp)
         old = root / f".old-{final.name}-{os.getpid()}"
@@ -134,22 +135,23 @@ def save_checkpoint(
     return final
 
 
-def write_model_dir(state: dict[str, torch.Tensor], config: ClipConfig, out: Path) -> Path:
-    """The own model format (``config.json`` + ``model.safetensors``) from a state dict."""
+def write_model_dir(state: dict[str, torch.Tensor], model: CLIP, out: Path) -> Path:
+    """The own model format (``config.json`` + ``model.safetensors``) from a state dict (the full
+    one under FSDP) and the model it belongs to."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "clipforge"})
-    config.to_json(out / CONFIG_NAME)
+    write_config(model, out)
     return out
 
 
-def save_model_atomic(state: dict[str, torch.Tensor], config: ClipConfig, out: Path) -> Path:
+def save_model_atomic(state: dict[str, torch.Tensor], model: CLIP, out: Path) -> Path:
     """Write a model directory under a temporary name, then swap it into place."""
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        write_model_dir(state, config, tmp)
-        for f in tmp.iterdir():
+        write_model_dir(state, model, tmp)
+        for f in tmp.rglob("*"):
             _fsync(f)
         if out.exists():
             shutil.rmtree(out)

@@ -85,6 +85,9 @@ class ValConfig:
 class TrainConfig:
     data: DataConfig | None = None
     model: str = "tiny"  # a registered architecture name (fresh init) or a checkpoint path (fine-tune)
+    # A Hugging Face text encoder (local directory or alias, see clipforge.model.hf_text) replacing
+    # the model's text tower, starting from its pretrained weights; the image tower is kept.
+    text_model: str | None = None
     out: str = "runs/train"
     steps: int | None = None  # optimizer steps; exclusive with epochs
     epochs: int | None = None  # passes over the data (default 1 when steps is unset)

@@ -3,7 +3,13 @@
 ``unlocked_layers=N`` keeps the last N transformer blocks (ViT / text) or ResNet stages
 trainable, together with the tower's head (final norm + projection / attention pool);
 ``N=0`` freezes the whole tower. Locked modules are also put in eval mode by
-``set_locked_eval`` so a frozen ResNet keeps its BatchNorm statistics.
+``set_locked_eval`` so a frozen ResNet keeps its BatchNorm statistics (and a frozen
+Hugging Face encoder runs without dropout).
+
+A Hugging Face text tower is a pretrained encoder plus clipforge's ``text_projection``, which
+starts random: locking it freezes the encoder (all but its last N layers) and keeps the
+projection trainable, so the frozen features are mapped into the shared space by a learned
+layer (LiT with a pretrained text encoder), not a random one.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from clipforge.model.clip import CLIP
+from clipforge.model.hf_text import HFTextTower
 from clipforge.model.text import TextTransformer
 from clipforge.model.vision import ModifiedResNet, VisionTransformer
 
@@ -22,10 +29,13 @@ def _blocks_and_head(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Module]
         return list(tower.transformer.resblocks), [tower.ln_final]
     if isinstance(tower, ModifiedResNet):
         return [tower.layer1, tower.layer2, tower.layer3, tower.layer4], [tower.attnpool]
+    if isinstance(tower, HFTextTower):
+        return tower.blocks(), []
     raise TypeError(f"cannot lock a tower of type {type(tower).__name__}")
 
 
-_HEAD_PARAMS = {VisionTransformer: ("proj",), TextTransformer: ("text_projection",), ModifiedResNet: ()}
+_HEAD_PARAMS = {VisionTransformer: ("proj",), TextTransformer: ("text_projection",), ModifiedResNet: (),
+                HFTextTower: ("text_projection",)}
 
 
 def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Module]:
@@ -39,6 +49,10 @@ def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Mod
         raise ValueError(f"the {tower} tower has {len(blocks)} blocks; cannot keep {unlocked_layers} unlocked")
     for p in module.parameters():
         p.requires_grad_(False)
+    if isinstance(module, HFTextTower):  # the encoder is locked, its new projection learns
+        module.text_projection.requires_grad_(True)
+        if unlocked_layers == 0:
+            return [module.model]
     if unlocked_layers == 0:
         return [module]
     trainable = blocks[len(blocks) - unlocked_layers:] + head

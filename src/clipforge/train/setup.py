@@ -9,6 +9,7 @@ import torch
 
 import clipforge
 from clipforge.config import ClipConfig
+from clipforge.errors import ClipforgeError
 from clipforge.model.checkpoints import CONFIG_NAME
 from clipforge.model.clip import CLIP
 from clipforge.model.registry import get_config
@@ -18,25 +19,52 @@ from clipforge.train.freeze import lock_tower, set_locked_eval
 
 def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -> CLIP:
     """The model to train: the checkpoint's architecture when resuming, else ``model``, a
-    registered architecture (fresh init) or a checkpoint path (fine-tuning)."""
+    registered architecture (fresh init) or a checkpoint path (fine-tuning), its text tower
+    swapped for ``cfg.text_model`` when given."""
     if resume_dir is not None:
-        model = CLIP(ClipConfig.from_json(resume_dir / CONFIG_NAME))
+        model = CLIP(ClipConfig.from_json(resume_dir / CONFIG_NAME))  # text tower as saved
     elif model is None and cfg.model in clipforge.list_models():
         arch = get_config(cfg.model)
         if cfg.loss == "siglip":  # the SigLIP paper's initial temperature and bias
             arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+        if cfg.text_model:
+            arch = _with_text_model(arch, cfg.text_model)
         model = clipforge.create_model(arch)
-    elif model is None:
-        if not Path(cfg.model).exists():
-            raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
-                              f"({', '.join(clipforge.list_models())}) nor an existing checkpoint path")
-        model, _ = clipforge.load(cfg.model)
+    else:
+        if model is None:
+            if not Path(cfg.model).exists():
+                raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
+                                  f"({', '.join(clipforge.list_models())}) nor an existing checkpoint path")
+            model, _ = clipforge.load(cfg.model)
+        if cfg.text_model:
+            model = swap_text_tower(model, cfg.text_model)
     if cfg.loss == "siglip" and model.logit_bias is None:  # fine-tuning a CLIP model with SigLIP
         with_bias = CLIP(model.config.replace(init_logit_bias=-10.0))
         missing, unexpected = with_bias.load_state_dict(model.state_dict(), strict=False)
         assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
         model = with_bias
     return model.float()
+
+
+def _with_text_model(arch: ClipConfig, text_model: str) -> ClipConfig:
+    from clipforge.model.hf_text import hf_text_config
+
+    try:
+        text = hf_text_config(text_model, context_length=arch.text.context_length)
+    except ClipforgeError as e:
+        raise ConfigError(f"--text-model: {e}") from None
+    return arch.replace(text=text, name=f"{arch.name}+{Path(text_model).name}")
+
+
+def swap_text_tower(model: CLIP, text_model: str) -> CLIP:
+    """``model`` with a pretrained Hugging Face text tower (and a new text projection); the
+    image tower and the temperature keep their weights."""
+    new = clipforge.create_model(_with_text_model(model.config, text_model))
+    keep = {k: v for k, v in model.state_dict().items() if not k.startswith("text.")}
+    missing, unexpected = new.load_state_dict(keep, strict=False)
+    assert not unexpected and all(k.startswith("text.") for k in missing), (missing, unexpected)
+    return new
+
 
 def prepare_model(cfg: TrainConfig, raw: CLIP) -> list[torch.nn.Module]:
     """Apply patch dropout, checkpointing and tower locking; returns the locked modules."""

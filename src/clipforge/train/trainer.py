@@ -16,7 +16,6 @@ position, so a killed-and-resumed CPU run ends bitwise equal to an uninterrupted
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import clipforge
 from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model.checkpoints import load_state_strict
 from clipforge.model.clip import CLIP
+from clipforge.model.hf_text import HFTextTower
 from clipforge.train import checkpointing as ckpt
 from clipforge.train.accumulation import accumulated_contrastive_backward
 from clipforge.train.config import ConfigError, TrainConfig, dump_config
@@ -171,7 +171,9 @@ class Trainer:
             # Each block, then each tower, is one shard group. The scalar temperature (and
             # bias) cannot be sharded: they stay replicated, their gradients averaged by hand.
             for tower in (raw.visual, raw.text):
-                for block in getattr(getattr(tower, "transformer", None), "resblocks", []):
+                blocks = tower.blocks() if isinstance(tower, HFTextTower) else \
+                    getattr(getattr(tower, "transformer", None), "resblocks", [])
+                for block in blocks:
                     fully_shard(block)
                 fully_shard(tower)
             self.replicated = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None and p.requires_grad]
@@ -188,9 +190,8 @@ class Trainer:
         from clipforge.data.loader import build_train_loader
 
         cfg = self.cfg
-        tokenizer = functools.partial(clipforge.tokenize, context_length=self.raw.context_length)
         return build_train_loader(
-            cfg.data, clipforge.get_preprocess(self.raw, train=True), tokenizer,
+            cfg.data, clipforge.get_preprocess(self.raw, train=True), clipforge.tokenizer_for(self.raw),
             batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
             rank=self.info.rank, world_size=self.info.world_size,
             start_epoch=self.state.epoch, start_batch=self.state.batch,
@@ -410,7 +411,7 @@ class Trainer:
                 }
                 meta = {k: train_state[k] for k in ("step", "epoch", "batch", "samples_seen", "last_loss")}
                 try:
-                    path = ckpt.save_checkpoint(self.ckpt_root, st.step, model_state, self.raw.config,
+                    path = ckpt.save_checkpoint(self.ckpt_root, st.step, model_state, self.raw,
                                                 train_state, meta, self.cfg.keep_last)
                 except CheckpointError as e:
                     error = str(e)
@@ -479,7 +480,7 @@ class Trainer:
             skipped.update(counts)
         summary = None
         if self.main:
-            final = ckpt.save_model_atomic(model_state, self.raw.config, self.run_dir / "final")
+            final = ckpt.save_model_atomic(model_state, self.raw, self.run_dir / "final")
             wall = time.time() - t0
             summary = {
                 "steps": st.step,

