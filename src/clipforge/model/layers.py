@@ -12,10 +12,39 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+Rows = int | torch.Tensor  # one position per sequence: the same for all, or a LongTensor [B]
+
+
+def take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """[B, N, D] -> [B, 1, D]: position ``rows`` (int) or ``rows[b]`` of each sequence b."""
+    if isinstance(rows, int):
+        return x[:, rows : rows + 1]
+    return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
+
+
+class _QuickGELUFn(torch.autograd.Function):
+    """x * sigmoid(1.702 x), keeping only x for backward. Autograd on the plain expression also
+    keeps sigmoid(1.702 x): one more tensor of the MLP's 4x width in every block, ~20% of a
+    ViT block's saved activations. Backward recomputes it inside one fused kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        # x s(1.702 x) = silu(1.702 x) / 1.702, so d/dx = silu'(1.702 x): one fused kernel.
+        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuickGELUFn.apply(x)
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -45,12 +74,25 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]; with ``rows`` only those positions' outputs, [B, 1, D]."""
         b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3D]
-        qkv = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, N, Dh]
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        dh = d // self.heads
+        if rows is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3D]
+            qkv = qkv.view(b, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, N, Dh]
+            return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        # One query per sequence: keys and values from every position, the query from one row.
+        w, bias = self.in_proj_weight, self.in_proj_bias
+        kv = F.linear(x, w[d:], bias[d:]).view(b, n, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # [2, B, H, N, Dh]
+        q = F.linear(take_rows(x, rows), w[:d], bias[:d]).view(b, 1, self.heads, dh).transpose(1, 2)  # [B, H, 1, Dh]
+        mask = None
+        if causal:  # the query at position p sees keys 0..p, as row p of the causal mask
+            p = rows if isinstance(rows, torch.Tensor) else torch.full((b,), rows, device=x.device)
+            mask = (torch.arange(n, device=x.device) <= p.view(b, 1)).view(b, 1, 1, n)  # [B, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # [B, H, 1, Dh]
+        return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
 
 
 class Mlp(nn.Module):
@@ -74,8 +116,10 @@ class ResidualBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]; with ``rows`` the block's output at those positions only, [B, 1, D]."""
+        h = self.ln_1(x)
+        x = (x if rows is None else take_rows(x, rows)) + self.attn(h, causal=causal, rows=rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -90,13 +134,24 @@ class Transformer(nn.Module):
             ResidualBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)
         )
         self.grad_checkpointing = False
+        # With ``rows``, run the last block at the pooled position only (off: every position,
+        # then select; the same outputs to float rounding, for tests and benchmarks).
+        self.pooled_last_block = True
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]. With ``rows`` (the pooled position: an int for every sequence,
+        or a LongTensor [B]) -> [B, D], the output at that position only. The towers use nothing
+        else of the last block, so it computes only that query, its MLP and its residual; the
+        other blocks run in full (every position is a key of the next block)."""
+        last = len(self.resblocks) - 1 if self.pooled_last_block else -1
+        for i, block in enumerate(self.resblocks):
+            r = rows if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, r, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, rows=r)
+        if rows is not None:
+            x = (x if last >= 0 else take_rows(x, rows)).squeeze(1)  # [B, D]
         return x
 
     def init_weights(self, proj_std: float, attn_std: float, fc_std: float) -> None:

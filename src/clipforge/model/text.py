@@ -51,8 +51,8 @@ class TextTransformer(nn.Module):
             tokens = tokens[:, : int(pos.max()) + 1]
         n = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
-        x = self.transformer(x, causal=True)  # [B, n, W]
-        pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), pos])  # [B, W]
+        x = self.transformer(x, causal=True, rows=pos)  # [B, W]: output at each end token (only it is used)
+        pooled = self.ln_final(x)  # [B, W]
         return pooled @ self.text_projection if project else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

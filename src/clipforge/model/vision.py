@@ -48,8 +48,8 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
         x = self.ln_pre(x)
-        x = self.transformer(x)
-        pooled = self.ln_post(x[:, 0])  # [B, W]
+        x = self.transformer(x, rows=0)  # [B, W]: the class token's output (the last block computes only it)
+        pooled = self.ln_post(x)  # [B, W]
         return pooled @ self.proj if project else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
