@@ -153,7 +153,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     print_table("efficiency ratios (x fewer samples to reach the other's final accuracy; paper: 3x and 4x)",
                 ["comparison", "median", "per seed"],
                 [[n, v["median"], v["per_seed"]] for n, v in summary["efficiency"].items()])
-    _plot(curves, chance, cfg)
+    _plot(curves, final, tasks, cfg)
     rec = record(cfg, NAME, CLAIM, {"runs": runs, "curves": curves}, summary, verdict, time.time() - t0)
     write_json(cfg.out / f"{NAME}.json", rec)
     return rec
@@ -170,8 +170,10 @@ def _verdict(summary: dict[str, Any]) -> dict[str, Any]:
             "bow_more_efficient_than_caption": bow_ok, "contrastive_more_efficient_than_bow": con_ok}
 
 
-def _plot(curves: dict[str, dict[str, list[float]]], chance: float, cfg: ExperimentConfig) -> None:
-    fig, axes = figure(5.5, 3.8)
+def _plot(curves: dict[str, dict[str, list[float]]], final: dict[str, dict[str, tuple[float, float]]],
+          tasks: dict[str, dict[str, Any]], cfg: ExperimentConfig) -> None:
+    chance = float(np.mean([1 / len(t["classes"]) for t in tasks.values()]))
+    fig, axes = figure(10, 3.8, ncols=2)
     ax = axes[0][0]
     for kind, colour in zip(KINDS, ("tab:blue", "tab:orange", "tab:green")):
         c = curves[kind]
@@ -180,9 +182,26 @@ def _plot(curves: dict[str, dict[str, list[float]]], chance: float, cfg: Experim
         ax.fill_between(c["samples"], m - s, m + s, color=colour, alpha=0.2)
     ax.axhline(100 * chance, color="grey", linestyle=":", label="chance")
     ax.set_xscale("log")
+    samples = curves[KINDS[0]]["samples"]
+    ax.set_xticks(samples, [f"{s / 1000:.1f}k" for s in samples])
+    ax.minorticks_off()
     ax.set_xlabel("images processed (samples seen)")
     ax.set_ylabel("zero-shot accuracy (%, mean of tasks)")
     ax.set_title(f"Objectives on one image tower ({cfg.scale.objectives_model}), {len(cfg.seeds)} seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    ax = axes[0][1]  # where the accuracy comes from: final accuracy per task
+    names = list(tasks)
+    x = np.arange(len(names))
+    for i, (kind, colour) in enumerate(zip(KINDS, ("tab:blue", "tab:orange", "tab:green"))):
+        vals = [final[kind][t] for t in names]
+        ax.bar(x + (i - 1) * 0.27, [100 * m for m, _ in vals], 0.27, yerr=[100 * s for _, s in vals], capsize=2,
+               color=colour, label=LABELS[kind])
+    ax.scatter(x, [100 / len(tasks[t]["classes"]) for t in names], marker="_", s=300, color="black", zorder=3,
+               label="chance")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("zero-shot accuracy at the end (%)")
+    ax.set_title("Final accuracy per task", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
     save_figure(fig, cfg.out / f"{NAME}.png")

@@ -61,11 +61,25 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                          "probe_draw_std": [r["acc1_std"] for r in res["details"]["shots"]]}
         out["mean"] = {"zero_shot": float(np.mean([out[t]["zero_shot"] for t in tasks])),
                        "probe": [float(np.mean([out[t]["probe"][i] for t in tasks])) for i in range(len(shots))]}
+        # A zero-shot classifier at chance is worth no labelled example: the average over the tasks
+        # this seed's CLIP learnt at all (zero-shot > chance + 5 points) is reported beside it.
+        learnt = [t for t in tasks if out[t]["zero_shot"] > 1 / len(tasks[t]["classes"]) + 0.05]
+        if learnt:
+            out["mean_learnt"] = {"tasks": learnt,
+                                  "zero_shot": float(np.mean([out[t]["zero_shot"] for t in learnt])),
+                                  "probe": [float(np.mean([out[t]["probe"][i] for t in learnt]))
+                                            for i in range(len(shots))]}
         for v in out.values():
             v["equivalent_k"] = equivalent_shots(shots, v["probe"], v["zero_shot"])
         per_seed.append(out)
-    names = [*tasks, "mean"]
-    summary: dict[str, Any] = {"shots": shots, "per_task": {}}
+    names = [*tasks, "mean", *(["mean_learnt"] if all("mean_learnt" in s for s in per_seed) else [])]
+    chance = {t: 1 / len(task["classes"]) for t, task in tasks.items()}
+    chance["mean"] = float(np.mean(list(chance.values())))
+    if "mean_learnt" in names:
+        chance["mean_learnt"] = float(np.mean([np.mean([chance[t] for t in s["mean_learnt"]["tasks"]])
+                                               for s in per_seed]))
+    summary: dict[str, Any] = {"shots": shots, "per_task": {}, "chance": chance,
+                               "learnt_tasks_per_seed": [s.get("mean_learnt", {}).get("tasks", []) for s in per_seed]}
     for n in names:
         summary["per_task"][n] = {
             "zero_shot": mean_std([s[n]["zero_shot"] for s in per_seed]),
@@ -113,12 +127,13 @@ def _plot(summary: dict[str, Any], names: list[str], cfg: ExperimentConfig) -> N
         p = summary["per_task"][n]
         ax.errorbar(shots, [100 * a for a, _ in p["probe"]], yerr=[100 * s for _, s in p["probe"]], marker="o",
                     capsize=2, label="k-shot linear probe")
+        ax.axhline(100 * summary["chance"][n], color="grey", linestyle=":", label="chance")
         zm, zs = p["zero_shot"]
         ax.axhline(100 * zm, color="tab:red", linestyle="--", label="zero-shot")
         ax.axhspan(100 * (zm - zs), 100 * (zm + zs), color="tab:red", alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(k) for k in shots])
-        name = "average over tasks" if n == "mean" else n
+        name = {"mean": "average over tasks", "mean_learnt": "average over learnt tasks"}.get(n, n)
         ax.set_title(f"{name} (zero-shot = {_k(p['equivalent_k_median'])}-shot)", fontsize=8)
         ax.set_xlabel("labelled examples per class", fontsize=8)
         ax.set_ylabel("accuracy (%)", fontsize=8)

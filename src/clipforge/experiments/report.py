@@ -82,6 +82,11 @@ def _fewshot(s: dict[str, Any]) -> tuple[str, str]:
     m = s["per_task"]["mean"]
     short = (f"zero-shot ≡ {_k(s['mean_equivalent_k'])}-shot probe on average; zero-shot {_p(m['zero_shot'])} vs "
              f"1-shot {_p(m['probe'][0])}")
+    if "mean_learnt" in s["per_task"]:
+        learnt = sorted({t for ts in s["learnt_tasks_per_seed"] for t in ts})
+        text += (f"\n\n`mean_learnt`: the average over the tasks each seed's CLIP learnt at all (zero-shot above "
+                 f"chance + 5 points: {', '.join(learnt)}); there zero-shot ≡ "
+                 f"{_k(s['per_task']['mean_learnt']['equivalent_k_median'])}-shot.")
     return text, short
 
 
