@@ -5,7 +5,9 @@ Layout of ``<out>/checkpoints/step_00000420/``:
     config.json, model.safetensors   the model in the own format (``clipforge.load`` reads it)
     train_state.pt                   optimizer, scheduler, scaler, RNG of every rank, data position
     meta.json                        step, samples seen, ... (human-readable)
-    COMPLETE                         written last; a directory without it is never resumed from
+    COMPLETE                         written last, with a CRC-32 of every other file; a directory
+                                     without it is never resumed from, one whose files no longer
+                                     match it is refused by name
 
 Everything is written into ``.tmp-step_...``, fsynced, and renamed into place, so a crash
 or a full disk leaves at worst a temporary directory (removed by the next save) and the
@@ -19,11 +21,13 @@ import os
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from clipforge.errors import CheckpointError
@@ -115,7 +119,9 @@ def save_checkpoint(
         write_model_dir(model_state, model, tmp)
         torch.save(train_state, tmp / STATE_NAME)
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / MARKER).write_text(f"{step}\n")
+        # Last, with a checksum of every other file: a checkpoint that changes on disk afterwards
+        # (bit rot, a stray partial overwrite) is refused by name rather than silently resumed.
+        (tmp / MARKER).write_text(json.dumps({"step": step, "crc32": _checksums(tmp)}) + "\n")
         for f in tmp.rglob("*"):
             _fsync(f)
         _fsync(tmp)
@@ -125,14 +131,67 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync(root)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except WRITE_ERRORS as e:
+        why = _write_error(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(root)
         kept = f"; the previous checkpoint {prev.name} is intact" if prev else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{kept}") from e
+        raise CheckpointError(f"cannot write checkpoint {final}: {why}{kept}") from e
     for _, old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed out of the way first: a deletion cut short (rmtree's order is arbitrary) must not
+        # leave a "complete" checkpoint without its weights. The next save sweeps the rest away.
+        doomed = root / f".old-{old.name}-{os.getpid()}"
+        try:
+            os.replace(old, doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+# A full disk surfaces as OSError from Python, SafetensorError from safetensors and RuntimeError
+# ("unexpected pos ...") from torch.save's zip writer.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def _write_error(e: Exception, where: Path) -> str:
+    """Why a write failed, in words (checked before the partial files are removed)."""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return why
+    if free < 2**20 and "No space left" not in why:
+        why = f"No space left on device ({free} bytes free): {why}"
+    return why
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _checksums(d: Path) -> dict[str, str]:
+    return {str(f.relative_to(d)): _crc32(f) for f in sorted(d.rglob("*")) if f.is_file() and f.name != MARKER}
+
+
+def verify_checksums(path: Path) -> None:
+    """Raise ``CheckpointError`` naming the first file that differs from what was written.
+    (Checkpoints from before checksums were recorded hold a bare step number: nothing to check.)"""
+    try:
+        recorded = json.loads((path / MARKER).read_text())["crc32"]
+    except (ValueError, TypeError, KeyError, OSError):
+        return
+    for name, crc in recorded.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: cannot read checkpoint: {name} is missing")
+        if _crc32(f) != crc:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {name} changed after it was written "
+                                  "(checksum mismatch: damaged on disk?)")
 
 
 def write_model_dir(state: dict[str, torch.Tensor], model: CLIP, out: Path) -> Path:
@@ -156,9 +215,10 @@ def save_model_atomic(state: dict[str, torch.Tensor], model: CLIP, out: Path) ->
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except OSError as e:
+    except WRITE_ERRORS as e:
+        why = _write_error(e, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write model to {out}: {e.strerror or e}") from e
+        raise CheckpointError(f"cannot write model to {out}: {why}") from e
     return out
 
 
@@ -196,14 +256,35 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 # -- load ---------------------------------------------------------------------------------
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state dict, train state) of a complete checkpoint."""
+    """(model state dict, train state) of a complete checkpoint. Errors name the file and the
+    problem in one line; ``train_state.pt`` is read without unpickling anything but tensors
+    and plain values, so a planted pickle payload is refused, not run."""
+    import pickle
+
     from safetensors.torch import load_file
 
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: not a complete training checkpoint (no {MARKER} marker)")
+    verify_checksums(path)
     try:
         model_state = load_file(str(path / WEIGHTS_NAME))
-        train_state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged files raise many types
-        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+        raise CheckpointError(f"{path}: cannot read checkpoint: {WEIGHTS_NAME} is damaged ({_first_line(e)})") from e
+    try:
+        train_state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: cannot read checkpoint: {STATE_NAME} is damaged ({_first_line(e)})") from e
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise CheckpointError(f"{path}: cannot read checkpoint: refusing to unpickle {STATE_NAME}, which references "
+                              f"Python objects other than tensors and plain values ({why}); unpickling those can "
+                              "run arbitrary code") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, missing file, ...
+        raise CheckpointError(f"{path}: cannot read checkpoint: {STATE_NAME} is damaged or truncated "
+                              f"({type(e).__name__}: {_first_line(e)})") from e
     return model_state, train_state
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
