@@ -225,8 +225,9 @@ class Trainer:
         t0 = time.time()
         if self.main:
             dump_config(cfg, self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(self.run_dir, self.main, cfg.tensorboard,
-                                    resume_step=self.start_step if self.resume_dir else None)
+        # From the resumed step, or from 0 for a fresh start: a run killed before its first checkpoint
+        # and started again must not leave the killed attempt's records in the metrics file.
+        self.logger = MetricsLogger(self.run_dir, self.main, cfg.tensorboard, resume_step=self.start_step)
         bar = Progress(self.total_steps, self.start_step, self.show_progress)
         if self.resume_dir is not None and self.main:
             bar.write(f"resuming from {self.resume_dir} (step {self.start_step})")
