@@ -9,12 +9,16 @@ the library) happen inside the command functions, keeping ``--help`` instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
 
 
 from clipforge.errors import ClipforgeError
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 class CliError(ClipforgeError):
@@ -44,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except (ClipforgeError, FileNotFoundError) as e:
         # Errors about the user's input or files: one clear line, no traceback.
+        print(f"clipforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        # A full or read-only disk met outside the writers that already explain it (a log line,
+        # a summary): the machine's state, not a bug. Checkpoints and finished parts stay intact.
         print(f"clipforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -100,7 +100,22 @@ def run(args: argparse.Namespace) -> int:
     from clipforge.train.trainer import train
 
     cfg = TrainConfig.load(args.config, overrides_from_args(args))
-    summary = train(cfg, progress=not args.no_progress)
+    from clipforge.errors import ClipforgeError, DataError
+
+    _quiet_fd_sharing_thread()
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    except (RuntimeError, ClipforgeError) as e:
+        # A killed worker (often the kernel's out-of-memory killer) is the machine's doing, not a
+        # bug: say so in one line. PyTorch raises it from a signal handler, wherever the main process
+        # is (even inside a checkpoint write, which then names it as the reason it failed).
+        text = str(e)
+        died = text.find("DataLoader worker")
+        if died < 0 or (isinstance(e, RuntimeError) and died > 0):
+            raise
+        raise DataError(f"a data loading process died: {text[died:].strip()} (too little memory? try fewer "
+                        "--workers or a smaller --batch-size); the checkpoints are intact: continue with "
+                        "--resume auto") from e
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return 0
     if summary.get("stopped_early"):  # SIGTERM (e.g. preemption): continue later with --resume auto
@@ -110,3 +125,23 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(shown))
     print(f"model: {summary['final_model']}  summary: {os.path.join(cfg.out, 'summary.json')}")
     return 0
+
+
+def _quiet_fd_sharing_thread() -> None:
+    """A worker killed while handing a batch over (through multiprocessing's fd-sharing thread)
+    makes that thread print a ConnectionResetError traceback of its own; the death is reported,
+    in one line, by the error that follows. Other threads and exceptions are untouched."""
+    import threading
+
+    default = threading.excepthook
+    if getattr(default, "clipforge_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        peer_gone = issubclass(args.exc_type, (ConnectionResetError, BrokenPipeError, EOFError))
+        if peer_gone and args.thread is not None and args.thread.name.endswith("(_serve)"):
+            return
+        default(args)
+
+    hook.clipforge_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
