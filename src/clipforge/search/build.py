@@ -87,7 +87,10 @@ def build_or_update(emb_dirs: list[str], index_dir: str | Path, cfg: IndexConfig
         _save(tmp, index, store, plan, model, report)
         store.close()
         out.mkdir(parents=True, exist_ok=True)
-        for f in index_files(tmp):  # index.json last: it names the version the other two carry
+        faiss_file, store_file, info_file = index_files(tmp)
+        # The metadata first, index.json last (it names the version the other two carry): cut short
+        # in between, the versions disagree and readers refuse, never pairing new vectors with old ids.
+        for f in (store_file, faiss_file, info_file):
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,9 +160,19 @@ def _save(out: Path, index, store: Store, plan: Plan, model: dict, report: Repor
         "recall": report.recall or info.get("recall"), "model": model, "version": version,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })  # fmt: skip
-    _atomic(faiss_path, lambda tmp: faiss.write_index(index, tmp))
+    # The vectors are written aside first (a full disk there changes nothing), then the metadata is
+    # committed with the new version, then the vectors and index.json replace the old ones. Cut
+    # short in between, the versions disagree and readers refuse; an old-version store is never
+    # left beside new vectors (an update run again would add them a second time).
+    faiss_tmp = faiss_path.with_name(f".{faiss_path.name}.{os.getpid()}.tmp")
+    try:
+        faiss.write_index(index, str(faiss_tmp))
+    except BaseException:
+        faiss_tmp.unlink(missing_ok=True)
+        raise
     store.set_info("version", version)
     store.commit()
+    os.replace(faiss_tmp, faiss_path)
     _atomic(info_path, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
 
 

@@ -109,13 +109,18 @@ def _check_manifest(out: Path, manifest: dict) -> None:
 
 
 def _atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if callable(data):
-        data(tmp)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only or vanished directory: say which file, keep the rest
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path}: {e.strerror or e}; finished parts are kept, run the same "
+                        "command again to resume") from e
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

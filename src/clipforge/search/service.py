@@ -170,6 +170,8 @@ async def _json(request: Request) -> Any:
         return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: the parser's stack, not ours to crash
+        raise HTTPException(400, "body is not valid JSON: nested too deeply") from None
 
 
 def _json_field(value: Any, name: str) -> Any:
@@ -305,6 +307,8 @@ class _Engine:
         return {"results": results, "templates": templates}
 
     def thumbnail(self, item_id: int) -> bytes:
+        if not 0 <= item_id < 2**63:  # ids are SQLite integers; larger ones cannot even be looked up
+            raise HTTPException(404, f"no indexed item with id {item_id}")
         size = self.settings.thumbnail_size
         with self._lock:
             cached = self._thumbs.get((item_id, size))

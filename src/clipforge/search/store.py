@@ -182,6 +182,8 @@ def filter_sql(flt: dict[str, Any]) -> tuple[str, list[Any]]:
         for v in values:
             if not isinstance(v, (str, int, float, bool)) or (isinstance(v, float) and not math.isfinite(v)):
                 raise DataError(f"filter value for {key!r} must be a string, number or boolean, got {v!r}")
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:  # SQLite integers are 64-bit
+                raise DataError(f"filter value for {key!r} is out of range: {v}")
         col = key if key in FIXED else f"json_extract(meta, '$.\"{key}\"')"
         clauses.append(f"{col} IN ({','.join('?' * len(values))})")
         args += [int(v) if isinstance(v, bool) else v for v in values]
