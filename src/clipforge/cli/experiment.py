@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scaling-steps", type=int, default=None, help="steps per model size (finding 6)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (sets OMP_NUM_THREADS; use 1 on a busy machine)")
+                   help="CPU threads for torch per job (sets OMP_NUM_THREADS; use 1 on a busy machine)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="'all' only: run findings 1+6 in a second process beside 2-5 [2 on a CPU with 2+ cores]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the trainer reads it; set before torch spins up
     import torch
 
-    from clipforge.experiments import RUN_ORDER, ExperimentConfig, get_scale, run_finding, write_report
+    from clipforge.experiments import ExperimentConfig, get_scale, run_all, run_finding, write_report
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -74,11 +76,18 @@ def run(args: argparse.Namespace) -> int:
     report = Path(args.report) if args.report else out.parent / "REPORT.md"
     cfg = ExperimentConfig(scale=scale, out=out, work=Path(args.work), device=args.device,
                            progress=not args.no_progress, command=command_line(args))
-    if args.finding != "report":
-        for name in RUN_ORDER if args.finding == "all" else (args.finding,):
-            record = run_finding(name, cfg)
-            verdict = record["verdict"]["verdict"]
-            print(f"[{name}] {verdict} ({record['wall_s']:.0f} s) -> {out / name}.json", flush=True)
+    if args.finding == "all":
+        jobs = args.jobs
+        if jobs is None:  # two single-threaded streams use two cores better than one two-threaded one
+            cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+            jobs = 2 if cpu and (os.cpu_count() or 1) >= 2 else 1
+        if jobs < 1:
+            raise CliError("--jobs must be >= 1")
+        run_all(cfg, jobs=jobs, threads=args.threads)
+    elif args.finding != "report":
+        record = run_finding(args.finding, cfg)
+        verdict = record["verdict"]["verdict"]
+        print(f"[{args.finding}] {verdict} ({record['wall_s']:.0f} s) -> {out / args.finding}.json", flush=True)
     path = write_report(out, report)
     print(f"report: {path}")
     return 0

@@ -16,6 +16,8 @@ trained once per seed and cached under ``cfg.work`` (``shared``); the predictive
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from typing import Any
 
 from clipforge.experiments.config import FINDINGS, SCALES, ExperimentConfig, Scale, get_scale
@@ -26,6 +28,9 @@ MODULES = {"objectives": "f1_objectives", "prompts": "f2_prompts", "fewshot": "f
            "robustness": "f5_robustness", "scaling": "f6_scaling"}
 # Shared models first (prompts trains the CLIP runs, probe the supervised ones), the longest last.
 RUN_ORDER = ("prompts", "fewshot", "probe", "robustness", "scaling", "objectives")
+# With two jobs: findings 2-5 (the shared models) beside 1 and 6 (their own models), about equal
+# CPU time each; shared artefacts are trained once under file locks, whichever stream asks first.
+STREAMS = (("prompts", "fewshot", "probe", "robustness"), ("objectives", "scaling"))
 
 
 def run_finding(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -34,8 +39,43 @@ def run_finding(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
     return importlib.import_module(f"clipforge.experiments.{MODULES[name]}").run(cfg)
 
 
-def run_all(cfg: ExperimentConfig, names: tuple[str, ...] = RUN_ORDER) -> dict[str, dict[str, Any]]:
-    return {n: run_finding(n, cfg) for n in names}
+def run_all(cfg: ExperimentConfig, names: tuple[str, ...] = RUN_ORDER, jobs: int = 1,
+            threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``names``; with ``jobs=2`` as two parallel processes (``STREAMS``) of ``threads`` torch
+    threads each (default: the cores divided between them). Returns the records by finding."""
+    if jobs <= 1:
+        _run_stream(names, cfg, None)
+        return {n: json.loads((cfg.out / f"{n}.json").read_text()) for n in names}
+    import multiprocessing as mp
+
+    from clipforge.errors import ClipforgeError
+    from clipforge.experiments.common import ensure_world
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads or max(1, cores // 2)
+    here, there = ([n for n in s if n in names] for s in STREAMS)
+    here += [n for n in names if n not in here and n not in there]
+    ensure_world(cfg)  # once, before two processes would both find it missing
+    child = mp.get_context("spawn").Process(target=_run_stream, args=(tuple(there), cfg, threads))
+    child.start()
+    try:
+        _run_stream(tuple(here), cfg, threads)
+    finally:
+        child.join()
+    if child.exitcode != 0:
+        raise ClipforgeError(f"the parallel job running {', '.join(there)} failed (exit code {child.exitcode})")
+    return {n: json.loads((cfg.out / f"{n}.json").read_text()) for n in names}
+
+
+def _run_stream(names: tuple[str, ...], cfg: ExperimentConfig, threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the trainer sizes its thread pool from it
+        torch.set_num_threads(threads)
+    for n in names:
+        rec = run_finding(n, cfg)
+        print(f"[{n}] {rec['verdict']['verdict']} ({rec['wall_s']:.0f} s) -> {cfg.out / n}.json", flush=True)
 
 
 def write_report(*args: Any, **kwargs: Any) -> Any:

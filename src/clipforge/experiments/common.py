@@ -9,6 +9,7 @@ difference between runs that are compared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,24 @@ from clipforge.experiments.config import ExperimentConfig, Scale
 # -- the world ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a lock file): findings running in parallel processes
+    then train, evaluate or write each shared artefact once, the others waiting for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: run findings one at a time
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_world(cfg: ExperimentConfig) -> Path:
     """The scale's data world under ``work`` (generated once, reused while its config matches)."""
     from clipforge.data.synth import SynthConfig, generate_world
@@ -36,7 +55,8 @@ def ensure_world(cfg: ExperimentConfig) -> Path:
     w = cfg.scale.world
     path = cfg.scale_dir / "world"
     synth = SynthConfig(seed=w.seed, image_size=w.image_size, train=w.train, val=w.val, test=w.test, shifted=w.shifted)
-    generate_world(synth, path, workers=None, progress=cfg.progress)
+    with locked(cfg.scale_dir / ".world.lock"):
+        generate_world(synth, path, workers=None, progress=cfg.progress)
     return path
 
 

@@ -16,8 +16,8 @@ import torch
 
 from clipforge.eval.templates import fill
 from clipforge.experiments.common import (
-    CLASS_TASKS, LoopConfig, SplitData, ensure_world, figure, fit, load_split, load_task_specs, log_spaced_steps,
-    mean_std, normalize, print_table, read_json, record, save_figure, seed_everything, write_json,
+    CLASS_TASKS, LoopConfig, SplitData, ensure_world, figure, fit, load_split, load_task_specs, locked,
+    log_spaced_steps, mean_std, normalize, print_table, read_json, record, save_figure, seed_everything, write_json,
 )
 from clipforge.experiments.config import ExperimentConfig, model_config
 from clipforge.experiments.objectives import KINDS, Objective, Vocab, build_objective
@@ -85,8 +85,17 @@ def _run_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, test
     cache = cfg.scale_dir / "objectives" / f"{kind}-s{seed}.json"
     key = {"model": scale.objectives_model, "steps": scale.objectives_steps, "batch": scale.batch_size,
            "evals": scale.objectives_evals, "eval_images": len(test.rows), "lr": scale.lr}
-    if cache.is_file() and read_json(cache).get("key") == key:
-        return read_json(cache)
+    with locked(cache.with_suffix(".lock")):
+        if cache.is_file() and read_json(cache).get("key") == key:
+            return read_json(cache)
+        out = _train_one(cfg, kind, seed, train, test, tasks, vocab)
+        write_json(cache, {"key": key, **out})
+    return read_json(cache)
+
+
+def _train_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, test: SplitData,
+               tasks: dict[str, dict[str, Any]], vocab: Vocab) -> dict[str, Any]:
+    scale = cfg.scale
     device = resolve_device(cfg.device)
     seed_everything(seed)
     obj = build_objective(kind, model_config(scale.objectives_model), train.captions, vocab)  # type: ignore[arg-type]
@@ -103,10 +112,8 @@ def _run_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, test
     stats = fit(obj.model, obj.loss, train.images, loop, on_eval, log_spaced_steps(scale.objectives_steps,
                 scale.objectives_evals), cfg.progress, desc=f"{kind} seed {seed}")
     params = sum(p.numel() for p in obj.model.parameters())
-    out = {"key": key, "kind": kind, "seed": seed, "curve": curve, "train": stats, "params": params,
-           "train_flops_per_sample": flops}
-    write_json(cache, out)
-    return out
+    return {"kind": kind, "seed": seed, "curve": curve, "train": stats, "params": params,
+            "train_flops_per_sample": flops}
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:

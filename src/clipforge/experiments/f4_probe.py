@@ -14,14 +14,15 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from clipforge.data.synth.world import SEEN_BACKGROUNDS
 from clipforge.experiments.common import (
     ensure_world, figure, mean_std, pm, print_table, record, save_figure, write_json,
 )
 from clipforge.experiments.config import ExperimentConfig
-from clipforge.experiments.shared import class_tasks, clip_world_eval, features, supervised_model
+from clipforge.experiments.shared import (
+    class_tasks, clip_world_eval, features, fitted_probe, probe_accuracy, supervised_model,
+)
 
 NAME = "probe"
 CLAIM = ("Linear probes on CLIP's image features outperform those on the features of strong supervised ImageNet "
@@ -36,20 +37,10 @@ def probe_tasks(world: Any) -> dict[str, dict[str, Any]]:
     return {**class_tasks(world), **TRANSFER}
 
 
-def probe(cfg: ExperimentConfig, kind: str, seed: int, task: dict[str, Any]) -> dict[str, Any]:
-    """Full linear probe of one feature kind on one task: C searched on val, scored on test."""
-    from clipforge.eval.linear_probe import LinearProbeConfig, linear_probe
-
-    (xtr, tr), (xva, va), (xte, te) = (features(cfg, kind, seed, s) for s in ("train", "val", "test"))
-    ytr, yva, yte = tr.labels(task), va.labels(task), te.labels(task)
-    keep = (ytr >= 0).nonzero().squeeze(1)
-    if len(keep) > cfg.scale.probe_max_train:
-        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))
-        keep = keep[order[: cfg.scale.probe_max_train]]
-    res = linear_probe(xtr[keep], ytr[keep], xte[yte >= 0], yte[yte >= 0],
-                       LinearProbeConfig(backend="sklearn", refine_steps=cfg.scale.probe_refine_steps, seed=seed),
-                       val_features=xva[yva >= 0], val_labels=yva[yva >= 0], num_classes=len(task["classes"]))
-    return {"acc": res["metrics"]["acc1"], "c": res["details"]["c"], "num_train": res["details"]["num_train"]}
+def probe(cfg: ExperimentConfig, kind: str, seed: int, name: str, task: dict[str, Any]) -> float | None:
+    """Test accuracy of the full linear probe (C searched on val, refit on train + val)."""
+    model = fitted_probe(cfg, kind, seed, name, task)
+    return probe_accuracy(model, *features(cfg, kind, seed, "test"), task)
 
 
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -61,8 +52,8 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         _, history = supervised_model(cfg, seed)
         heads = history["history"][-1]["acc"]["test"]
         per_seed.append({name: {
-            "clip_probe": probe(cfg, "clip", seed, task)["acc"],
-            "supervised_probe": probe(cfg, "supervised", seed, task)["acc"],
+            "clip_probe": probe(cfg, "clip", seed, name, task),
+            "supervised_probe": probe(cfg, "supervised", seed, name, task),
             "supervised_heads": heads.get(name),
             "clip_zero_shot": zs[name]["test"]["ensemble"] if name in zs else None,
         } for name, task in tasks.items()})

@@ -18,12 +18,13 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from clipforge.eval.robustness import BaselineFit, effective_robustness, fit_baseline
 from clipforge.experiments.common import ensure_world, figure, mean_std, print_table, record, save_figure, write_json
 from clipforge.experiments.config import ExperimentConfig
-from clipforge.experiments.shared import SHIFTED, class_tasks, clip_world_eval, features, supervised_model
+from clipforge.experiments.shared import (
+    SHIFTED, class_tasks, clip_world_eval, features, fitted_probe, probe_accuracy, supervised_model,
+)
 
 NAME = "robustness"
 CLAIM = ("Zero-shot CLIP is much more robust to distribution shift than supervised ImageNet models of the same "
@@ -32,24 +33,12 @@ CLAIM = ("Zero-shot CLIP is much more robust to distribution shift than supervis
          "gives back effective robustness on the shifted sets (CLIP paper, Section 3.3, Figures 13-14).")
 
 
-def reference_probe(cfg: ExperimentConfig, seed: int, task: dict[str, Any]) -> dict[str, float]:
-    """A linear probe fitted on the reference distribution (train, C on val), scored on every split."""
-    from clipforge.eval.linear_probe import LinearProbeConfig, fit_logistic, search_c
-
-    pc = LinearProbeConfig(backend="sklearn", refine_steps=cfg.scale.probe_refine_steps, seed=seed)
-    (xtr, tr), (xva, va) = features(cfg, "clip", seed, "train"), features(cfg, "clip", seed, "val")
-    ytr, yva = tr.labels(task), va.labels(task)
-    ktr = (ytr >= 0).nonzero().squeeze(1)[: cfg.scale.probe_max_train]
-    n = len(task["classes"])
-    c, _ = search_c(xtr[ktr], ytr[ktr], xva[yva >= 0], yva[yva >= 0], pc, n)
-    model = fit_logistic(torch.cat([xtr[ktr], xva[yva >= 0]]), torch.cat([ytr[ktr], yva[yva >= 0]]), c, n, pc)
-    out = {}
-    for split in ("test", *SHIFTED):
-        x, data = features(cfg, "clip", seed, split)
-        y = data.labels(task)
-        if (y >= 0).any():
-            out[split] = float((model.predict(x[y >= 0]) == y[y >= 0]).float().mean())
-    return out
+def reference_probe(cfg: ExperimentConfig, seed: int, name: str, task: dict[str, Any]) -> dict[str, float]:
+    """The linear probe fitted on the reference distribution (train, C on val; finding 4's fit),
+    scored on the reference split and every shifted split."""
+    model = fitted_probe(cfg, "clip", seed, name, task)
+    accs = {s: probe_accuracy(model, *features(cfg, "clip", seed, s), task) for s in ("test", *SHIFTED)}
+    return {s: a for s, a in accs.items() if a is not None}
 
 
 def _point(accs: dict[str, float]) -> tuple[float, float]:
@@ -74,7 +63,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
                 family[name].append(_point({s: h["acc"][s][name] for s in h["acc"]}))
             sup = {s: hist["history"][-1]["acc"][s][name] for s in hist["history"][-1]["acc"]}
             zsa = {s: zs[name][s]["ensemble"] for s in zs[name]}
-            pra = reference_probe(cfg, seed, task)
+            pra = reference_probe(cfg, seed, name, task)
             for kind, accs in (("supervised", sup), ("zero_shot", zsa), ("probe", pra)):
                 models[name][kind].append(_point(accs))
                 per_split[name][kind].append(accs)

@@ -196,6 +196,18 @@ def write_report(results: Path, report: Path) -> Path:
                     f"{w['test']} test and {w['shifted']} per shifted split; batch {scale['batch_size']}, AdamW "
                     f"lr {scale['lr']}, weight decay {scale['weight_decay']}, cosine schedule. Total wall time of "
                     f"the records: {sum(r['wall_s'] for r in records.values()) / 60:.1f} min.")
+    budget = results / "budget.json"
+    if budget.is_file():
+        b = json.loads(budget.read_text())["estimate"]
+        cpu = b["single_core_cpu_min"]
+        per = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k != "total")
+        head.append(f"**Cost of the default set** (an estimate from single-threaded CPU-time measurements of each "
+                    f"unit of work, `python benchmarks/paper/budget.py`, "
+                    f"[`budget.json`]({(rel / 'budget.json').as_posix()})): {cpu['total']:.0f} CPU-minutes ({per}); "
+                    f"`clipforge experiment all` runs findings 2–5 and 1 + 6 as two single-threaded jobs, about "
+                    f"**{b['two_streams_wall_min']:.0f} minutes on two free cores** (plus about a minute for the "
+                    f"world). The wall times quoted per finding are those of the recorded run, on a machine shared "
+                    f"with other jobs, and are much longer.")
     intro = report.parent / "discussion" / "intro.md"
     if intro.is_file():
         head.append(intro.read_text().strip())
