@@ -15,9 +15,12 @@ Sides (each run = list the folder, decode, preprocess, encode, normalise, store)
                     ``PIL.Image.open`` in a DataLoader; ``model.encode_image``; F.normalize; np.save
   clipforge         ``clipforge.search.embed.embed_images`` (decode="pil", draft=True): JPEG draft
                     decoding (libjpeg scales by 1/2..1/8 inside the DCT, keeping both sides >= the
-                    target), resize/crop as uint8, one shared-memory batch per transfer, float16
-                    parts + Parquet metadata
-  clipforge-nodraft the same without draft decoding (ablation): its pixels are OpenCLIP's exactly
+                    target), bicubic resampling of the center crop only, uint8 chunks of
+                    batch / (2 x workers) images in shared memory, joined into model batches in
+                    the main process and normalised there in place into one reused float buffer,
+                    float16 parts + Parquet metadata
+  clipforge-nodraft the same without draft decoding and crop-only resampling (ablation): its
+                    pixels are OpenCLIP's exactly
 
 Setups: ``ViT-B-32`` (the full model: on a CPU the network itself dominates), and
 ``pipeline-224`` (a one-layer, 64-wide ViT fed 224 px: the model costs ~nothing, so the

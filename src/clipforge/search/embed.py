@@ -190,25 +190,38 @@ def _run_image_parts(model, table, out, cfg, todo, device, precision, summary, w
         prep, mode, cfg.draft, cfg.max_image_pixels,
     )  # fmt: skip
     # Batches never straddle parts, so a part is complete the moment its last batch arrives.
-    batches: list[list[int]] = []
+    # Workers decode chunks of a batch (decode.worker_chunk); the main process joins them.
+    chunk = decode.worker_chunk(cfg.batch_size, cfg.num_workers)
+    chunks: list[list[int]] = []
+    batch_chunks: list[int] = []  # per batch, in loader order: how many chunks make it up
     batches_per_part: dict[int, int] = {}
     for part in todo:
         lo, hi = part * cfg.part_size, min((part + 1) * cfg.part_size, table.num_rows)
-        pb = [list(range(i, min(i + cfg.batch_size, hi))) for i in range(lo, hi, cfg.batch_size)]
-        batches += pb
-        batches_per_part[part] = len(pb)
+        starts = range(lo, hi, cfg.batch_size)
+        for i in starts:
+            end = min(i + cfg.batch_size, hi)
+            chunks += [list(range(j, min(j + chunk, end))) for j in range(i, end, chunk)]
+            batch_chunks.append(-(-(end - i) // chunk))
+        batches_per_part[part] = len(starts)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, collate_fn=decode.collate,
+        dataset, batch_sampler=chunks, collate_fn=decode.collate,
         pin_memory=device.type == "cuda", **decode.loader_kwargs(cfg.num_workers),
     )  # fmt: skip
     captions = table.column("caption").to_pylist() if with_text else None
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not cfg.progress or cfg.rank != 0,
+    bar = tqdm(total=sum(len(c) for c in chunks), unit="img", disable=not cfg.progress or cfg.rank != 0,
                desc="embed", dynamic_ncols=True, smoothing=0.1)  # fmt: skip
-    parts = iter(todo)
+    normalizer = decode.BatchNormalizer(prep)
+    parts, sizes = iter(todo), iter(batch_chunks)
     part, got, acc = next(parts), 0, _PartAcc()
-    for batch in loader:
-        _embed_batch(model, batch, prep, device, precision, acc, captions)
-        bar.update(len(batch.items))
+    pending: list[decode.Batch] = []
+    want = next(sizes)
+    for piece in loader:
+        pending.append(piece)
+        bar.update(len(piece.items))
+        if len(pending) < want:
+            continue
+        _embed_batch(model, pending, normalizer, device, precision, acc, captions)
+        pending, want = [], next(sizes, 0)
         bar.set_postfix(skipped=summary.unreadable + len(acc.skipped), refresh=False)
         got += 1
         if got == batches_per_part[part]:
@@ -230,15 +243,18 @@ class _PartAcc:
 
 
 @torch.no_grad()
-def _embed_batch(model, batch: decode.Batch, prep, device, precision, acc: _PartAcc, captions) -> None:
-    items = batch.items
-    cpu = batch.pixels.to(device, non_blocking=True) if batch.pixels is not None else None  # [n, 3, S, S] uint8
-    for it, row in zip(items, batch.rows):
-        if row >= 0:
-            it.pixels = cpu[row]
+def _embed_batch(model, pieces: list[decode.Batch], normalizer: decode.BatchNormalizer, device, precision,
+                 acc: _PartAcc, captions) -> None:
+    """One model batch, made of the worker chunks in ``pieces`` (in input order)."""
+    items = [it for p in pieces for it in p.items]
+    for p in pieces:
+        on_device = p.pixels.to(device, non_blocking=True) if p.pixels is not None else None  # [n, 3, S, S] uint8
+        for it, row in zip(p.items, p.rows):
+            if row >= 0:
+                it.pixels = on_device[row]
     # Device-side JPEG decoding for the items the workers left as bytes.
     jpegs = [it for it in items if it.jpeg is not None]
-    for it, res in zip(jpegs, decode.decode_jpeg_batch([it.jpeg for it in jpegs], prep, device)):
+    for it, res in zip(jpegs, decode.decode_jpeg_batch([it.jpeg for it in jpegs], normalizer.cfg, device)):
         if isinstance(res, str):
             it.error = f"cannot decode JPEG: {res}"
         else:
@@ -247,9 +263,9 @@ def _embed_batch(model, batch: decode.Batch, prep, device, precision, acc: _Part
     acc.skipped += [(it.position, it.error) for it in items if it.error is not None]
     if not good:
         return
-    pixels = torch.stack([it.pixels for it in good])  # [B, 3, S, S] uint8, on device
+    pixels = normalizer([it.pixels for it in good])  # [B, 3, S, S] float32, on device (a reused buffer)
     with autocast(precision, device):
-        feats = model.encode_image(decode.normalize(pixels, prep))  # [B, E]
+        feats = model.encode_image(pixels)  # [B, E]
     acc.image.append(F.normalize(feats.float(), dim=-1).half().cpu().numpy())
     acc.positions += [it.position for it in good]
     acc.sizes += [(it.width, it.height, it.nbytes) for it in good]
