@@ -38,6 +38,18 @@ def fake_embeddings(root: Path, n: int, d: int = 32, part: int = 500, seed: int 
     return x.astype(np.float32)
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    # On a shared 2-core machine a 2-thread OpenMP region waits for its descheduled thread: the
+    # ivfpqr build (many small k-means regions) took 12.8 s with 2 threads under load, 0.9 s with 1.
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 def _cfg(**kw):
     return IndexConfig(**{"progress": False, "recall_queries": 200, **kw})
 
@@ -45,8 +57,11 @@ def _cfg(**kw):
 def test_plan_by_size_and_memory_budget():
     cfg = IndexConfig()
     assert plan_index(1_000, 512, cfg).kind == "flat"
-    assert plan_index(500_000, 512, cfg).kind == "hnsw"
-    assert plan_index(3_000_000, 256, cfg).kind == "ivf"  # past hnsw_below, vectors fit 4 GiB
+    assert plan_index(150_000, 512, cfg).kind == "hnsw"
+    assert plan_index(1_000_000, 512, cfg).kind == "ivfpqr"  # past hnsw_below (graph builds take too long)
+    assert plan_index(3_000_000, 256, cfg).kind == "ivfpqr"  # vectors fit 4 GiB
+    p = plan_index(1_000_000, 512, cfg)
+    assert (p.nlist, p.pq_m, p.k_factor) == (2048, 128, 10)
     p = plan_index(50_000_000, 768, cfg)
     assert p.kind == "ivfpq" and 768 % p.pq_m == 0 and 50_000_000 * (p.pq_m + 16) <= cfg.memory_budget
     assert plan_index(500_000, 512, IndexConfig(memory_budget=2**30)).kind == "ivfpq"
@@ -61,12 +76,13 @@ def test_recall_at_k_leaves_the_query_itself_out():
     assert recall_at_k(np.array([[1, 3, 2, -1]]), exact, np.array([7]), 3) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpqr"])
 def test_approximate_index_reaches_measured_recall(tmp_path, kind):
     x = fake_embeddings(tmp_path / "emb", 3000)
     r = build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind=kind, target_recall=0.9))
     assert r.kind == kind and r.total == 3000
     assert r.recall["queries"] == 200 and r.recall["recall"] >= 0.9
+    assert r.recall["queries_held_out_of_index"]  # tuned on vectors not in the index at the time
     info = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert info["recall"]["recall"] == r.recall["recall"] and info["params"] == r.params
     idx = searcher.SearchIndex(tmp_path / "ix")
@@ -116,9 +132,10 @@ def test_updates_add_new_parts_replace_paths_and_remove(tmp_path):
     assert searcher.SearchIndex(tmp_path / "ix").search(xb[7:8], 1)[0][0]["path"] != "/photos/new7.jpg"
 
 
-def test_hnsw_removals_are_tombstones_excluded_from_search(tmp_path):
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpqr"])
+def test_hnsw_removals_are_tombstones_excluded_from_search(tmp_path, kind):
     x = fake_embeddings(tmp_path / "emb", 600)
-    build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind="hnsw"))
+    build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind=kind))
     r = remove_ids(tmp_path / "ix", [0, 1])
     assert r.removed == 2 and r.total == 598 and "tombstones" in r.notes[0]
     idx = searcher.SearchIndex(tmp_path / "ix")
@@ -174,3 +191,26 @@ def test_dedup_finds_near_copies(tmp_path):
     build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg())
     groups = find_duplicates(tmp_path / "ix", threshold=0.99, progress=False)
     assert [(g.keep, g.members) for g in groups] == [(10, [10, 150, 151]), (20, [20, 199])]
+
+
+def test_held_out_queries_are_added_after_tuning(tmp_path):
+    """The recall queries are left out of the index while it is tuned, then added: every vector
+    is searchable afterwards, each one its own nearest neighbour."""
+    x = fake_embeddings(tmp_path / "emb", 2000, part=700)
+    r = build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind="ivfpqr", target_recall=0.9))
+    idx = searcher.SearchIndex(tmp_path / "ix")
+    assert r.total == len(idx) == idx.index.ntotal == 2000
+    assert np.array_equal(idx.vectors(list(range(2000))), x)  # every vector, under its own id
+    _, found = idx.search_ids(x, 10)
+    assert (found == np.arange(2000)[:, None]).any(1).mean() > 0.99
+    # The FAISS selector path (large filter matches) through the id map of the re-ranked IVF.
+    import clipforge.search.searcher as s
+
+    old, s.EXACT_FILTER_LIMIT = s.EXACT_FILTER_LIMIT, 0
+    try:
+        got = idx.search(x[4:5], 5, {"label": "c1"})[0]
+    finally:
+        s.EXACT_FILTER_LIMIT = old
+    assert len(got) == 5 and all(h["label"] == "c1" for h in got)
+    exact = [int(i) for i in np.argsort(-(x[4] @ x.T)) if i % 3 == 1][:5]
+    assert len({h["id"] for h in got} & set(exact)) >= 4

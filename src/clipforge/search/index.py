@@ -5,9 +5,14 @@
     INDEX_DIR/index.json    kind, search parameters, measured recall, model, version
 
 The kind is chosen from the collection size and a memory budget (``plan_index``): exact
-search while that is cheap, HNSW while the raw vectors and graph fit, IVF-Flat beyond that,
-and IVF-PQ when the vectors themselves do not fit. Approximate indexes are tuned (nprobe /
-efSearch) on held-out queries until they reach the target recall@k against exact search.
+search while that is cheap, HNSW while the raw vectors and graph fit and the collection is
+small enough to build a graph in reasonable time, then ``ivfpqr`` (IVF lists of 4-bit PQ
+codes scanned with SIMD "fast scan", the best ``k_factor * k`` candidates re-ranked exactly
+against the stored float32 vectors) while the raw vectors fit, and IVF-PQ when they do not.
+(``ivf``, IVF-Flat, stays available by name.) Approximate indexes are tuned (nprobe /
+efSearch) on held-out queries until they reach the target recall@k against exact search:
+vectors of the collection that are not yet in the index while it is tuned (``build.py`` adds
+them afterwards), so that they behave like new queries, not like stored points.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from clipforge.search.embed import FORMAT as EMB_FORMAT
 from clipforge.search.embed import finished_parts
 
 INDEX_FORMAT = "clipforge-index/1"
-Kind = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
+Kind = Literal["auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpqr"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,16 @@ class IndexConfig:
     kind: Kind = "auto"
     memory_budget: int = 4 * 2**30  # bytes the index may take in RAM
     exact_below: int = 50_000  # collections up to this size get exact search
-    hnsw_below: int = 2_000_000  # HNSW builds slowly; past this IVF is the better trade
+    # HNSW builds slowly (~10 min for 250k x 512 on 2 cores); past this ivfpqr is the better trade
+    hnsw_below: int = 200_000
     target_recall: float = 0.95  # recall@k the search parameters are tuned to reach
     recall_queries: int = 500
     recall_k: int = 10
     nlist: int | None = None  # IVF lists; default ~4 sqrt(n)
     pq_m: int | None = None  # PQ sub-quantisers; default: the largest that fits the budget
     hnsw_m: int = 32
+    fs_m: int | None = None  # ivfpqr: 4-bit PQ sub-quantisers; default d / 4 (2 dimensions per code byte)
+    k_factor: int = 10  # ivfpqr: candidates re-ranked exactly, as a multiple of k (with d/4 codes, 20 adds nothing)
     seed: int = 0
     progress: bool = True
 
@@ -56,6 +64,7 @@ class Plan:
     nlist: int = 0
     pq_m: int = 0
     hnsw_m: int = 32
+    k_factor: int = 10
 
 
 @dataclass
@@ -94,13 +103,13 @@ def plan_index(n: int, d: int, cfg: IndexConfig) -> Plan:
             return Plan("flat", f"{n} vectors <= exact_below={cfg.exact_below}: exact search")
         if n <= cfg.hnsw_below and flat_bytes + n * cfg.hnsw_m * 2 * 4 * 1.1 <= cfg.memory_budget:
             kind, why = "hnsw", "vectors and graph fit the memory budget"
-        elif flat_bytes * 1.05 <= cfg.memory_budget:
-            kind, why = "ivf", "raw vectors fit the memory budget"
+        elif flat_bytes * 1.05 + n * d // 8 <= cfg.memory_budget:
+            kind, why = "ivfpqr", "raw vectors fit the memory budget"
         else:
             kind, why = "ivfpq", "raw vectors exceed the memory budget: product-quantised"
     else:
         why = "requested"
-    if kind in ("ivf", "ivfpq") and nlist < 2:
+    if kind in ("ivf", "ivfpq", "ivfpqr") and nlist < 2:
         return Plan("flat", f"{n} vectors are too few to train IVF lists: exact search")
     if kind == "ivfpq":
         m = cfg.pq_m or _pq_m(n, d, cfg.memory_budget)
@@ -109,6 +118,16 @@ def plan_index(n: int, d: int, cfg: IndexConfig) -> Plan:
         return Plan("ivfpq", f"{why} (IVF{nlist},PQ{m})", nlist=nlist, pq_m=m)
     if kind == "ivf":
         return Plan("ivf", f"{why} (IVF{nlist},Flat)", nlist=nlist)
+    if kind == "ivfpqr":
+        if not cfg.nlist:
+            # Half the usual lists: fast-scan codes are cheap to scan, and k-means and the assignment of
+            # every vector (most of a build) cost in proportion (1M: 2048 lists, a ~5 min build on 2 cores).
+            nlist = max(1, min(nlist // 2, n_train // 39))
+        m = cfg.fs_m or max(1, d // 4)
+        if d % m:
+            raise DataError(f"fs_m={m} must divide the embedding dimension {d}")
+        return Plan("ivfpqr", f"{why} (IVF{nlist},PQ{m}x4fs, re-ranking {cfg.k_factor}k exactly)", nlist=nlist,
+                    pq_m=m, k_factor=cfg.k_factor)
     if kind == "hnsw":
         return Plan("hnsw", f"{why} (HNSW{cfg.hnsw_m})", hnsw_m=cfg.hnsw_m)
     return Plan("flat", f"{why}: exact search")
@@ -167,24 +186,36 @@ def _new_index(plan: Plan, d: int):
         return faiss.IndexIDMap2(hnsw)
     if plan.kind == "ivf":
         return faiss.index_factory(d, f"IVF{plan.nlist},Flat", ip)
+    if plan.kind == "ivfpqr":
+        # IndexRefineFlat numbers vectors 0, 1, ... in the order added; the id map gives them store ids.
+        refine = faiss.index_factory(d, f"IVF{plan.nlist},PQ{plan.pq_m}x4fs,RFlat", ip)
+        faiss.extract_index_ivf(refine).cp.niter = 10  # k-means: 10 rounds (faiss: 25) keep a 1M build short
+        faiss.downcast_index(refine).k_factor = float(plan.k_factor)
+        return faiss.IndexIDMap2(refine)
     return faiss.index_factory(d, f"IVF{plan.nlist},PQ{plan.pq_m}x8", ip)
 
 
 def set_params(index, kind: str, params: dict) -> None:
     import faiss
 
-    if kind in ("ivf", "ivfpq"):
+    if kind in ("ivf", "ivfpq", "ivfpqr"):
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+        if kind == "ivfpqr":
+            faiss.downcast_index(index.index).k_factor = float(params["k_factor"])
     elif kind == "hnsw":
         faiss.downcast_index(index.index).hnsw.efSearch = int(params["efSearch"])
 
 
 def _candidates(kind: str, index) -> list[dict]:
-    if kind in ("ivf", "ivfpq"):
+    if kind in ("ivf", "ivfpq", "ivfpqr"):
         import faiss
 
         nlist = faiss.extract_index_ivf(index).nlist
-        return [{"nprobe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p < nlist] + [{"nprobe": nlist}]
+        probes = [p for p in (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024) if p < nlist] + [nlist]
+        if kind == "ivfpqr":
+            k_factor = faiss.downcast_index(index.index).k_factor
+            return [{"nprobe": p, "k_factor": int(k_factor)} for p in probes]
+        return [{"nprobe": p} for p in probes]
     if kind == "hnsw":
         return [{"efSearch": e} for e in (16, 32, 64, 128, 256, 512, 1024)]
     return [{}]

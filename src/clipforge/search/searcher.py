@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.errors import DataError
-from clipforge.search.build import index_files, load_info
+from clipforge.search.build import REMOVABLE, index_files, load_info
 from clipforge.search.index import set_params
 from clipforge.search.store import Store
 
@@ -32,11 +32,12 @@ class SearchIndex:
         self.kind: str = self.info["kind"]
         self.params: dict = self.info.get("params") or {}
         set_params(self.index, self.kind, self.params)
-        # Only HNSW still holds the vectors of removed items; other kinds deleted them.
-        tomb = np.array(self.store.tombstones() if self.kind == "hnsw" else [], np.int64)
+        # HNSW and ivfpqr still hold the vectors of removed items; other kinds deleted them.
+        tomb = np.array(self.store.tombstones() if self.kind not in REMOVABLE else [], np.int64)
         self._tombstones = tomb if len(tomb) else None
         self._lock = threading.Lock()  # sqlite connection and the lazy direct map
         self._direct_map = False
+        self._id_map: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -110,6 +111,17 @@ class SearchIndex:
     def _search(self, queries: np.ndarray, k: int, sel) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
+        if self.kind == "ivfpqr":
+            # IndexIDMap2 would translate only the outer selector, not the IVF's inside the refine
+            # step's parameters: search the inner index with the selector translated to its numbering.
+            translated = faiss.IDSelectorTranslated(self.index.id_map, sel[0])
+            base = faiss.SearchParametersIVF(sel=translated, nprobe=int(self.params.get("nprobe", 1)))
+            params = faiss.IndexRefineSearchParameters(sel=translated, base_index_params=base,
+                                                       k_factor=float(self.params.get("k_factor", 10)))
+            scores, found = faiss.downcast_index(self.index.index).search(queries, k, params=params)
+            if self._id_map is None:
+                self._id_map = faiss.vector_to_array(self.index.id_map)  # inner position -> store id
+            return scores, np.where(found >= 0, self._id_map[np.maximum(found, 0)], -1)
         if self.kind in ("ivf", "ivfpq"):
             params = faiss.SearchParametersIVF(sel=sel[0], nprobe=int(self.params.get("nprobe", 1)))
         elif self.kind == "hnsw":
