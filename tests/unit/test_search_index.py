@@ -214,3 +214,12 @@ def test_held_out_queries_are_added_after_tuning(tmp_path):
     assert len(got) == 5 and all(h["label"] == "c1" for h in got)
     exact = [int(i) for i in np.argsort(-(x[4] @ x.T)) if i % 3 == 1][:5]
     assert len({h["id"] for h in got} & set(exact)) >= 4
+
+
+def test_cli_index_kinds_match_the_library():
+    from typing import get_args
+
+    from clipforge.cli.index import INDEX_KINDS
+    from clipforge.search.index import Kind
+
+    assert INDEX_KINDS == list(get_args(Kind))

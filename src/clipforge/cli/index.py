@@ -1,6 +1,6 @@
 """``clipforge index``: a FAISS index + SQLite metadata from embedding parts.
 
-Exact search for small collections; HNSW, IVF or IVF-PQ for large ones, chosen by size and
+Exact search for small collections; HNSW, IVF, IVF-PQ or IVF-PQ with exact re-ranking (ivfpqr) for large ones, chosen by size and
 ``--memory-budget``; the approximate index's recall@k against exact search on held-out
 queries is measured and printed. Run again on an existing INDEX_DIR to add new parts (from
 the same or other EMB_DIRs) without a rebuild; ``--remove`` / ``--prune-missing`` drop items.
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+
+# Mirrors clipforge.search.index.Kind (kept literal so --help needs no FAISS import; a test checks it).
+INDEX_KINDS = ["auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpqr"]
 
 
 def _bytes(text: str) -> int:
@@ -25,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build or update a vector index from embedding parts", description=__doc__)
     p.add_argument("--embeddings", nargs="*", default=[], metavar="EMB_DIR", help="embedding directories to add")
     p.add_argument("--out", required=True, help="index directory (INDEX_DIR)")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+    p.add_argument("--kind", default="auto", choices=INDEX_KINDS,
                    help="index type for a new build or --rebuild (default auto: by size and memory budget)")
     p.add_argument("--memory-budget", type=_bytes, default="4G", help="RAM the index may use (default 4G)")
     p.add_argument("--exact-below", type=int, default=50_000,
