@@ -24,7 +24,7 @@ TARGETS = {"colour": 0.98, "shape": 0.95, "size": 0.95, "position": 0.90, "count
 class DemoConfig:
     out: str = "demo_out"
     minutes: float = 5.0  # budget for the whole demo: world + training + evaluation + report
-    model: str = "tiny"
+    model: str = "tiny-conv"  # tiny with a conv stem: learns the world much faster than the patch ViT
     seed: int = 0
     train_samples: int = 20000
     val_samples: int = 500

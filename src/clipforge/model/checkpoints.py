@@ -314,6 +314,9 @@ def export(model: CLIP, fmt: ExportFormat, out: str | Path) -> Path:
     if fmt != "clipforge" and model.config.text.hf_model is not None:
         raise CheckpointError(f"cannot export to {fmt}: its format has no place for a Hugging Face text tower "
                               f"({model.config.text.hf_model}); save it in clipforge's format")
+    if fmt != "clipforge" and model.config.vision.stem != "patch":
+        raise CheckpointError(f"cannot export to {fmt}: its ViT has a single-conv patch embedding, this model a "
+                              f"{model.config.vision.stem} stem; save it in clipforge's format")
     return writers[fmt](model, Path(out))
 
 

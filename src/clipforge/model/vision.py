@@ -12,15 +12,34 @@ from clipforge.config import VisionConfig
 from clipforge.model.layers import LayerNorm, Transformer
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """3x3 stride-2 convs (BatchNorm + ReLU) from 3 channels to ``width``, log2(patch) of them,
+    then a 1x1 conv: the same [B, width, H/p, W/p] grid as a patch embedding, with a CNN's
+    locality prior. Channels double per stage and end at ``width``."""
+    stages = patch_size.bit_length() - 1
+    chans = [max(16, width >> (stages - 1 - i)) for i in range(stages)]
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c in chans:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        c_in = c
+    layers.append(nn.Conv2d(c_in, width, 1))
+    return nn.Sequential(*layers)
+
+
 class VisionTransformer(nn.Module):
-    """Conv patch embedding, class token, learned positions, pre-LN transformer, ln_post, proj."""
+    """Patch embedding (one strided conv, or a conv stem), class token, learned positions,
+    pre-LN transformer, ln_post, proj."""
 
     def __init__(self, cfg: VisionConfig, output_dim: int, quick_gelu: bool) -> None:
         super().__init__()
         width, p = cfg.width, cfg.patch_size
         self.image_size = cfg.image_size
         self.grid = cfg.image_size // p
-        self.conv1 = nn.Conv2d(3, width, kernel_size=p, stride=p, bias=False)
+        if cfg.stem == "conv":
+            self.conv1: nn.Module = conv_stem(width, p)
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=p, stride=p, bias=False)
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))

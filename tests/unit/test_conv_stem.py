@@ -1,0 +1,59 @@
+"""The ViT conv stem (VisionConfig.stem='conv'): grid, config validation, save/load, export refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.config import ClipConfig, VisionConfig
+from clipforge.errors import CheckpointError
+from clipforge.model.checkpoints import export
+from clipforge.model.registry import get_config
+from clipforge.model.vision import conv_stem
+
+
+@pytest.mark.parametrize("patch,width", [(2, 32), (4, 64), (8, 128), (16, 96)])
+def test_stem_gives_the_patch_grid(patch, width):
+    stem = conv_stem(width, patch)
+    out = stem(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, width, 64 // patch, 64 // patch)
+    strided = [m for m in stem if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == patch.bit_length() - 1
+
+
+def test_config_rejects_impossible_stems():
+    with pytest.raises(ValueError, match="stem"):
+        VisionConfig(arch="vit", image_size=60, patch_size=6, stem="conv")
+    with pytest.raises(ValueError, match="stem"):
+        VisionConfig(arch="resnet", image_size=64, stem="conv")
+    with pytest.raises(ValueError, match="stem"):
+        VisionConfig(stem="convolutional")
+
+
+def _conv_stem_config() -> ClipConfig:
+    cfg = get_config("nano")
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem="conv"))
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = clipforge.create_model(_conv_stem_config(), seed=0)
+    model.train()
+    model(torch.randn(8, 3, 64, 64), torch.randint(1, 400, (8, 10)))  # move the BatchNorm running stats
+    model.eval()
+    clipforge.save(model, tmp_path / "m")
+    loaded, _ = clipforge.load(tmp_path / "m")
+    assert loaded.config.vision.stem == "conv"
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), loaded.encode_image(x))
+
+
+@pytest.mark.parametrize("fmt", ["hf", "openclip", "openai"])
+def test_export_to_formats_without_a_conv_stem_is_refused(fmt, tmp_path):
+    model = clipforge.create_model(_conv_stem_config(), seed=0)
+    with pytest.raises(CheckpointError, match="stem"):
+        export(model, fmt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
