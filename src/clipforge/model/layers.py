@@ -39,6 +39,65 @@ class _QuickGELUFn(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad, 1.702 * x)
 
 
+class _RecomputedInputLinear(torch.autograd.Function):
+    """``F.linear(f(x), weight, bias)`` that keeps ``x`` for backward instead of ``f(x)``.
+
+    A linear layer saves its input for the weight gradient. When that input is a cheap function
+    of a tensor autograd keeps anyway, saving both costs memory for nothing: in the MLP, c_proj
+    would keep gelu(h) beside h (kept by gelu's backward), another tensor of 4x the width in every
+    block. Backward recomputes ``f(x)`` (elementwise: cheap next to the matmuls). Under autocast the matmuls run in the
+    autocast dtype with the weight cast to it, as ``F.linear`` would; ``f`` runs in x's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, f, device_type):  # type: ignore[override]
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):
+            inp = f(x).to(dtype)
+            out = F.linear(inp, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.f, ctx.dtype, ctx.has_bias = f, dtype, bias is not None
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
+        flat_g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                with torch.no_grad():  # recomputed for the weight gradient only, then freed
+                    inp = ctx.f(x).to(ctx.dtype)
+                grad_w = (flat_g.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype)
+                del inp
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = flat_g.sum(0).to(weight.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_inp = (grad @ weight.to(ctx.dtype)).to(x.dtype)
+                grad_x = _input_grad(ctx.f, grad_inp, x)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _input_grad(f, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d f(x) / dx applied to ``grad``, without keeping f(x) alive (the activations' own kernels)."""
+    if isinstance(f, QuickGELU):
+        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+    if isinstance(f, nn.GELU):
+        return torch.ops.aten.gelu_backward(grad, x, approximate=f.approximate)
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_()
+        return torch.autograd.grad(f(xd), xd, grad)[0]
+
+
+def linear_of(f, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(f(x))``; while training, keeping x rather than f(x) for backward (see above)."""
+    if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
+        return _RecomputedInputLinear.apply(x, layer.weight, layer.bias, f, x.device.type)
+    return layer(f(x))
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's weights were trained with."""
 
@@ -82,7 +141,7 @@ class Attention(nn.Module):
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3D]
             qkv = qkv.view(b, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
             out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, N, Dh]
-            return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+            return self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # a view: SDPA's output is [B, N, H, Dh] in memory
         # One query per sequence: keys and values from every position, the query from one row.
         w, bias = self.in_proj_weight, self.in_proj_bias
         kv = F.linear(x, w[d:], bias[d:]).view(b, n, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # [2, B, H, N, Dh]
@@ -103,7 +162,7 @@ class Mlp(nn.Module):
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return linear_of(self.gelu, self.c_fc(x), self.c_proj)  # keeps c_fc's output, not gelu's
 
 
 class ResidualBlock(nn.Module):
