@@ -42,3 +42,15 @@ def test_short_demo_writes_report(tmp_path, capsys):
 def test_demo_rejects_bad_arguments(capsys):
     assert main(["demo", "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_calibration_times_real_training_steps(tmp_path):
+    from clipforge.data.synth import SynthConfig, generate_world
+    from clipforge.demo.pipeline import calibrate_steps
+    from clipforge.train.config import OptimConfig
+
+    generate_world(SynthConfig(seed=0, train=64, val=8, test=8, shifted=8), tmp_path / "w", workers=1, progress=False)
+    steps, per_step = calibrate_steps("nano", 8, 60.0, 0, tmp_path / "w" / "train.csv", OptimConfig(), timed=3)
+    assert per_step > 0
+    assert steps == max(10, int(60.0 / (per_step * 1.10)))

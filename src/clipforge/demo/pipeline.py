@@ -10,11 +10,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clipforge.errors import ClipforgeError
+
+if TYPE_CHECKING:
+    from clipforge.train.config import OptimConfig
 
 # The issue's targets for the default 5-minute run (test split, ensemble prompts).
 TARGETS = {"colour": 0.98, "shape": 0.95, "size": 0.95, "position": 0.90, "count": 0.80}
@@ -46,34 +49,49 @@ class DemoConfig:
             raise ClipforgeError("--steps must be >= 1")
 
 
-def calibrate_steps(model_name: str, batch_size: int, image_size: int, seconds: float, workers: int) -> tuple[int, float]:
-    """Steps that fit in ``seconds``, from timing a few training steps on random tensors.
+def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: int, train_csv: Path,
+                    optim: "OptimConfig", timed: int = 6) -> tuple[int, float]:
+    """Steps that fit in ``seconds``, from timing whole training steps as the trainer runs them:
+    real batches from ``train_csv`` through the training loader (decode, augment, tokenize), the
+    trainer's optimizer and gradient clipping. Random tensors and a single caption measured up to
+    a third faster than real steps, so a 12-minute demo overran by 28%.
 
-    Returns (steps, measured seconds per step). A 15% margin covers data loading and logging.
+    Returns (steps, seconds per step): the upper median of ``timed`` steps after two warm-up
+    steps, with a 10% margin for logging and the final save.
     """
     import clipforge
+    from clipforge.data.config import DataConfig
+    from clipforge.data.loader import build_train_loader
     from clipforge.train.loss import ContrastiveLoss
+    from clipforge.train.optim import build_optimizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - workers))  # as the trainer will run
-    model = clipforge.create_model(model_name, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = ContrastiveLoss()
-    images = torch.randn(batch_size, 3, image_size, image_size)
-    tokens = clipforge.tokenizer_for(model)(["a small red circle at the top left of the picture"] * batch_size)
-    times = []
-    for i in range(4):
-        t = time.perf_counter()
-        out = model(images, tokens)
-        loss = loss_fn(out.image_features, out.text_features, out.logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i > 0:  # the first step warms allocators and caches
-            times.append(time.perf_counter() - t)
-    torch.set_num_threads(threads)
-    per_step = sorted(times)[len(times) // 2]
-    return max(10, int(seconds / (per_step * 1.15))), per_step
+    try:
+        model = clipforge.create_model(model_name, seed=0)
+        model.train()
+        opt = build_optimizer(model, optim)
+        loss_fn = ContrastiveLoss()
+        loader = build_train_loader(DataConfig(path=str(train_csv)), clipforge.get_preprocess(model, train=True),
+                                    clipforge.tokenizer_for(model), batch_size=batch_size, workers=workers, seed=0)
+        batches = iter(loader)
+        times = []
+        for i in range(2 + timed):
+            t = time.perf_counter()
+            batch = next(batches)
+            out = model(batch.images, batch.tokens)
+            loss = loss_fn(out.image_features, out.text_features, out.logit_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            opt.step()
+            if i >= 2:  # the first steps warm allocators and caches
+                times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    per_step = sorted(times)[(2 * len(times)) // 3]
+    return max(10, int(seconds / (per_step * 1.10))), per_step
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -105,7 +123,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         left = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s
         if left < 20:
             raise ClipforgeError(f"--minutes {cfg.minutes} leaves {left:.0f}s for training; give more time")
-        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, cfg.image_size, left, cfg.workers)
+        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, world_dir / "train.csv", optim)
     run_dir = out / "run"
     _say(cfg, f"[2/4] training {cfg.model} for {steps} steps of {cfg.batch_size} "
               f"({steps * cfg.batch_size / cfg.train_samples:.1f} epochs) -> {run_dir}")
