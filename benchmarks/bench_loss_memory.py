@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name  # noqa: E402
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 METHODS = ("openclip", "plain", "tiled")
@@ -155,13 +158,6 @@ def _git_commit() -> str:
     except OSError:
         return "unknown"
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -23,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name  # noqa: E402
+
+import torch  # noqa: E402
 
 COMMON = (
     "a an the of with and in on at for to by from two three four red blue green white black yellow "
@@ -101,13 +104,6 @@ def run_regime(name, sides, sets, reps) -> dict:
         "paired_ratio_median": round(statistics.median(paired), 2),
     }
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:
