@@ -23,7 +23,6 @@ import random
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +44,7 @@ from clipforge.train.logging import MetricsLogger, Progress
 from clipforge.train.loss import ContrastiveLoss
 from clipforge.train.optim import LrSchedule, build_optimizer
 from clipforge.train.setup import build_model, prepare_model
+from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.runtime import (
     broadcast_object, configure_threads, gather_objects, install_sigterm_handler, resolve_precision,
 )
@@ -54,20 +54,6 @@ from clipforge.utils import autocast, resolve_device
 
 class NonFiniteLossError(ClipforgeError):
     """The loss or the gradients became NaN/Inf and the policy is to stop."""
-
-
-@dataclass
-class TrainState:
-    """Where the run stands; saved with every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # micro-batches of ``epoch`` this rank has consumed
-    samples_seen: int = 0  # over all ranks
-    nan_skipped: int = 0
-    elapsed: float = 0.0  # wall seconds of earlier sessions of this run
-    last_loss: float | None = None
-    skipped: Counter = field(default_factory=Counter)  # this rank's unusable samples, by kind
 
 
 def train(cfg: TrainConfig, model: CLIP | None = None, progress: bool = True) -> dict[str, Any]:
@@ -109,8 +95,8 @@ class Trainer:
         if self.resume_dir is not None:
             model_state, train_state = ckpt.load_checkpoint(self.resume_dir)
             load_state_strict(raw, model_state, source=str(self.resume_dir))
-            self._check_compatible(train_state)
-            self._restore_position(train_state)
+            check_resume_settings(train_state, self._resume_settings(), self.resume_dir)
+            self.state.restore(train_state, info.rank)
         self.raw = raw.to(self.device).train()
         self.locked = prepare_model(self.cfg, self.raw)
         self.model = self._wrap(self.raw)
@@ -404,11 +390,9 @@ class Trainer:
                 error = f"refusing to checkpoint step {st.step}: non-finite weights in {bad[:3]}"
             else:
                 train_state = {
-                    "step": st.step, "epoch": st.epoch, "batch": st.batch, "samples_seen": st.samples_seen,
-                    "nan_skipped": st.nan_skipped, "elapsed": st.elapsed + time.time() - t0,
-                    "last_loss": st.last_loss, "optimizer": optim_state, "schedule": self.schedule.state_dict(),
+                    **st.position(time.time() - t0), "optimizer": optim_state, "schedule": self.schedule.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "ranks": ranks, "compat": self._compat(),
+                    "ranks": ranks, "compat": self._resume_settings(),
                 }
                 meta = {k: train_state[k] for k in ("step", "epoch", "batch", "samples_seen", "last_loss")}
                 try:
@@ -424,25 +408,8 @@ class Trainer:
     def _full_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return ckpt.full_states(self.raw, self.opt, sharded=self.cfg.fsdp and self.info.world_size > 1)
 
-    def _compat(self) -> dict[str, Any]:
-        """Settings that give the saved data position its meaning."""
-        return {"batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
-                "world_size": self.info.world_size}
-
-    def _check_compatible(self, train_state: dict[str, Any]) -> None:
-        saved, now = train_state.get("compat", {}), self._compat()
-        diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
-        if diff:
-            raise CheckpointError(
-                f"cannot resume {self.resume_dir} exactly: {', '.join(diff)}. Start a new run from its "
-                f"weights instead (--model {self.resume_dir})")
-
-    def _restore_position(self, ts: dict[str, Any]) -> None:
-        st = self.state
-        st.step, st.epoch, st.batch = ts["step"], ts["epoch"], ts["batch"]
-        st.samples_seen, st.nan_skipped, st.elapsed = ts["samples_seen"], ts["nan_skipped"], ts["elapsed"]
-        st.last_loss = ts["last_loss"]
-        st.skipped = Counter(ts["ranks"][self.info.rank]["skipped"])
+    def _resume_settings(self) -> dict[str, Any]:
+        return resume_settings(self.cfg.batch_size, self.cfg.grad_accum, self.info.world_size)
 
     def _restore_optimization(self, ts: dict[str, Any]) -> None:
         ckpt.load_optimizer_state(self.raw, self.opt, ts["optimizer"], sharded=self.cfg.fsdp and self.info.world_size > 1)
