@@ -22,6 +22,11 @@ def take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
 
 
+def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # x s(1.702 x) = silu(1.702 x) / 1.702, so d/dx = silu'(1.702 x): one fused kernel.
+    return torch.ops.aten.silu_backward(grad, 1.702 * x)
+
+
 class _QuickGELUFn(torch.autograd.Function):
     """x * sigmoid(1.702 x), keeping only x for backward. Autograd on the plain expression also
     keeps sigmoid(1.702 x): one more tensor of the MLP's 4x width in every block, ~20% of a
@@ -35,8 +40,7 @@ class _QuickGELUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        # x s(1.702 x) = silu(1.702 x) / 1.702, so d/dx = silu'(1.702 x): one fused kernel.
-        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+        return _quick_gelu_backward(grad, x)
 
 
 class _RecomputedInputLinear(torch.autograd.Function):
@@ -83,7 +87,7 @@ class _RecomputedInputLinear(torch.autograd.Function):
 def _input_grad(f, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """d f(x) / dx applied to ``grad``, without keeping f(x) alive (the activations' own kernels)."""
     if isinstance(f, QuickGELU):
-        return torch.ops.aten.silu_backward(grad, 1.702 * x)
+        return _quick_gelu_backward(grad, x)
     if isinstance(f, nn.GELU):
         return torch.ops.aten.gelu_backward(grad, x, approximate=f.approximate)
     with torch.enable_grad():
