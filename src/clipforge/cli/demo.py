@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--minutes", type=float, default=5.0,
                    help="time budget for the whole demo; training gets what the rest leaves [5]")
     p.add_argument("--steps", type=int, default=None, help="train for exactly this many steps instead")
-    p.add_argument("--model", default="tiny-conv", help="registered architecture to train [tiny-conv]")
+    p.add_argument("--model", default="tiny-bow", help="registered architecture to train [tiny-bow]")
     p.add_argument("--train-samples", type=int, default=20000, help="training pairs in the world [20000]")
     p.add_argument("--test-samples", type=int, default=2000, help="test images [2000]")
     p.add_argument("--shifted-samples", type=int, default=1000, help="images per shifted test set [1000]")

@@ -317,6 +317,9 @@ def export(model: CLIP, fmt: ExportFormat, out: str | Path) -> Path:
     if fmt != "clipforge" and model.config.vision.stem != "patch":
         raise CheckpointError(f"cannot export to {fmt}: its ViT has a single-conv patch embedding, this model a "
                               f"{model.config.vision.stem} stem; save it in clipforge's format")
+    if fmt != "clipforge" and model.config.text.pool != "eot":
+        raise CheckpointError(f"cannot export to {fmt}: its text tower pools at the end-of-text token, this model "
+                              f"takes the {model.config.text.pool}; save it in clipforge's format")
     return writers[fmt](model, Path(out))
 
 

@@ -1,4 +1,4 @@
-"""Causal text transformer, pooled at the end-of-text token."""
+"""Causal text transformer, pooled at the end-of-text token (CLIP) or averaged up to it."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer.init_weights(
-            proj_std=width**-0.5 * (2 * layers) ** -0.5, attn_std=width**-0.5, fc_std=(2 * width) ** -0.5
+            proj_std=width**-0.5 * (2 * max(layers, 1)) ** -0.5, attn_std=width**-0.5, fc_std=(2 * width) ** -0.5
         )
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
@@ -51,7 +51,12 @@ class TextTransformer(nn.Module):
             tokens = tokens[:, : int(pos.max()) + 1]
         n = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
-        x = self.transformer(x, causal=True, rows=pos)  # [B, W]: output at each end token (only it is used)
+        if self.cfg.pool == "mean":
+            x = self.transformer(x, causal=True)  # [B, N, W]
+            upto_eot = (torch.arange(n, device=x.device)[None, :] <= pos[:, None]).to(x.dtype).unsqueeze(-1)
+            x = (x * upto_eot).sum(dim=1) / upto_eot.sum(dim=1)  # [B, W]; padding after the end token ignored
+        else:
+            x = self.transformer(x, causal=True, rows=pos)  # [B, W]: output at each end token (only it is used)
         pooled = self.ln_final(x)  # [B, W]
         return pooled @ self.text_projection if project else pooled
 
