@@ -27,7 +27,7 @@ TARGETS = {"colour": 0.98, "shape": 0.95, "size": 0.95, "position": 0.90, "count
 class DemoConfig:
     out: str = "demo_out"
     minutes: float = 5.0  # budget for the whole demo: world + training + evaluation + report
-    model: str = "tiny-bow"  # conv-stem ViT + bag-of-words text: learns the world fastest of the towers measured
+    model: str = "tiny-bow"  # 2-block conv-stem ViT + bag-of-words text: learns the world fastest of those measured
     seed: int = 0
     train_samples: int = 20000
     val_samples: int = 500
