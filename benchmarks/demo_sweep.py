@@ -1,0 +1,263 @@
+"""The sweep behind the demo's model (README, "What the demo reaches"; issue 4).
+
+Trains a CLIP variant on a generated data world for a fixed number of steps with every image
+decoded once into memory (no loader, no augmentation), then scores it: zero-shot accuracy on the
+test split with the world's ensemble prompts (colour, shape, size, position, count), text->image
+recall on 1,000 test captions, and linear probes (logistic regression on 4,000 training images'
+features) for shape, position and size. One JSON line per run goes to --out.
+
+This is a research harness, kept so the README's table can be re-run; the product path is
+`clipforge demo`. Variants (each reproduces a README/issue-note row, 400 steps of 128):
+
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv            # 4 blocks, transformer
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --tlayers 2 --tpool mean
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --vlayers 4 [--seed 1] [--neg 1]
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow            # the demo's model
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --tlayers 2 --tpool mean \
+      [--group colour --gsize 16 | --group ident --gsize 8 --gfrac 0.5 | --neg 1 | --siglip 1 | --tlr 0.3 |
+       --force_pos 1 | --canon 1 | --single_steps 400]
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --supervised shape   # the ceiling
+
+--tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
+library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
+colour/shape/size/position/count word swapped) as extra columns of the image->text softmax;
+--group builds batches from groups sharing the first object's colour ('colour') or colour+shape
+('ident'). The world must hold the default 20,000 training pairs for --ntrain 20000.
+"""
+import argparse, json, math, os, time, csv, sys
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+from PIL import Image
+import clipforge
+from clipforge.train.loss import ContrastiveLoss
+from clipforge.model.registry import get_config
+from dataclasses import replace
+
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1,3,1,1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1,3,1,1)
+
+def load(split, n=None):
+    rows = list(csv.DictReader(open(f'{W}/{split}.csv')))[:n]
+    cache = f'{CACHE}/{split}_{len(rows)}.pt'
+    try:
+        x = torch.load(cache)
+    except FileNotFoundError:
+        x = torch.from_numpy(np.stack([np.asarray(Image.open(f'{W}/'+r['image']).convert('RGB')) for r in rows])).permute(0,3,1,2).contiguous()
+        torch.save(x, cache)
+    return rows, x
+
+def prep(x):
+    return (x.float()/255 - MEAN)/STD
+
+def supervised(a) -> int:
+    """The image tower alone, trained with cross-entropy on one label column of the
+    single-object images: how fast the tower *can* learn the attribute."""
+    torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
+    rows, X = load('train', a.ntrain); trows, TX = load('test')
+    keep = [i for i, r in enumerate(rows) if r[a.supervised]]
+    cls = sorted({rows[i][a.supervised] for i in keep})
+    Y = torch.tensor([cls.index(rows[i][a.supervised]) for i in keep]); X = X[keep]
+    tk = [i for i, r in enumerate(trows) if r[a.supervised]]
+    TY = torch.tensor([cls.index(trows[i][a.supervised]) for i in tk]); TX = TX[tk]
+    cfg = get_config(a.model)
+    net = nn.Sequential(clipforge.create_model(cfg, seed=a.seed).visual, nn.Linear(cfg.embed_dim, len(cls)))
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.wd, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(a.seed); t0 = time.time()
+    for s in range(a.steps):
+        for gr in opt.param_groups:
+            gr['lr'] = a.lr * min(1, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * s / a.steps))
+        idx = torch.randint(len(Y), (a.bs,), generator=g)
+        loss = F.cross_entropy(net(prep(X[idx])), Y[idx])
+        opt.zero_grad(); loss.backward(); opt.step()
+        if s % 100 == 0:
+            print(f'{a.name} step {s} loss {loss.item():.3f} {time.time() - t0:.0f}s', flush=True)
+    net.eval()
+    with torch.no_grad():
+        acc = torch.cat([net(prep(TX[i:i + 500])).argmax(-1) for i in range(0, len(TX), 500)]).eq(TY).float().mean()
+    res = {'name': a.name, 'supervised': a.supervised, 'model': a.model, 'steps': a.steps,
+           'accuracy': round(acc.item() * 100, 1), 'train_s': round(time.time() - t0)}
+    print(json.dumps(res), flush=True)
+    open(a.out, 'a').write(json.dumps(res) + '\n')
+    return 0
+
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument('--world', required=True, help='a generated data world (clipforge data synth, or demo_out/world)')
+p.add_argument('--cache', default='.sweep_cache', help='where decoded image tensors are kept between runs')
+p.add_argument('--out', default='sweep_results.jsonl', help='one JSON line per run is appended here')
+p.add_argument('--supervised', default=None, help='instead: train the image tower on this label column (shape, position, ...)')
+p.add_argument('--name', default='base'); p.add_argument('--model', default='tiny')
+p.add_argument('--steps', type=int, default=400); p.add_argument('--bs', type=int, default=128)
+p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--wd', type=float, default=0.1)
+p.add_argument('--warmup', type=int, default=40)
+p.add_argument('--threads', type=int, default=2); p.add_argument('--ntrain', type=int, default=20000)
+p.add_argument('--scale_init', type=float, default=None)
+p.add_argument('--tpool', default='eot'); p.add_argument('--force_pos', type=float, default=0); p.add_argument('--canon', type=int, default=0); p.add_argument('--tlr', type=float, default=1.0); p.add_argument('--siglip', type=int, default=0); p.add_argument('--neg', type=int, default=0); p.add_argument('--seed', type=int, default=0); p.add_argument('--single_steps', type=int, default=0); p.add_argument('--group', default='none'); p.add_argument('--gsize', type=int, default=8); p.add_argument('--gfrac', type=float, default=1.0)
+p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', type=int, default=None)
+p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
+a = p.parse_args()
+W, CACHE = a.world, a.cache
+os.makedirs(CACHE, exist_ok=True)
+if a.supervised:
+    sys.exit(supervised(a))
+torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
+cfg = get_config(a.model)
+if a.vlayers or a.patch or a.vwidth:
+    cfg = replace(cfg, vision=replace(cfg.vision, layers=a.vlayers or cfg.vision.layers, patch_size=a.patch or cfg.vision.patch_size, width=a.vwidth or cfg.vision.width))
+if a.tlayers: cfg = replace(cfg, text=replace(cfg.text, layers=a.tlayers))
+if a.siglip: cfg = replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+model = clipforge.create_model(cfg, seed=a.seed)
+if a.scale_init is not None:
+    with torch.no_grad(): model.logit_scale.fill_(math.log(a.scale_init))
+if a.tpool == 'mean':
+    import types
+    tt = model.transformer if hasattr(model, 'transformer') else model.text
+    def fwd(self, tokens, project=True):
+        from clipforge.model.text import eot_positions
+        pos = eot_positions(tokens, self.cfg.eot_token_id)
+        tokens = tokens[:, : int(pos.max()) + 1]
+        n = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
+        if a.tlayers != 99: x = self.transformer(x, causal=True)
+        mask = (torch.arange(n)[None, :] <= pos[:, None]).float().unsqueeze(-1)
+        x = (x * mask).sum(1) / mask.sum(1)
+        x = self.ln_final(x)
+        return x @ self.text_projection if project else x
+    tt.forward = types.MethodType(fwd, tt)
+tok = clipforge.tokenizer_for(model)
+rows, X = load('train', a.ntrain)
+import re as _re
+_rng = np.random.default_rng(1)
+def _cap(r):
+    c = r['caption']
+    if a.canon and r['count'] == '1':
+        return f"{r['size']} {r['colour']} {r['shape']} {r['position']}"
+    if r['count'] == '1' and not _re.search(r'\b(top|bottom|left|right|center|centre|middle|upper|lower)\b', c.lower()) and _rng.random() < a.force_pos:
+        c = c.rstrip('.') + ' in the ' + r['position']
+    return c
+T = tok([_cap(r) for r in rows])
+if a.neg:
+    from clipforge.data.synth.captions import SHAPE_WORDS, SIZE_WORDS, plural
+    from clipforge.data.synth.world import COLOURS
+    cats = []
+    cats.append({c: [o for o in COLOURS if o != c] for c in COLOURS})
+    sw = {}
+    for sh, ws in SHAPE_WORDS.items():
+        for w_ in ws:
+            sw[w_] = [x for o, xs in SHAPE_WORDS.items() if o != sh for x in xs]
+            sw[plural(w_)] = [plural(x) for o, xs in SHAPE_WORDS.items() if o != sh for x in xs]
+    cats.append(sw)
+    zw = {}
+    for sz, ws in SIZE_WORDS.items():
+        for w_ in ws: zw[w_] = [x for o, xs in SIZE_WORDS.items() if o != sz for x in xs]
+    cats.append(zw)
+    cats.append({'left': ['right'], 'right': ['left'], 'top': ['bottom'], 'bottom': ['top'], 'upper': ['lower'], 'lower': ['upper'],
+                 'above': ['below'], 'below': ['above'], 'beneath': ['above'], 'under': ['above'],
+                 'center': ['left', 'right', 'top', 'bottom'], 'centre': ['left', 'right', 'top', 'bottom'], 'middle': ['left', 'right', 'top', 'bottom']})
+    cats.append({'one': ['two', 'three'], 'two': ['one', 'three'], 'three': ['one', 'two'], '1': ['2', '3'], '2': ['1', '3'], '3': ['1', '2']})
+    nrng = np.random.default_rng(2)
+    def negate(c):
+        # Longest-first matches so 'plus sign' / 'crescent moon' swap whole.
+        cands = []
+        for ci, cat in enumerate(cats):
+            for w_ in sorted(cat, key=len, reverse=True):
+                for m in _re.finditer(r'(?<![\w-])' + _re.escape(w_) + r'(?![\w-])', c, flags=_re.I):
+                    cands.append((ci, m.start(), m.end(), w_))
+        if not cands: return None
+        ci, s0, e0, w_ = cands[nrng.integers(len(cands))]
+        opts = cats[ci][w_]
+        return c[:s0] + opts[nrng.integers(len(opts))] + c[e0:]
+    caps_ = [_cap(r) for r in rows]
+    negs = [negate(c) for c in caps_]
+    print('neg coverage', sum(n is not None for n in negs) / len(negs), negs[:5], flush=True)
+    HASNEG = torch.tensor([n is not None for n in negs])
+    TN = tok([n if n is not None else c for n, c in zip(negs, caps_)])
+groups_ = []
+for n, p_ in model.named_parameters():
+    wd_ = a.wd if (p_.ndim >= 2 and 'embedding' not in n) else 0.0
+    lr_ = a.lr * (a.tlr if n.startswith('text.') else 1.0)
+    groups_.append({'params': [p_], 'weight_decay': wd_, 'lr': lr_, 'base': lr_})
+opt = torch.optim.AdamW(groups_, lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+lossf = ContrastiveLoss(kind='siglip' if a.siglip else 'clip')
+SINGLE = torch.tensor([i for i, r in enumerate(rows) if r['count'] == '1'])
+if a.group != 'none':
+    if True:
+        def key(r):
+            o = json.loads(r['objects'])[0]
+            return o['colour'] if a.group == 'colour' else (o['colour'], o['shape']) if a.group == 'ident' else (o['colour'], o['shape'], r['count'])
+        names = {}
+        keys = [names.setdefault(key(r), len(names)) for r in rows]
+    groups = {}
+    for i, k_ in enumerate(keys): groups.setdefault(int(k_), []).append(i)
+    glist = [torch.tensor(v) for v in groups.values() if len(v) >= 2]
+    print('groups', len(glist), 'sizes', sorted(len(v) for v in glist)[::max(1,len(glist)//8)], flush=True)
+    def grouped_batch():
+        n_grouped = int(a.bs * a.gfrac) // a.gsize * a.gsize
+        out = []
+        for gi in torch.randperm(len(glist), generator=g)[: n_grouped // a.gsize]:
+            mem = glist[gi]
+            out.append(mem[torch.randperm(len(mem), generator=g)[: a.gsize]])
+        out = torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        rest = a.bs - len(out)
+        if rest: out = torch.cat([out, torch.randint(len(rows), (rest,), generator=g)])
+        return out
+g = torch.Generator().manual_seed(a.seed)
+perm = torch.randperm(len(rows), generator=g); pos = 0
+t0 = time.time(); model.train()
+for step in range(a.steps):
+    lr = a.lr * (step+1)/a.warmup if step < a.warmup else 0.5*a.lr*(1+math.cos(math.pi*(step-a.warmup)/(a.steps-a.warmup)))
+    for gr in opt.param_groups: gr['lr'] = lr * gr['base'] / a.lr
+    if step < a.single_steps:
+        idx = SINGLE[torch.randint(len(SINGLE), (a.bs,), generator=g)]
+    elif a.group == 'none':
+        if pos + a.bs > len(perm): perm = torch.randperm(len(rows), generator=g); pos = 0
+        idx = perm[pos:pos+a.bs]; pos += a.bs
+    else:
+        idx = grouped_batch()
+    if True:
+        if a.neg:
+            imf = F.normalize(model.encode_image(prep(X[idx])), dim=-1)
+            both = F.normalize(model.encode_text(torch.cat([T[idx], TN[idx]])), dim=-1)
+            txf, ngf = both[:a.bs], both[a.bs:]
+            sc = model.logit_scale.exp().clamp(max=100)
+            li = sc * imf @ txf.T
+            ln_ = (sc * imf @ ngf.T).masked_fill(~HASNEG[idx][None, :], -1e4)
+            tgt = torch.arange(a.bs)
+            loss = 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
+        else:
+            out = model(prep(X[idx]), T[idx])
+            loss = lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
+    opt.zero_grad(set_to_none=True); loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
+    if step % 50 == 0 or step == a.steps-1:
+        print(f'{a.name} step {step} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} {time.time()-t0:.0f}s', flush=True)
+train_s = time.time()-t0
+model.eval()
+trows, TX = load('test')
+with torch.no_grad():
+    img = torch.cat([model.encode_image(prep(TX[i:i+500])) for i in range(0, len(TX), 500)])
+    img = F.normalize(img, dim=-1)
+    res = {}
+    for task in ['colour', 'shape', 'size', 'position', 'count']:
+        tj = json.load(open(f'{W}/tasks/{task}.json'))
+        cls = tj['classes']; col = tj['label_column']
+        keep = [i for i, r in enumerate(trows) if r[col] in cls]
+        lab = torch.tensor([cls.index(trows[i][col]) for i in keep])
+        e = F.normalize(model.encode_text(tok([t.replace('{}', c) for t in tj['templates'] for c in cls])), dim=-1)
+        w = F.normalize(e.view(len(tj['templates']), len(cls), -1).mean(0), dim=-1)
+        res[task] = round(((img[keep] @ w.T).argmax(-1) == lab).float().mean().item()*100, 1)
+    # retrieval: first 1000 captions
+    te = F.normalize(model.encode_text(tok([r['caption'] for r in trows[:1000]])), dim=-1)
+    sims = te @ img[:1000].T
+    rank = (sims > sims.diag().unsqueeze(1)).sum(1)
+    res['t2i_r1'] = round((rank < 1).float().mean().item()*100, 1); res['t2i_r5'] = round((rank < 5).float().mean().item()*100, 1)
+    from sklearn.linear_model import LogisticRegression
+    trf = torch.cat([F.normalize(model.encode_image(prep(X[i:i+500])), dim=-1) for i in range(0, 4000, 500)])
+    for task in ['shape', 'position', 'size']:
+        col = task
+        tr = [i for i in range(4000) if rows[i][col]]; te = [i for i, r in enumerate(trows) if r[col]]
+        clf = LogisticRegression(max_iter=300, C=10).fit(trf[tr].numpy(), [rows[i][col] for i in tr])
+        res['probe_' + task] = round(clf.score(img[te].numpy(), [trows[i][col] for i in te]) * 100, 1)
+print(json.dumps({'name': a.name, **vars(a), 'train_s': round(train_s), **res}), flush=True)
+open(a.out, 'a').write(json.dumps({'name': a.name, **vars(a), 'train_s': round(train_s), **res}) + '\n')
