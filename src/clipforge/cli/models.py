@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
             params, note = None, str(e)
         tower = f"ViT/{cfg.vision.patch_size} x{cfg.vision.layers}" if cfg.vision.arch == "vit" else (
             "ResNet " + "-".join(map(str, cfg.vision.resnet_layers)))
-        rows.append({"name": name, "image_tower": tower, "text_tower": cfg.text.hf_model or "clip",
+        if cfg.vision.arch == "vit" and cfg.vision.stem == "conv":
+            tower += " conv stem"
+        rows.append({"name": name, "image_tower": tower, "text_tower": _text_tower(cfg.text),
                      "image_size": cfg.vision.image_size, "embed_dim": cfg.embed_dim, "params_m": params,
                      "quick_gelu": cfg.quick_gelu, **({"unavailable": note} if note else {})})
     if args.json:
@@ -45,3 +47,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['name']:<14}{r['image_tower']:<22}{r['image_size']:>5}{r['embed_dim']:>7}{params:>12}  "
               f"{act:<10}  {text}")
     return 0
+
+
+def _text_tower(text) -> str:
+    """'clip x12' (CLIP's transformer, end-token pooled), 'clip x2 mean', 'bag of words', or the HF encoder."""
+    if text.hf_model:
+        return text.hf_model
+    if text.layers == 0:
+        return "bag of words"
+    return f"clip x{text.layers}" + (" mean" if text.pool == "mean" else "")
