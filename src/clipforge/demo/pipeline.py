@@ -117,7 +117,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     generate_world(synth, world_dir, workers=None, progress=cfg.progress)
     timings["world_s"] = time.time() - t_start
 
-    # 2. Train within what is left of the budget.
+    # 2. Train within what is left of the budget. The calibration sizes the warm-up and logging;
+    # the clock ends the run (TrainConfig.time_budget_s), because a shared host's pace drifts:
+    # a step count fixed from a few timed steps once overran a 10-minute budget by 18% and, on a
+    # slow moment, left a fifth of a 5-minute one unused.
+    budget: float | None = None
     if cfg.steps is not None:
         steps, per_step = cfg.steps, float("nan")
     else:
@@ -126,12 +130,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             raise ClipforgeError(f"--minutes {cfg.minutes} leaves {left:.0f}s for training; give more time")
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, world_dir / "train.csv", optim)
+        # what is left after calibrating, less a few seconds to build the loader and save the model
+        budget = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s - 3.0
     run_dir = out / "run"
-    _say(cfg, f"[2/4] training {cfg.model} for {steps} steps of {cfg.batch_size} "
+    plan = f"about {steps} steps of {cfg.batch_size} in {budget:.0f} s" if budget else f"{steps} steps of {cfg.batch_size}"
+    _say(cfg, f"[2/4] training {cfg.model} for {plan} "
               f"({steps * cfg.batch_size / cfg.train_samples:.1f} epochs) -> {run_dir}")
     train_cfg = TrainConfig(
         data=DataConfig(path=str(world_dir / "train.csv")),
-        model=cfg.model, out=str(run_dir), steps=steps, batch_size=cfg.batch_size, workers=cfg.workers,
+        model=cfg.model, out=str(run_dir), batch_size=cfg.batch_size, workers=cfg.workers,
+        steps=steps if budget is None else 3 * steps, time_budget_s=budget,  # the bound only stops a runaway
         seed=cfg.seed, precision="fp32", device="cpu", save_every=0, keep_last=1, tensorboard=False,
         optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),

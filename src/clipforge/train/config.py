@@ -90,6 +90,9 @@ class TrainConfig:
     text_model: str | None = None
     out: str = "runs/train"
     steps: int | None = None  # optimizer steps; exclusive with epochs
+    # Wall-clock seconds for the training loop: the run ends when they are spent and the schedule
+    # anneals to that end (``steps`` is then the upper bound). Fresh single-process runs only.
+    time_budget_s: float | None = None
     epochs: int | None = None  # passes over the data (default 1 when steps is unset)
     batch_size: int = 64  # per process and micro-batch; global batch = batch_size * world * grad_accum
     grad_accum: int = 1  # micro-batches per step, negatives shared across all of them
@@ -139,6 +142,13 @@ class TrainConfig:
             raise ConfigError("locking both towers completely leaves nothing to train but the temperature")
         if self.loss_tile is not None and self.loss_tile < 1:
             raise ConfigError("loss_tile must be >= 1")
+        if self.time_budget_s is not None:
+            if not self.time_budget_s > 0:
+                raise ConfigError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+            if self.steps is None:
+                raise ConfigError("time_budget_s needs steps as the run's upper bound")
+            if self.resume is not None:
+                raise ConfigError("a time-budgeted run cannot resume: its length depends on the clock, not the step")
 
     @property
     def run_epochs(self) -> int | None:

@@ -102,6 +102,11 @@ class Progress:
             self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
         self._bar.update(n)
 
+    def set_total(self, total: int) -> None:
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def write(self, msg: str) -> None:
         if self._bar is not None:
             self._bar.write(msg)

@@ -80,6 +80,9 @@ class Trainer:
         self.info, self.main = info, info.rank == 0
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda requested, but CUDA is not available")
+        if cfg.time_budget_s is not None and info.world_size > 1:
+            # Each rank's clock would plan its own end; ranks must stop at the same step.
+            raise ConfigError("time_budget_s is for single-process runs (not yet with torchrun)")
         self.device = info.device if cfg.device in ("auto", "cuda") else resolve_device(cfg.device)
         configure_threads(self.device, cfg.workers)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -234,6 +237,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         batches = self._micro_batches()
         window_t, window_losses, window_steps, paused = time.time(), [], 0, 0.0
+        loop_t0 = time.time()
         while self.total_steps is None or st.step < self.total_steps:
             micro = []
             for _ in range(cfg.grad_accum):
@@ -250,6 +254,8 @@ class Trainer:
             lr = self.opt.param_groups[0]["lr"]  # the rate this step used
             st.step += 1
             st.samples_seen += self.global_batch
+            if cfg.time_budget_s is not None:
+                self._follow_clock(time.time() - loop_t0, bar)
             self.schedule.set_step(st.step)
             window_losses.append(loss)
             window_steps += 1
@@ -277,6 +283,20 @@ class Trainer:
             raise ClipforgeError(
                 f"the training data yielded no full batch of {cfg.batch_size} per process "
                 f"x {cfg.grad_accum} micro-batches: lower --batch-size or add data")
+
+    def _follow_clock(self, elapsed: float, bar: Progress) -> None:
+        """Re-plan the run's length after each step so that it ends when the time budget does:
+        the steps done plus what the time left holds at the mean pace so far, capped at
+        ``steps``. The schedule (a function of step and length) then anneals to that end, so a
+        host that slows down or speeds up mid-run moves the last step, not the deadline."""
+        st = self.state
+        left = self.cfg.time_budget_s - elapsed
+        pace = elapsed / max(1, st.step - self.start_step)  # seconds per step, checkpoints included
+        planned = st.step + int(left / pace) if left > 0 else st.step
+        planned = max(st.step, min(self.cfg.steps, planned))
+        if planned != self.total_steps:
+            self.total_steps = self.schedule.total_steps = planned
+            bar.set_total(planned)
 
     def _micro_batches(self) -> Iterator[tuple[int, int, Any]]:
         """(epoch, micro-batches of that epoch consumed, Batch), continuing across epochs."""
