@@ -67,3 +67,15 @@ def test_bad_budgets_are_clear_errors(tmp_path: Path, over, match):
 def test_config_round_trip_keeps_the_budget(tmp_path):
     cfg = config("data.csv", tmp_path / "run", time_budget_s=12.5)
     assert TrainConfig.from_dict(cfg.to_dict()).time_budget_s == 12.5
+
+
+def test_cli_time_budget_flag(tmp_path, capsys):
+    from clipforge.cli import main
+
+    data = write_csv(tmp_path / "data")
+    args = ["train", "--data", str(data), "--model", "nano", "--out", str(tmp_path / "run"), "--batch-size", "8",
+            "--workers", "0", "--no-tensorboard", "--no-progress"]
+    assert main(args + ["--steps", "100000", "--time-budget", "2"]) == 0
+    assert TrainConfig.load(tmp_path / "run" / "config.yaml").time_budget_s == 2.0
+    assert main(args + ["--time-budget", "2"]) == 2  # no --steps bound: a usage error
+    assert "upper bound" in capsys.readouterr().err

@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, metavar="N", default=argparse.SUPPRESS, help="optimizer steps")
     length.add_argument("--epochs", type=int, metavar="N", default=argparse.SUPPRESS, help="passes over the data (default: 1)")
+    p.add_argument("--time-budget", type=float, dest="time_budget_s", metavar="SECONDS", default=argparse.SUPPRESS,
+                   help="end the run when this many seconds of training are spent, the schedule annealed to that end "
+                        "(--steps is then the upper bound; fresh single-process runs)")
     for names, kw in _CONFIG_FLAGS:
         p.add_argument(*names, default=argparse.SUPPRESS, **kw)
     for name, help_ in _SWITCHES:
