@@ -19,12 +19,12 @@ def test_issue_flags_land_in_typed_fields(tmp_path):
     cfg = _cfg_from_cli([
         "--data", "pairs.csv", "--model", "nano", "--out", str(tmp_path), "--steps", "7", "--batch-size", "4",
         "--lr", "0.002", "--warmup", "3", "--precision", "bf16", "--workers", "0", "--seed", "5",
-        "--save-every", "2", "--resume", "auto", "--image-key", "img", "--caption-key", "txt",
+        "--save-every", "2", "--resume", "auto", "--image-key", "img", "--caption-key", "txt", "--cache-mb", "256",
         "--grad-accum", "2", "--loss", "siglip", "--loss-tile", "16", "--grad-checkpointing", "--compile",
         "--patch-dropout", "0.5", "--lock-image", "--lock-unlocked-layers", "1", "--fsdp", "--nan-policy", "skip",
         "--val-data", "val.csv", "--eval-every", "3", "--no-tensorboard",
     ])
-    assert cfg.data == DataConfig(path="pairs.csv", image_key="img", caption_key="txt")
+    assert cfg.data == DataConfig(path="pairs.csv", image_key="img", caption_key="txt", cache_mb=256)
     assert (cfg.model, cfg.out, cfg.steps, cfg.epochs, cfg.batch_size) == ("nano", str(tmp_path), 7, None, 4)
     assert (cfg.optim.lr, cfg.schedule.warmup_steps, cfg.precision, cfg.workers, cfg.seed) == (0.002, 3, "bf16", 0, 5)
     assert (cfg.save_every, cfg.resume, cfg.grad_accum, cfg.loss, cfg.loss_tile) == (2, "auto", 2, "siglip", 16)

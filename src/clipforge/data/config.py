@@ -33,6 +33,10 @@ class DataConfig:
     max_image_pixels: int = 40_000_000  # larger ones are refused unread as 'too_large' (bombs, scans)
     shuffle_buffer: int = 1000  # shards only: samples held for the streaming shuffle
     bad_sample_limit: int = 1000  # skipped samples before any usable one -> DataError
+    # Tables and folders: keep each decoded image and its token ids in memory, up to this many MiB
+    # (per loader process), so later epochs skip reading, decoding and tokenizing. 0 = off.
+    # Augmentation still runs per epoch, seeded as before: batches are bit-identical either way.
+    cache_mb: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", str(self.path))
@@ -42,6 +46,8 @@ class DataConfig:
             raise DataError("min_image_side and max_image_pixels must be positive")
         if self.shuffle_buffer < 0 or self.bad_sample_limit < 1:
             raise DataError("shuffle_buffer must be >= 0 and bad_sample_limit >= 1")
+        if self.cache_mb < 0:
+            raise DataError(f"cache_mb must be >= 0 (0 = no cache), got {self.cache_mb}")
 
 
 def resolve_kind(cfg: DataConfig) -> str:

@@ -19,6 +19,7 @@ batch with no good sample at all draws up to ``bad_sample_limit`` random replace
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections import Counter
 from typing import Any, Callable, Iterator, NamedTuple
@@ -32,6 +33,7 @@ from clipforge.errors import DataError
 
 __all__ = ["DataConfig", "Batch", "SKIP_KINDS", "build_train_loader", "TrainLoader", "open_index"]
 
+log = logging.getLogger("clipforge.data")
 _REPORT_EVERY = 64  # a stream worker reports skips at least this often, batch or not
 
 
@@ -88,7 +90,8 @@ class Featurizer:
         random.seed(seed)  # for transforms written with Python's random
         return self.transform(pil)  # [3, H, W]
 
-    def sample(self, raw: RawSample, *seed_parts: int) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+    def decode(self, raw: RawSample) -> tuple[Any, torch.Tensor] | Skip:
+        """Read, decode and tokenize one sample: (RGB image, token ids [77]) or why it is unusable."""
         got = load_sample(raw, self.cfg.min_image_side, self.cfg.max_image_pixels)
         if isinstance(got, Skip):
             return got
@@ -97,11 +100,51 @@ class Featurizer:
             tokens = self.tokenizer([caption])[0]  # [77]
         except Exception as e:  # noqa: BLE001 - one caption the tokenizer rejects is one bad sample
             return Skip("bad_caption", f"{raw.where}: {type(e).__name__}: {e}")
+        return pil, tokens
+
+    def augment(self, decoded: tuple[Any, torch.Tensor], where: str, *seed_parts: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+        pil, tokens = decoded
         try:
             image = self.image(pil, seed_for(*seed_parts))
         except Exception as e:  # noqa: BLE001 - e.g. an image the transform cannot crop
-            return Skip("corrupt_image", f"{raw.where}: transform failed: {type(e).__name__}: {e}")
+            return Skip("corrupt_image", f"{where}: transform failed: {type(e).__name__}: {e}")
         return image, tokens
+
+    def sample(self, raw: RawSample, *seed_parts: int) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+        got = self.decode(raw)
+        return got if isinstance(got, Skip) else self.augment(got, raw.where, *seed_parts)
+
+
+class DecodedCache:
+    """Decoded samples (or their skip) by row index, up to ``limit_mb`` MiB of pixels.
+
+    A skip is kept too, so a bad row is counted again each epoch without being re-read, as
+    it would be without the cache. Once full, further rows are decoded every time (logged once).
+    """
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit = limit_mb * 2**20
+        self.used = 0
+        self.items: dict[int, tuple[Any, torch.Tensor] | Skip] = {}
+        self.full_logged = False
+
+    def get(self, i: int, feat: Featurizer, raw: RawSample) -> tuple[Any, torch.Tensor] | Skip:
+        hit = self.items.get(i)
+        if hit is not None:
+            return hit
+        got = feat.decode(raw)
+        if not isinstance(got, Skip):
+            got = (got[0].copy(), got[1])  # pixels only: no reference to the encoded file's bytes
+        size = 256 if isinstance(got, Skip) else got[0].width * got[0].height * len(got[0].getbands()) + 77 * 8
+        if self.used + size <= self.limit:
+            self.items[i] = got
+            self.used += size
+        elif not self.full_logged:
+            self.full_logged = True
+            log.info("decoded-sample cache full at %d samples (%.0f MiB); the rest are decoded each epoch",
+                     len(self.items), self.used / 2**20)
+        return got
 
 
 class MapBatches(Dataset):
@@ -109,12 +152,21 @@ class MapBatches(Dataset):
 
     def __init__(self, index: Any, feat: Featurizer, seed: int, rank: int) -> None:
         self.index, self.feat, self.seed, self.rank = index, feat, seed, rank
+        # Built in each loader process on first use (a worker fills its own copy).
+        self.cache = DecodedCache(feat.cfg.cache_mb) if feat.cfg.cache_mb > 0 else None
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _sample(self, epoch: int, i: int, copy: int) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+        if self.cache is None:
+            return self.feat.sample(self.index.raw(i), self.seed, epoch, i, copy)
+        raw = self.index.raw(i)  # cheap (no I/O); names the row in a transform failure
+        got = self.cache.get(i, self.feat, raw)
+        return got if isinstance(got, Skip) else self.feat.augment(got, raw.where, self.seed, epoch, i, copy)
+
     def _get(self, epoch: int, i: int, copy: int, counts: Counter) -> tuple[torch.Tensor, torch.Tensor] | None:
-        got = self.feat.sample(self.index.raw(i), self.seed, epoch, i, copy)
+        got = self._sample(epoch, i, copy)
         if isinstance(got, Skip):
             note_skip(got, counts)
             return None
@@ -143,7 +195,7 @@ class MapBatches(Dataset):
         for slot, r in enumerate(rows):
             if r is None:  # refill: another augmentation (copy number >= 1) of a good sample
                 i, first = donors[m % len(donors)]
-                again = self.feat.sample(self.index.raw(i), self.seed, epoch, i, 1 + m // len(donors))
+                again = self._sample(epoch, i, 1 + m // len(donors))
                 rows[slot] = again if not isinstance(again, Skip) else first
                 m += 1
         images = torch.stack([r[0] for r in rows])  # [B, 3, H, W]

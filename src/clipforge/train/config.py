@@ -204,6 +204,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "image_key": ("data", "image_key"),
     "caption_key": ("data", "caption_key"),
     "resampled": ("data", "resampled"),
+    "cache_mb": ("data", "cache_mb"),
     "val_data": ("val", "path"),
     "val_image_key": ("val", "image_key"),
     "val_caption_key": ("val", "caption_key"),
