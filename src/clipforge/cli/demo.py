@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="training batch size [128]")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate [2e-3]")
     p.add_argument("--workers", type=int, default=0, help="data loader workers [0]")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 [auto]")
+    p.add_argument("--cache-mb", type=int, default=1024,
+                   help="decoded training images kept in memory, MiB; 0 = decode every epoch [1024]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -32,12 +36,15 @@ def run(args: argparse.Namespace) -> int:
     for name in ("train_samples", "test_samples", "shifted_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.cache_mb < 0:
+        raise CliError("--cache-mb must be >= 0")
     if args.batch_size > args.train_samples:
         raise CliError("--batch-size is larger than --train-samples")
     cfg = DemoConfig(
         out=args.out, minutes=args.minutes, steps=args.steps, model=args.model, seed=args.seed,
         train_samples=args.train_samples, test_samples=args.test_samples, shifted_samples=args.shifted_samples,
-        batch_size=args.batch_size, lr=args.lr, workers=args.workers, progress=not args.no_progress,
+        batch_size=args.batch_size, lr=args.lr, workers=args.workers,
+        precision=args.precision, cache_mb=args.cache_mb, progress=not args.no_progress,
     )
     run_demo(cfg)
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import torch
 from clipforge.errors import ClipforgeError
 
 if TYPE_CHECKING:
+    from clipforge.data.config import DataConfig
     from clipforge.train.config import OptimConfig
 
 # The issue's targets for the default 5-minute run (test split, ensemble prompts).
@@ -38,7 +39,9 @@ class DemoConfig:
     lr: float = 2e-3
     weight_decay: float = 0.1
     workers: int = 0  # data workers; 0 leaves both cores of a laptop-class CPU to compute
-    eval_reserve_s: float = 30.0  # time kept for evaluation and the report (measured: 9 s + report)
+    precision: str = "auto"  # auto: bf16 autocast where the CPU computes bf16 natively, else fp32
+    cache_mb: int = 1024  # decoded training images kept in memory (the 20k world takes ~250 MiB)
+    eval_reserve_s: float = 18.0  # time kept for evaluation and the report (measured: 5-9 s + 2 s)
     steps: int | None = None  # fixed step count instead of the time budget
     progress: bool = True
 
@@ -47,12 +50,21 @@ class DemoConfig:
             raise ClipforgeError("--minutes must be positive")
         if self.steps is not None and self.steps < 1:
             raise ClipforgeError("--steps must be >= 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ClipforgeError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    def resolved_precision(self) -> str:
+        from clipforge.utils import cpu_has_native_bf16
+
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: int, train_csv: Path,
-                    optim: "OptimConfig", timed: int = 10) -> tuple[int, float]:
+def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: int, data: "DataConfig",
+                    optim: "OptimConfig", precision: str = "fp32", timed: int = 10) -> tuple[int, float]:
     """Steps that fit in ``seconds``, from timing whole training steps as the trainer runs them:
-    real batches from ``train_csv`` through the training loader (decode, augment, tokenize), the
+    real batches from ``data`` through the training loader (decode, augment, tokenize), the
     trainer's optimizer and gradient clipping. Random tensors and a single caption measured up to
     a third faster than real steps, so a 12-minute demo overran by 28%.
 
@@ -61,10 +73,10 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
     took a 0.22 s step for 0.27 s and left a fifth of the budget unused.)
     """
     import clipforge
-    from clipforge.data.config import DataConfig
     from clipforge.data.loader import build_train_loader
     from clipforge.train.loss import ContrastiveLoss
     from clipforge.train.optim import build_optimizer
+    from clipforge.utils import autocast
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - workers))  # as the trainer will run
@@ -73,14 +85,15 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
         model.train()
         opt = build_optimizer(model, optim)
         loss_fn = ContrastiveLoss()
-        loader = build_train_loader(DataConfig(path=str(train_csv)), clipforge.get_preprocess(model, train=True),
+        loader = build_train_loader(replace(data, cache_mb=0), clipforge.get_preprocess(model, train=True),
                                     clipforge.tokenizer_for(model), batch_size=batch_size, workers=workers, seed=0)
         batches = iter(loader)
         times = []
         for i in range(3 + timed):
             t = time.perf_counter()
             batch = next(batches)
-            out = model(batch.images, batch.tokens)
+            with autocast(precision, torch.device("cpu")):
+                out = model(batch.images, batch.tokens)
             loss = loss_fn(out.image_features, out.text_features, out.logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,6 +135,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # a step count fixed from a few timed steps once overran a 10-minute budget by 18% and, on a
     # slow moment, left a fifth of a 5-minute one unused.
     budget: float | None = None
+    precision = cfg.resolved_precision()
+    data = DataConfig(path=str(world_dir / "train.csv"), cache_mb=cfg.cache_mb)
     if cfg.steps is not None:
         steps, per_step = cfg.steps, float("nan")
     else:
@@ -129,18 +144,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if left < 20:
             raise ClipforgeError(f"--minutes {cfg.minutes} leaves {left:.0f}s for training; give more time")
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, world_dir / "train.csv", optim)
+        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, optim, precision)
         # what is left after calibrating, less a few seconds to build the loader and save the model
         budget = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s - 3.0
     run_dir = out / "run"
     plan = f"about {steps} steps of {cfg.batch_size} in {budget:.0f} s" if budget else f"{steps} steps of {cfg.batch_size}"
-    _say(cfg, f"[2/4] training {cfg.model} for {plan} "
+    _say(cfg, f"[2/4] training {cfg.model} ({precision}) for {plan} "
               f"({steps * cfg.batch_size / cfg.train_samples:.1f} epochs) -> {run_dir}")
     train_cfg = TrainConfig(
-        data=DataConfig(path=str(world_dir / "train.csv")),
-        model=cfg.model, out=str(run_dir), batch_size=cfg.batch_size, workers=cfg.workers,
+        data=data, model=cfg.model, out=str(run_dir), batch_size=cfg.batch_size, workers=cfg.workers,
         steps=steps if budget is None else 3 * steps, time_budget_s=budget,  # the bound only stops a runaway
-        seed=cfg.seed, precision="fp32", device="cpu", save_every=0, keep_last=1, tensorboard=False,
+        seed=cfg.seed, precision=precision, device="cpu", save_every=0, keep_last=1, tensorboard=False,
         optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),
         log_every=max(1, min(20, steps // 50)),
