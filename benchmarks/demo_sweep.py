@@ -93,6 +93,9 @@ p.add_argument('--threads', type=int, default=2); p.add_argument('--ntrain', typ
 p.add_argument('--scale_init', type=float, default=None)
 p.add_argument('--tpool', default='eot'); p.add_argument('--force_pos', type=float, default=0); p.add_argument('--canon', type=int, default=0); p.add_argument('--tlr', type=float, default=1.0); p.add_argument('--siglip', type=int, default=0); p.add_argument('--neg', type=int, default=0); p.add_argument('--seed', type=int, default=0); p.add_argument('--single_steps', type=int, default=0); p.add_argument('--group', default='none'); p.add_argument('--gsize', type=int, default=8); p.add_argument('--gfrac', type=float, default=1.0)
 p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', type=int, default=None)
+p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
+p.add_argument('--stem1', type=int, default=0, help='prepend a stride-1 3x3 conv with this many channels to the conv stem')
+p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
 a = p.parse_args()
 W, CACHE = a.world, a.cache
@@ -106,6 +109,11 @@ if a.vlayers or a.patch or a.vwidth:
 if a.tlayers: cfg = replace(cfg, text=replace(cfg.text, layers=a.tlayers))
 if a.siglip: cfg = replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 model = clipforge.create_model(cfg, seed=a.seed)
+if a.stem1:
+    old = model.visual.conv1
+    first = old[0]
+    old[0] = nn.Conv2d(a.stem1, first.out_channels, 3, stride=2, padding=1, bias=False)
+    model.visual.conv1 = nn.Sequential(nn.Conv2d(3, a.stem1, 3, padding=1, bias=False), nn.BatchNorm2d(a.stem1), nn.ReLU(inplace=True), *old)
 if a.scale_init is not None:
     with torch.no_grad(): model.logit_scale.fill_(math.log(a.scale_init))
 if a.tpool == 'mean':
@@ -135,6 +143,16 @@ def _cap(r):
         c = c.rstrip('.') + ' in the ' + r['position']
     return c
 T = tok([_cap(r) for r in rows])
+if a.multicap:
+    import json as _json
+    from clipforge.data.synth import world as _W
+    from clipforge.data.synth.captions import caption as _caption
+    _world = _W.World(_W.SynthConfig(**{k: v for k, v in _json.load(open(f'{W}/world.json'))['config'].items() if k in _W.SynthConfig.__dataclass_fields__}))
+    _scenes = [_world.scene('train', i) for i in range(len(rows))]
+    assert all(_caption(sc, _W.split_rng(_world.config.seed, 'train', i, 1)) == rows[i]['caption'] for i, sc in enumerate(_scenes[:50]))
+    TK = [T] + [tok([_caption(sc, _W.split_rng(_world.config.seed, 'train', i, 100 + k)) for i, sc in enumerate(_scenes)]) for k in range(1, a.multicap)]
+    print('multicap', a.multicap, flush=True)
+epoch_ = 0
 if a.neg:
     from clipforge.data.synth.captions import SHAPE_WORDS, SIZE_WORDS, plural
     from clipforge.data.synth.world import COLOURS
@@ -209,7 +227,9 @@ for step in range(a.steps):
     if step < a.single_steps:
         idx = SINGLE[torch.randint(len(SINGLE), (a.bs,), generator=g)]
     elif a.group == 'none':
-        if pos + a.bs > len(perm): perm = torch.randperm(len(rows), generator=g); pos = 0
+        if pos + a.bs > len(perm):
+            perm = torch.randperm(len(rows), generator=g); pos = 0; epoch_ += 1
+            if a.multicap: T = TK[epoch_ % a.multicap]
         idx = perm[pos:pos+a.bs]; pos += a.bs
     else:
         idx = grouped_batch()
@@ -224,7 +244,8 @@ for step in range(a.steps):
             tgt = torch.arange(a.bs)
             loss = 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
         else:
-            out = model(prep(X[idx]), T[idx])
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
+                out = model(prep(X[idx]), T[idx])
             loss = lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
