@@ -36,9 +36,12 @@ def create_model(
     return model.to(dtype) if dtype is not None else model
 
 
-def get_preprocess(model_or_config: CLIP | ClipConfig, train: bool = False) -> Callable[[Any], torch.Tensor]:
+def get_preprocess(model_or_config: CLIP | ClipConfig, train: bool = False,
+                   crop_scale: tuple[float, float] = (0.9, 1.0)) -> Callable[[Any], torch.Tensor]:
+    """The model's image transform: evaluation (resize, centre crop, normalise) or, with
+    ``train``, a random resized crop keeping ``crop_scale`` of the area, then normalise."""
     cfg = model_or_config.config if isinstance(model_or_config, CLIP) else model_or_config
-    return train_transform(cfg.preprocess) if train else eval_transform(cfg.preprocess)
+    return train_transform(cfg.preprocess, crop_scale) if train else eval_transform(cfg.preprocess)
 
 
 def load(

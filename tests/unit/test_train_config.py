@@ -21,7 +21,7 @@ def test_issue_flags_land_in_typed_fields(tmp_path):
         "--lr", "0.002", "--warmup", "3", "--precision", "bf16", "--workers", "0", "--seed", "5",
         "--save-every", "2", "--resume", "auto", "--image-key", "img", "--caption-key", "txt", "--cache-mb", "256",
         "--grad-accum", "2", "--loss", "siglip", "--loss-tile", "16", "--grad-checkpointing", "--compile",
-        "--patch-dropout", "0.5", "--lock-image", "--lock-unlocked-layers", "1", "--fsdp", "--nan-policy", "skip",
+        "--patch-dropout", "0.5", "--crop-scale", "0.5", "1", "--lock-image", "--lock-unlocked-layers", "1", "--fsdp", "--nan-policy", "skip",
         "--val-data", "val.csv", "--eval-every", "3", "--no-tensorboard",
     ])
     assert cfg.data == DataConfig(path="pairs.csv", image_key="img", caption_key="txt", cache_mb=256)
@@ -30,7 +30,16 @@ def test_issue_flags_land_in_typed_fields(tmp_path):
     assert (cfg.save_every, cfg.resume, cfg.grad_accum, cfg.loss, cfg.loss_tile) == (2, "auto", 2, "siglip", 16)
     assert cfg.grad_checkpointing and cfg.compile and cfg.lock_image and cfg.fsdp and not cfg.lock_text
     assert (cfg.patch_dropout, cfg.lock_unlocked_layers, cfg.nan_policy) == (0.5, 1, "skip")
+    assert cfg.crop_scale == (0.5, 1.0)
     assert cfg.val.path == "val.csv" and cfg.val.every == 3 and cfg.tensorboard is False
+
+
+def test_crop_scale_is_checked_and_read_from_files():
+    assert TrainConfig.from_dict({"crop_scale": [1, 1]}).crop_scale == (1.0, 1.0)
+    assert TrainConfig().crop_scale == (0.9, 1.0)
+    for bad in ((0.0, 1.0), (0.9, 0.5), (0.5, 1.5), (1.0,), "ab"):
+        with pytest.raises(ConfigError, match="crop_scale"):
+            TrainConfig(crop_scale=bad)
 
 
 def test_defaults():

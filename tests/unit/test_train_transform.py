@@ -72,3 +72,13 @@ def test_bad_ranges_are_refused_and_the_factory_uses_the_config():
         RandomResizedCropNormalize(8, (0.9, 0.5), (3 / 4, 4 / 3), "bicubic", MEAN, STD)
     t = train_transform(PreprocessConfig(image_size=40))
     assert isinstance(t, RandomResizedCropNormalize) and t.size == 40 and "scale=(0.9, 1.0)" in repr(t)
+
+
+def test_full_scale_keeps_every_pixel_in_place():
+    img = _image(48, 48)
+    keep = train_transform(PreprocessConfig(image_size=48), scale=(1.0, 1.0))
+    for seed in range(5):
+        random.seed(seed)
+        assert keep.crop_box(48, 48) == (0, 0, 48, 48)
+    want = T.Normalize(MEAN, STD)(T.ToTensor()(img))
+    assert (keep(img) - want).abs().max() < 1e-5

@@ -46,6 +46,8 @@ _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--resume",), dict(metavar="auto|PATH", help="auto: newest complete checkpoint in --out (or start fresh)")),
     (("--loss",), dict(choices=["clip", "siglip"], help="default: clip")),
     (("--loss-tile",), dict(type=int, metavar="N", help="compute the loss in NxN tiles (memory)")),
+    (("--crop-scale",), dict(type=float, nargs=2, metavar=("LO", "HI"), help="random resized crop: area fraction "
+                             "kept, drawn from [LO, HI]; 1 1 = no crop (default: 0.9 1.0)")),
     (("--patch-dropout",), dict(type=float, metavar="P", help="FLIP: fraction of image patches dropped")),
     (("--lock-unlocked-layers",), dict(type=int, metavar="N", help="keep the last N blocks of a locked tower trainable")),
     (("--nan-policy",), dict(choices=["stop", "skip"], help="on a NaN/Inf loss: stop (default) or skip the step")),

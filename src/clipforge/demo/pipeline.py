@@ -41,6 +41,7 @@ class DemoConfig:
     workers: int = 0  # data workers; 0 leaves both cores of a laptop-class CPU to compute
     precision: str = "auto"  # auto: bf16 autocast where the CPU computes bf16 natively, else fp32
     cache_mb: int = 1024  # decoded training images kept in memory (the 20k world takes ~250 MiB)
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # no random crop: captions state positions and sizes
     eval_reserve_s: float = 18.0  # time kept for evaluation and the report (measured: 5-9 s + 2 s)
     steps: int | None = None  # fixed step count instead of the time budget
     progress: bool = True
@@ -62,7 +63,8 @@ class DemoConfig:
 
 
 def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: int, data: "DataConfig",
-                    optim: "OptimConfig", precision: str = "fp32", timed: int = 10) -> tuple[int, float]:
+                    optim: "OptimConfig", precision: str = "fp32", timed: int = 10,
+                    crop_scale: tuple[float, float] = (1.0, 1.0)) -> tuple[int, float]:
     """Steps that fit in ``seconds``, from timing whole training steps as the trainer runs them:
     real batches from ``data`` through the training loader (decode, augment, tokenize), the
     trainer's optimizer and gradient clipping. Random tensors and a single caption measured up to
@@ -85,7 +87,8 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
         model.train()
         opt = build_optimizer(model, optim)
         loss_fn = ContrastiveLoss()
-        loader = build_train_loader(replace(data, cache_mb=0), clipforge.get_preprocess(model, train=True),
+        transform = clipforge.get_preprocess(model, train=True, crop_scale=crop_scale)
+        loader = build_train_loader(replace(data, cache_mb=0), transform,
                                     clipforge.tokenizer_for(model), batch_size=batch_size, workers=workers, seed=0)
         batches = iter(loader)
         times = []
@@ -144,7 +147,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if left < 20:
             raise ClipforgeError(f"--minutes {cfg.minutes} leaves {left:.0f}s for training; give more time")
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, optim, precision)
+        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, optim, precision,
+                                          crop_scale=cfg.crop_scale)
         # what is left after calibrating, less a few seconds to build the loader and save the model
         budget = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s - 3.0
     run_dir = out / "run"
@@ -154,7 +158,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train_cfg = TrainConfig(
         data=data, model=cfg.model, out=str(run_dir), batch_size=cfg.batch_size, workers=cfg.workers,
         steps=steps if budget is None else 3 * steps, time_budget_s=budget,  # the bound only stops a runaway
-        seed=cfg.seed, precision=precision, device="cpu", save_every=0, keep_last=1, tensorboard=False,
+        seed=cfg.seed, precision=precision, device="cpu", crop_scale=cfg.crop_scale,
+        save_every=0, keep_last=1, tensorboard=False,
         optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),
         log_every=max(1, min(20, steps // 50)),

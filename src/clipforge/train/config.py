@@ -107,6 +107,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped while training
+    # Random resized crop: the area fraction kept, drawn from [lo, hi]. (1, 1) keeps every pixel
+    # where it is, for data whose captions state positions and sizes (the demo world).
+    crop_scale: tuple[float, float] = (0.9, 1.0)
     lock_image: bool = False  # LiT: freeze the image tower ...
     lock_text: bool = False
     lock_unlocked_layers: int = 0  # ... except its last N blocks (and final norm + projection)
@@ -136,6 +139,13 @@ class TrainConfig:
             raise ConfigError(f"loss must be clip or siglip, got {self.loss!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
+        try:
+            lo, hi = (float(v) for v in self.crop_scale)
+        except (TypeError, ValueError):
+            raise ConfigError(f"crop_scale must be two numbers (lo, hi), got {self.crop_scale!r}") from None
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
+        object.__setattr__(self, "crop_scale", (lo, hi))  # a list from YAML/JSON becomes the tuple
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"patch_dropout must lie in [0, 1), got {self.patch_dropout}")
         if self.lock_image and self.lock_text and self.lock_unlocked_layers == 0:

@@ -180,7 +180,8 @@ class Trainer:
 
         cfg = self.cfg
         return build_train_loader(
-            cfg.data, clipforge.get_preprocess(self.raw, train=True), clipforge.tokenizer_for(self.raw),
+            cfg.data, clipforge.get_preprocess(self.raw, train=True, crop_scale=cfg.crop_scale),
+            clipforge.tokenizer_for(self.raw),
             batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
             rank=self.info.rank, world_size=self.info.world_size,
             start_epoch=self.state.epoch, start_batch=self.state.batch,
