@@ -62,3 +62,25 @@ def test_model_forward_under_cpu_autocast_is_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.encode_image(images, normalize=True).float()
     assert torch.nn.functional.cosine_similarity(ref, low).min() > 0.99
+
+
+def test_one_query_with_a_mask_matches_sdpa():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 2, 1, 16, generator=g)
+    k, v = (torch.randn(3, 2, 9, 16, generator=g) for _ in range(2))
+    mask = (torch.arange(9) <= torch.tensor([2, 8, 5]).view(3, 1)).view(3, 1, 1, 9)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = layers.attend(*(t.to(torch.bfloat16) for t in (q, k, v)), mask=mask)
+    assert (got.float() - ref).abs().max() < 3e-2
+
+
+def test_text_tower_end_token_rows_agree_under_autocast():
+    import clipforge
+
+    model = clipforge.create_model("nano", seed=0).eval()
+    tokens = clipforge.tokenizer_for(model)(["a red circle", "two blue stars in the top left corner"])
+    with torch.no_grad():
+        ref = model.encode_text(tokens, normalize=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.encode_text(tokens, normalize=True).float()
+    assert torch.nn.functional.cosine_similarity(ref, low).min() > 0.99

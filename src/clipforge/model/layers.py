@@ -125,17 +125,23 @@ class LayerNorm(nn.LayerNorm):
 _PLAIN_ATTENTION_MAX_LEN = 512  # beyond it the [N, N] score matrices cost more memory than they save time
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over [B, H, N, Dh]. SDPA, except in bf16/fp16 on the CPU for
-    short sequences: there PyTorch's fused CPU kernel ran forward + backward 3x slower than plain
-    matrix products (65 tokens of the demo's ViT, AVX512-BF16: 33 ms vs 10-16 ms per layer), so the
-    scores are formed explicitly, with the softmax in fp32 as SDPA's math path does."""
-    n = q.shape[-2]
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B, H, Nq, Dh] queries and [B, H, N, Dh] keys/values;
+    ``mask`` (True = may attend) broadcasts to [B, H, Nq, N]. SDPA, except in bf16/fp16 on the
+    CPU for short sequences: there PyTorch's fused CPU kernel ran forward + backward 3x slower than
+    plain matrix products (the demo's ViT, 65 tokens, AVX512-BF16: 33 ms vs 10-16 ms per layer; a
+    single class-token query: 12 ms), so the scores are formed explicitly, with the softmax in
+    fp32 as SDPA's math path does."""
+    n = k.shape[-2]
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or n > _PLAIN_ATTENTION_MAX_LEN:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, Nq, N]
     if causal:
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(q.shape[-2], n, dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
@@ -171,7 +177,7 @@ class Attention(nn.Module):
         if causal:  # the query at position p sees keys 0..p, as row p of the causal mask
             p = rows if isinstance(rows, torch.Tensor) else torch.full((b,), rows, device=x.device)
             mask = (torch.arange(n, device=x.device) <= p.view(b, 1)).view(b, 1, 1, n)  # [B, 1, 1, N]
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # [B, H, 1, Dh]
+        out = attend(q, kv[0], kv[1], mask=mask)  # [B, H, 1, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(b, 1, d))
 
 
