@@ -18,6 +18,11 @@ This is a research harness, kept so the README's table can be re-run; the produc
        --force_pos 1 | --canon 1 | --single_steps 400]
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --supervised shape   # the ceiling
 
+README rows of 2026-12-03 (bf16 autocast, as the demo now trains on CPUs with native bf16):
+
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 [--steps 800 --warmup 80] \
+      [--lr 4e-3 | --bs 64 | --tlr 3 | --stem1 16 | --multicap 5]
+
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
 colour/shape/size/position/count word swapped) as extra columns of the image->text softmax;
