@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from clipforge.config import ClipConfig
+from clipforge.config import DEFAULT_CROP_SCALE, ClipConfig
 from clipforge.model import checkpoints
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower, HFTokenizer
@@ -37,7 +37,7 @@ def create_model(
 
 
 def get_preprocess(model_or_config: CLIP | ClipConfig, train: bool = False,
-                   crop_scale: tuple[float, float] = (0.9, 1.0)) -> Callable[[Any], torch.Tensor]:
+                   crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> Callable[[Any], torch.Tensor]:
     """The model's image transform: evaluation (resize, centre crop, normalise) or, with
     ``train``, a random resized crop keeping ``crop_scale`` of the area, then normalise."""
     cfg = model_or_config.config if isinstance(model_or_config, CLIP) else model_or_config

@@ -92,6 +92,11 @@ class TextConfig:
                              f"got layers={self.layers}, pool={self.pool!r}")
 
 
+# Area fraction a training image's random resized crop keeps, as OpenCLIP trains
+# (model.transforms.train_transform; TrainConfig.crop_scale).
+DEFAULT_CROP_SCALE = (0.9, 1.0)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """What the weights expect of an image; travels with the checkpoint."""

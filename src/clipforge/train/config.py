@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clipforge.config import DEFAULT_CROP_SCALE
 from clipforge.data.config import DataConfig
 from clipforge.errors import ClipforgeError
 
@@ -109,7 +110,7 @@ class TrainConfig:
     patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped while training
     # Random resized crop: the area fraction kept, drawn from [lo, hi]. (1, 1) keeps every pixel
     # where it is, for data whose captions state positions and sizes (the demo world).
-    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
     lock_image: bool = False  # LiT: freeze the image tower ...
     lock_text: bool = False
     lock_unlocked_layers: int = 0  # ... except its last N blocks (and final norm + projection)
