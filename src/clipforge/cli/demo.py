@@ -36,8 +36,6 @@ def run(args: argparse.Namespace) -> int:
     for name in ("train_samples", "test_samples", "shifted_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.cache_mb < 0:
-        raise CliError("--cache-mb must be >= 0")
     if args.batch_size > args.train_samples:
         raise CliError("--batch-size is larger than --train-samples")
     cfg = DemoConfig(

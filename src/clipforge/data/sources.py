@@ -159,9 +159,9 @@ class MapBatches(Dataset):
         return len(self.index)
 
     def _sample(self, epoch: int, i: int, copy: int) -> tuple[torch.Tensor, torch.Tensor] | Skip:
+        raw = self.index.raw(i)  # no I/O: where to read, and the row's name for messages
         if self.cache is None:
-            return self.feat.sample(self.index.raw(i), self.seed, epoch, i, copy)
-        raw = self.index.raw(i)  # cheap (no I/O); names the row in a transform failure
+            return self.feat.sample(raw, self.seed, epoch, i, copy)
         got = self.cache.get(i, self.feat, raw)
         return got if isinstance(got, Skip) else self.feat.augment(got, raw.where, self.seed, epoch, i, copy)
 
