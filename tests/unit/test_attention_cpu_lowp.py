@@ -51,16 +51,22 @@ def test_fp32_and_long_sequences_go_through_sdpa(monkeypatch):
     assert len(calls) == 2  # short bf16 on the CPU: the explicit path
 
 
-def test_model_forward_under_cpu_autocast_is_close_to_fp32():
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_model_encoders_under_cpu_autocast_are_close_to_fp32(tower):
+    """Image tower (full sequences, then the class-token query) and text tower (end-token rows)."""
     import clipforge
 
     model = clipforge.create_model("nano", seed=0).eval()
-    images = torch.randn(2, 3, model.visual.image_size, model.visual.image_size)
-    tokens = clipforge.tokenizer_for(model)(["a red circle", "two blue stars"])
+    if tower == "image":
+        inputs = torch.randn(2, 3, model.visual.image_size, model.visual.image_size)
+        encode = model.encode_image
+    else:
+        inputs = clipforge.tokenizer_for(model)(["a red circle", "two blue stars in the top left corner"])
+        encode = model.encode_text
     with torch.no_grad():
-        ref = model.encode_image(images, normalize=True)
+        ref = encode(inputs, normalize=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model.encode_image(images, normalize=True).float()
+            low = encode(inputs, normalize=True).float()
     assert torch.nn.functional.cosine_similarity(ref, low).min() > 0.99
 
 
@@ -72,15 +78,3 @@ def test_one_query_with_a_mask_matches_sdpa():
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     got = layers.attend(*(t.to(torch.bfloat16) for t in (q, k, v)), mask=mask)
     assert (got.float() - ref).abs().max() < 3e-2
-
-
-def test_text_tower_end_token_rows_agree_under_autocast():
-    import clipforge
-
-    model = clipforge.create_model("nano", seed=0).eval()
-    tokens = clipforge.tokenizer_for(model)(["a red circle", "two blue stars in the top left corner"])
-    with torch.no_grad():
-        ref = model.encode_text(tokens, normalize=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model.encode_text(tokens, normalize=True).float()
-    assert torch.nn.functional.cosine_similarity(ref, low).min() > 0.99
