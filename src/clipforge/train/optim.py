@@ -54,6 +54,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+def zero_grads(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Clear the gradients before a step: zeroed in place on a CPU, dropped elsewhere.
+
+    On a CPU a dropped gradient buffer larger than glibc's mmap threshold is returned to the
+    system, and the next backward gets fresh pages that fault on first write: tiny-bow's 25 MB
+    token-table gradient cost ~15 ms of a ~90 ms step that way (73 vs 92 ms per step measured
+    alternating in one process; the same 86 ms for both once the threshold was raised). GPU
+    caching allocators reuse memory, so there dropping them saves the memset.
+    """
+    optimizer.zero_grad(set_to_none=device.type != "cpu")
+
+
 def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int | None) -> float:
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based)."""
     if step < cfg.warmup_steps:
