@@ -53,6 +53,18 @@ def load(split, n=None):
 def prep(x):
     return (x.float()/255 - MEAN)/STD
 
+LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+def augment(x, gen):
+    """--gray: a random fraction of the batch turned to luminance (three equal channels)."""
+    x = prep(x)
+    if a.gray:
+        pick = torch.rand(len(x), generator=gen) < a.gray
+        if pick.any():
+            raw = x[pick] * STD + MEAN
+            x[pick] = (((raw * LUMA).sum(1, keepdim=True)).expand(-1, 3, -1, -1) - MEAN) / STD
+    return x
+
 def supervised(a) -> int:
     """The image tower alone, trained with cross-entropy on one label column of the
     single-object images: how fast the tower *can* learn the attribute."""
@@ -80,6 +92,16 @@ def supervised(a) -> int:
         acc = torch.cat([net(prep(TX[i:i + 500])).argmax(-1) for i in range(0, len(TX), 500)]).eq(TY).float().mean()
     res = {'name': a.name, 'supervised': a.supervised, 'model': a.model, 'steps': a.steps,
            'accuracy': round(acc.item() * 100, 1), 'train_s': round(time.time() - t0)}
+    if a.supervised == 'shape':  # the same tower on the held-out colour-shape pairs
+        hrows, HX = load('test_heldout')
+        hk = [i for i, r in enumerate(hrows) if r['shape']]
+        with torch.no_grad():
+            hp = torch.cat([net(prep(HX[hk][i:i + 500])).argmax(-1) for i in range(0, len(hk), 500)])
+        right = torch.tensor([cls[p_] == hrows[i]['shape'] for p_, i in zip(hp.tolist(), hk)])
+        res['heldout'] = round(right.float().mean().item() * 100, 1)
+        for pair in sorted({(hrows[i]['colour'], hrows[i]['shape']) for i in hk}):
+            sel = torch.tensor([(hrows[i]['colour'], hrows[i]['shape']) == pair for i in hk])
+            res['heldout_' + '_'.join(pair)] = round(right[sel].float().mean().item() * 100, 1)
     print(json.dumps(res), flush=True)
     open(a.out, 'a').write(json.dumps(res) + '\n')
     return 0
@@ -100,6 +122,7 @@ p.add_argument('--tpool', default='eot'); p.add_argument('--force_pos', type=flo
 p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', type=int, default=None)
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
 p.add_argument('--stem1', type=int, default=0, help='prepend a stride-1 3x3 conv with this many channels to the conv stem')
+p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
 a = p.parse_args()
@@ -250,7 +273,7 @@ for step in range(a.steps):
             loss = 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
         else:
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
-                out = model(prep(X[idx]), T[idx])
+                out = model(augment(X[idx], g), T[idx])
             loss = lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -273,6 +296,19 @@ with torch.no_grad():
         e = F.normalize(model.encode_text(tok([t.replace('{}', c) for t in tj['templates'] for c in cls])), dim=-1)
         w = F.normalize(e.view(len(tj['templates']), len(cls), -1).mean(0), dim=-1)
         res[task] = round(((img[keep] @ w.T).argmax(-1) == lab).float().mean().item()*100, 1)
+    # held-out colour-shape pairs: shape zero-shot on the single-object test_heldout images
+    hrows, HX = load('test_heldout')
+    hkeep = [i for i, r in enumerate(hrows) if r['count'] == '1']
+    himg = F.normalize(torch.cat([model.encode_image(prep(HX[hkeep][i:i+500])) for i in range(0, len(hkeep), 500)]), dim=-1)
+    tj = json.load(open(f'{W}/tasks/shape.json')); cls = tj['classes']
+    e = F.normalize(model.encode_text(tok([t.replace('{}', c) for t in tj['templates'] for c in cls])), dim=-1)
+    w = F.normalize(e.view(len(tj['templates']), len(cls), -1).mean(0), dim=-1)
+    hpred = (himg @ w.T).argmax(-1)
+    hright = torch.tensor([cls[p_] == hrows[i]['shape'] for p_, i in zip(hpred.tolist(), hkeep)])
+    res['heldout_shape'] = round(hright.float().mean().item() * 100, 1)
+    for pair in sorted({(hrows[i]['colour'], hrows[i]['shape']) for i in hkeep}):
+        sel = torch.tensor([(hrows[i]['colour'], hrows[i]['shape']) == pair for i in hkeep])
+        res['heldout_' + '_'.join(pair)] = round(hright[sel].float().mean().item() * 100, 1)
     # retrieval: first 1000 captions
     te = F.normalize(model.encode_text(tok([r['caption'] for r in trows[:1000]])), dim=-1)
     sims = te @ img[:1000].T
