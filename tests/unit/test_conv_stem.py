@@ -57,3 +57,21 @@ def test_export_to_formats_without_a_conv_stem_is_refused(fmt, tmp_path):
     with pytest.raises(CheckpointError, match="stem"):
         export(model, fmt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_channels_last_stem_on_the_cpu_computes_the_same_and_keeps_weights_contiguous():
+    """On a CPU the stem runs channels-last (faster in oneDNN); the result is the NCHW one up to
+    float rounding, gradients reach every stem weight, and the weights keep their layout, so
+    saving (safetensors needs contiguous tensors) is unaffected."""
+    model = clipforge.create_model("tiny-bow", seed=0)
+    images = torch.randn(3, 3, 64, 64)
+    model.visual.train()
+    fast = model.encode_image(images)
+    fast.sum().backward()
+    assert all(p.grad is not None and p.is_contiguous() for p in model.visual.conv1.parameters())
+    model.visual.eval()
+    with torch.no_grad():
+        a = model.encode_image(images)
+        model.visual.stem_is_conv = False  # the plain NCHW path
+        b = model.encode_image(images)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
