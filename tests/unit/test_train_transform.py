@@ -82,3 +82,19 @@ def test_full_scale_keeps_every_pixel_in_place():
         assert keep.crop_box(48, 48) == (0, 0, 48, 48)
     want = T.Normalize(MEAN, STD)(T.ToTensor()(img))
     assert (keep(img) - want).abs().max() < 1e-5
+
+
+def test_full_scale_on_a_square_image_is_the_whole_image_as_torchvision_draws_it():
+    """The shortcut for scale (1, 1) on square images rests on torchvision never drawing
+    anything else there; non-square images still take the draws (an exact fit can be a pixel short)."""
+    torch.manual_seed(0)
+    for side in (24, 64, 224):
+        boxes = {T.RandomResizedCrop.get_params(torch.empty(3, side, side), [1.0, 1.0], [3 / 4, 4 / 3])
+                 for _ in range(300)}
+        assert boxes == {(0, 0, side, side)}  # (top, left, h, w)
+    full = RandomResizedCropNormalize(16, (1.0, 1.0), (3 / 4, 4 / 3), "bicubic", MEAN, STD)
+    random.seed(0)
+    state = random.getstate()
+    assert full.crop_box(64, 64) == (0, 0, 64, 64) and random.getstate() == state  # no draws
+    full.crop_box(100, 50)
+    assert random.getstate() != state  # a non-square image is drawn for as torchvision does
