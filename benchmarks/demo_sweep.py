@@ -23,6 +23,12 @@ README rows of 2026-12-03 (bf16 autocast, as the demo now trains on CPUs with na
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 [--steps 800 --warmup 80] \
       [--lr 4e-3 | --bs 64 | --tlr 3 | --stem1 16 | --multicap 5]
 
+Held-out colour-shape pairs (README, "Why black hexagons lag"; 1,500 steps, lr 3e-3):
+
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 150 \
+      --lr 3e-3 [--gray 0.2 | --neg 1]
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100
+
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
 colour/shape/size/position/count word swapped) as extra columns of the image->text softmax;
