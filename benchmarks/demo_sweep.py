@@ -27,6 +27,8 @@ Held-out colour-shape pairs (README, "Why black hexagons lag"; 1,500 steps, lr 3
 
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 150 \
       --lr 3e-3 [--gray 0.2 | --neg 1]
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
+      --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3]      # run-to-run spread
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
