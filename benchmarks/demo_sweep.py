@@ -28,7 +28,7 @@ Held-out colour-shape pairs (README, "Why black hexagons lag"; 1,500 steps, lr 3
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 150 \
       --lr 3e-3 [--gray 0.2 | --neg 1]
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
-      --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3]      # run-to-run spread
+      --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3 | --stemnorm gn --seed 0/1/2]  # spread
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
@@ -130,6 +130,7 @@ p.add_argument('--tpool', default='eot'); p.add_argument('--force_pos', type=flo
 p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', type=int, default=None)
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
 p.add_argument('--stem1', type=int, default=0, help='prepend a stride-1 3x3 conv with this many channels to the conv stem')
+p.add_argument('--stemnorm', default='bn', choices=['bn', 'gn'], help="the conv stem's norm: BatchNorm or GroupNorm(1) (per image)")
 p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
@@ -150,6 +151,11 @@ if a.stem1:
     first = old[0]
     old[0] = nn.Conv2d(a.stem1, first.out_channels, 3, stride=2, padding=1, bias=False)
     model.visual.conv1 = nn.Sequential(nn.Conv2d(3, a.stem1, 3, padding=1, bias=False), nn.BatchNorm2d(a.stem1), nn.ReLU(inplace=True), *old)
+if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of batch statistics
+    stem = model.visual.conv1
+    for k, m_ in enumerate(stem):
+        if isinstance(m_, nn.BatchNorm2d):
+            stem[k] = nn.GroupNorm(1, m_.num_features)
 if a.scale_init is not None:
     with torch.no_grad(): model.logit_scale.fill_(math.log(a.scale_init))
 if a.tpool == 'mean':
