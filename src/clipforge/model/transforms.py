@@ -59,7 +59,8 @@ class RandomResizedCropNormalize:
         """(left, top, right, bottom) of the crop, as torchvision's get_params draws it."""
         if self.scale == (1.0, 1.0) and width == height and self.ratio[0] <= 1.0 <= self.ratio[1]:
             # Every draw then yields the whole square image (an exact fit, or the fallback), so
-            # skip the ten draws: the demo trains this way, and they were a third of the transform.
+            # skip the ten draws: the demo trains this way, and they were a quarter of the transform
+            # (22 of 92 us per sample under cProfile).
             return 0, 0, width, height
         area = width * height
         for _ in range(10):
