@@ -28,7 +28,7 @@ Held-out colour-shape pairs (README, "Why black hexagons lag"; 1,500 steps, lr 3
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 150 \
       --lr 3e-3 [--gray 0.2 | --neg 1]
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
-      --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3 | --stemnorm gn --seed 0/1/2]  # spread
+      --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3 | --stemnorm gn --seed 0/1/2 | --vpool mean]  # spread
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
@@ -131,6 +131,7 @@ p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', t
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
 p.add_argument('--stem1', type=int, default=0, help='prepend a stride-1 3x3 conv with this many channels to the conv stem')
 p.add_argument('--stemnorm', default='bn', choices=['bn', 'gn'], help="the conv stem's norm: BatchNorm or GroupNorm(1) (per image)")
+p.add_argument('--vpool', default='cls', choices=['cls', 'mean'], help='image embedding: class token or mean of patch tokens')
 p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
@@ -156,6 +157,17 @@ if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of ba
     for k, m_ in enumerate(stem):
         if isinstance(m_, nn.BatchNorm2d):
             stem[k] = nn.GroupNorm(1, m_.num_features)
+if a.vpool == 'mean':  # the image embedding from the mean of the patch tokens instead of the class token
+    import types as _types
+    def _vfwd(self, x, project=True):
+        if x.device.type == 'cpu': x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        x = self.transformer(x)[:, 1:].mean(1)
+        pooled = self.ln_post(x)
+        return pooled @ self.proj if project else pooled
+    model.visual.forward = _types.MethodType(_vfwd, model.visual)
 if a.scale_init is not None:
     with torch.no_grad(): model.logit_scale.fill_(math.log(a.scale_init))
 if a.tpool == 'mean':
