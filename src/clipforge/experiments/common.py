@@ -172,7 +172,7 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
     from tqdm.auto import tqdm
 
     from clipforge.train.config import OptimConfig, ScheduleConfig
-    from clipforge.train.optim import LrSchedule, build_optimizer
+    from clipforge.train.optim import LrSchedule, build_optimizer, zero_grads
 
     device = torch.device(cfg.device)
     model.to(device).train()
@@ -196,7 +196,7 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
             if cfg.augment:
                 batch = random_resized_crop(batch, gen)
             loss = step_loss(normalize(batch.to(device)), idx)
-            opt.zero_grad(set_to_none=True)
+            zero_grads(opt, device)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
