@@ -73,6 +73,20 @@ def augment(x, gen):
             x[pick] = (((raw * LUMA).sum(1, keepdim=True)).expand(-1, 3, -1, -1) - MEAN) / STD
     return x
 
+def heldout_shape_scores(predict_names):
+    """Shape accuracy on the single-object test_heldout images, overall and per held-out
+    (colour, shape) pair. ``predict_names`` maps a normalised image batch to shape names."""
+    rows_, X_ = load('test_heldout')
+    keep = [i for i, r in enumerate(rows_) if r['shape']]  # the shape column is set for single objects only
+    names = [n for k in range(0, len(keep), 500) for n in predict_names(prep(X_[keep[k:k + 500]]))]
+    right = torch.tensor([n == rows_[i]['shape'] for n, i in zip(names, keep)])
+    pairs = [(rows_[i]['colour'], rows_[i]['shape']) for i in keep]
+    out = {'heldout_shape': round(right.float().mean().item() * 100, 1)}
+    for pair in sorted(set(pairs)):
+        sel = torch.tensor([q == pair for q in pairs])
+        out['heldout_' + '_'.join(pair)] = round(right[sel].float().mean().item() * 100, 1)
+    return out
+
 def supervised(a) -> int:
     """The image tower alone, trained with cross-entropy on one label column of the
     single-object images: how fast the tower *can* learn the attribute."""
@@ -101,15 +115,8 @@ def supervised(a) -> int:
     res = {'name': a.name, 'supervised': a.supervised, 'model': a.model, 'steps': a.steps,
            'accuracy': round(acc.item() * 100, 1), 'train_s': round(time.time() - t0)}
     if a.supervised == 'shape':  # the same tower on the held-out colour-shape pairs
-        hrows, HX = load('test_heldout')
-        hk = [i for i, r in enumerate(hrows) if r['shape']]
         with torch.no_grad():
-            hp = torch.cat([net(prep(HX[hk][i:i + 500])).argmax(-1) for i in range(0, len(hk), 500)])
-        right = torch.tensor([cls[p_] == hrows[i]['shape'] for p_, i in zip(hp.tolist(), hk)])
-        res['heldout'] = round(right.float().mean().item() * 100, 1)
-        for pair in sorted({(hrows[i]['colour'], hrows[i]['shape']) for i in hk}):
-            sel = torch.tensor([(hrows[i]['colour'], hrows[i]['shape']) == pair for i in hk])
-            res['heldout_' + '_'.join(pair)] = round(right[sel].float().mean().item() * 100, 1)
+            res.update(heldout_shape_scores(lambda x: [cls[j] for j in net(x).argmax(-1).tolist()]))
     print(json.dumps(res), flush=True)
     open(a.out, 'a').write(json.dumps(res) + '\n')
     return 0
@@ -158,16 +165,8 @@ if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of ba
         if isinstance(m_, nn.BatchNorm2d):
             stem[k] = nn.GroupNorm(1, m_.num_features)
 if a.vpool == 'mean':  # the image embedding from the mean of the patch tokens instead of the class token
-    import types as _types
-    def _vfwd(self, x, project=True):
-        if x.device.type == 'cpu': x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv1(x).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
-        x = self.transformer(x)[:, 1:].mean(1)
-        pooled = self.ln_post(x)
-        return pooled @ self.proj if project else pooled
-    model.visual.forward = _types.MethodType(_vfwd, model.visual)
+    _full = model.visual.transformer.forward  # every position through every block, then the mean
+    model.visual.transformer.forward = lambda x, causal=False, rows=None: _full(x, causal)[:, 1:].mean(1)
 if a.scale_init is not None:
     with torch.no_grad(): model.logit_scale.fill_(math.log(a.scale_init))
 if a.tpool == 'mean':
@@ -322,19 +321,10 @@ with torch.no_grad():
         e = F.normalize(model.encode_text(tok([t.replace('{}', c) for t in tj['templates'] for c in cls])), dim=-1)
         w = F.normalize(e.view(len(tj['templates']), len(cls), -1).mean(0), dim=-1)
         res[task] = round(((img[keep] @ w.T).argmax(-1) == lab).float().mean().item()*100, 1)
-    # held-out colour-shape pairs: shape zero-shot on the single-object test_heldout images
-    hrows, HX = load('test_heldout')
-    hkeep = [i for i, r in enumerate(hrows) if r['count'] == '1']
-    himg = F.normalize(torch.cat([model.encode_image(prep(HX[hkeep][i:i+500])) for i in range(0, len(hkeep), 500)]), dim=-1)
-    tj = json.load(open(f'{W}/tasks/shape.json')); cls = tj['classes']
-    e = F.normalize(model.encode_text(tok([t.replace('{}', c) for t in tj['templates'] for c in cls])), dim=-1)
-    w = F.normalize(e.view(len(tj['templates']), len(cls), -1).mean(0), dim=-1)
-    hpred = (himg @ w.T).argmax(-1)
-    hright = torch.tensor([cls[p_] == hrows[i]['shape'] for p_, i in zip(hpred.tolist(), hkeep)])
-    res['heldout_shape'] = round(hright.float().mean().item() * 100, 1)
-    for pair in sorted({(hrows[i]['colour'], hrows[i]['shape']) for i in hkeep}):
-        sel = torch.tensor([(hrows[i]['colour'], hrows[i]['shape']) == pair for i in hkeep])
-        res['heldout_' + '_'.join(pair)] = round(hright[sel].float().mean().item() * 100, 1)
+        if task == 'shape':  # the same zero-shot classifier on the held-out colour-shape pairs
+            shape_cls, shape_w = cls, w
+            res.update(heldout_shape_scores(lambda x: [shape_cls[j] for j in (
+                F.normalize(model.encode_image(x), dim=-1) @ shape_w.T).argmax(-1).tolist()]))
     # retrieval: first 1000 captions
     te = F.normalize(model.encode_text(tok([r['caption'] for r in trows[:1000]])), dim=-1)
     sims = te @ img[:1000].T
