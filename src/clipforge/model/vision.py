@@ -62,9 +62,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
         if self.stem_is_conv and x.device.type == "cpu":
-            # oneDNN runs the stem's 3x3 convolutions faster channels-last (tiny-bow's whole bf16
-            # training step 97 -> 88 ms, alternating in one process); the weights keep their layout,
-            # and the flatten/transpose below is then a view of the output rather than a copy.
+            # oneDNN runs the stem's 3x3 convolutions faster channels-last (tiny-bow's bf16 training
+            # step 91 -> 87 ms: benchmarks/bench_demo_step.py --compare stem); the weights keep their
+            # layout, and the flatten/transpose below is then a view of the output rather than a copy.
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv1(x)  # [B, W, g, g]
         x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]

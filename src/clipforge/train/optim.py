@@ -57,11 +57,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 def zero_grads(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Clear the gradients before a step: zeroed in place on a CPU, dropped elsewhere.
 
-    On a CPU a dropped gradient buffer larger than glibc's mmap threshold is returned to the
-    system, and the next backward gets fresh pages that fault on first write: tiny-bow's 25 MB
-    token-table gradient cost ~15 ms of a ~90 ms step that way (73 vs 92 ms per step measured
-    alternating in one process; the same 86 ms for both once the threshold was raised). GPU
-    caching allocators reuse memory, so there dropping them saves the memset.
+    On a CPU a dropped gradient buffer larger than glibc's mmap threshold can go back to the
+    system, and the next backward then faults in fresh pages (tiny-bow's token-table gradient is
+    25 MB). ``benchmarks/bench_demo_step.py --compare grads``, one model per process, 10 alternating
+    pairs: 4.7-7.4k page faults per step against 8.4-8.8k, median step 93 vs 102 ms, but the paired
+    ratio ranged 0.9-1.26 (the host's noise is as large as the effect). GPU caching allocators
+    reuse memory, so there dropping them saves the memset.
     """
     optimizer.zero_grad(set_to_none=device.type != "cpu")
 

@@ -1,0 +1,113 @@
+"""The demo model's CPU training step, with and without one of its step-time choices.
+
+    .venv/bin/python benchmarks/bench_demo_step.py --compare grads   # gradients zeroed in place vs dropped
+    .venv/bin/python benchmarks/bench_demo_step.py --compare stem    # conv stem channels-last vs NCHW
+    .venv/bin/python benchmarks/bench_demo_step.py --compare pool    # class-token embedding vs mean of patches
+
+One step = clear the gradients, bf16 autocast forward of ``tiny-bow`` on a synthetic batch (128
+images of 64 px, captions of 20 tokens), the contrastive loss in fp32, backward, gradient clipping
+at 1.0, fused AdamW: what the trainer does per step, without the loader. Each side runs in its own
+process, one model per process as in training (two models in one process share the allocator,
+and what one frees the other reuses: that hid the in-place gradients' effect entirely), and the
+processes alternate (A B, B A, ...) so the shared host's drift falls on both alike. Per process:
+the median step time after warm-up and the minor page faults per step. The README quotes these
+comparisons ("What the demo reaches"); a JSON record goes to results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, summarize, write_record  # noqa: E402
+
+# (the variant the demo uses, the alternative) per comparison
+VARIANTS = {
+    "grads": ("zeroed in place", "dropped (set_to_none)"),
+    "stem": ("channels-last stem", "NCHW stem"),
+    "pool": ("class token", "mean of patch tokens"),
+}
+
+
+def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: int) -> dict:
+    """One side, in this process: median seconds per step and minor page faults per step."""
+    import torch
+
+    import clipforge
+    from clipforge.train.config import OptimConfig
+    from clipforge.train.loss import ContrastiveLoss
+    from clipforge.train.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    model = clipforge.create_model("tiny-bow", seed=0).train()
+    if alternative and compare == "stem":
+        model.visual.stem_is_conv = False  # skips the channels-last reorder
+    if alternative and compare == "pool":
+        full = model.visual.transformer.forward  # every position through every block, then the mean
+        model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
+    in_place = not (alternative and compare == "grads")
+    opt = build_optimizer(model, OptimConfig(lr=2e-3, weight_decay=0.1))
+    images = torch.randn(128, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))
+    tokens[:, 20:] = 0
+    loss_fn = ContrastiveLoss()
+    times, faults0 = [], 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=not in_place)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images, tokens)
+        loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    return {"median_s": statistics.median(times), "faults_per_step": faults / steps}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", choices=sorted(VARIANTS), required=True)
+    p.add_argument("--reps", type=int, default=4, help="processes per side, alternating")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--side", choices=["ours", "other"], help=argparse.SUPPRESS)  # a child process
+    a = p.parse_args()
+    if a.reps < 1 or a.steps < 1 or a.warmup < 0:
+        p.error("--reps and --steps must be >= 1, --warmup >= 0")
+    if a.side:
+        print(json.dumps(measure(a.compare, a.side == "other", a.steps, a.warmup, a.threads)))
+        return 0
+    names = dict(zip(("ours", "other"), VARIANTS[a.compare]))
+    runs: dict[str, list[dict]] = {"ours": [], "other": []}
+    for r in range(a.reps):
+        for side in ("ours", "other") if r % 2 == 0 else ("other", "ours"):
+            cmd = [sys.executable, __file__, "--compare", a.compare, "--side", side, "--steps", str(a.steps),
+                   "--warmup", str(a.warmup), "--threads", str(a.threads)]
+            runs[side].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+    times = {names[s]: [x["median_s"] for x in v] for s, v in runs.items()}
+    table = summarize(times, reference=names["other"])
+    faults = {names[s]: round(statistics.median(x["faults_per_step"] for x in v)) for s, v in runs.items()}
+    ms = {k: round(1000 * v, 1) for k, v in table["median_s"].items()}
+    text = print_table([[k, ms[k], faults[k], table["paired_speedup_median"][k]] for k in times],
+                       ["variant", "ms per step (median)", "page faults per step", "speedup (paired)"])
+    path = write_record("demo_step", {"compare": a.compare, "steps": a.steps, "warmup": a.warmup,
+                                      "threads": a.threads, "ms_per_step": ms, "faults_per_step": faults,
+                                      "table": text, **table})
+    print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
