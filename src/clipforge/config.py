@@ -33,6 +33,12 @@ class VisionConfig:
     # stride-2 convs with BatchNorm + ReLU ("conv", Xiao et al. 2021, "Early convolutions help
     # transformers see better"): far more sample-efficient on small data, clipforge's format only.
     stem: Literal["patch", "conv"] = "patch"
+    # The conv stem's first activation. "abs" rectifies with |x| (Jarrett et al. 2009): an edge
+    # filter then answers a dark-on-light edge as it does a light-on-dark one, so shape features
+    # learned on bright objects carry over to dark ones. On the data world's held-out colour-shape
+    # pairs (black hexagons are the only dark held-out object) it lifted a shape classifier's
+    # held-out accuracy from 89.7 to 97.4% (README, "What the demo reaches"). Later stages keep ReLU.
+    stem_act: Literal["relu", "abs"] = "relu"
 
     def __post_init__(self) -> None:
         if self.arch not in ("vit", "resnet"):
@@ -43,6 +49,10 @@ class VisionConfig:
             raise ValueError(f"VisionConfig.stem must be 'patch' or 'conv', got {self.stem!r}")
         if self.stem == "conv" and (self.arch != "vit" or self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError("a conv stem needs a ViT whose patch_size is a power of two >= 2")
+        if self.stem_act not in ("relu", "abs"):
+            raise ValueError(f"VisionConfig.stem_act must be 'relu' or 'abs', got {self.stem_act!r}")
+        if self.stem_act != "relu" and self.stem != "conv":
+            raise ValueError("VisionConfig.stem_act applies to a conv stem only (stem='conv')")
         if self.arch == "resnet" and self.image_size % 32:
             raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
         object.__setattr__(self, "resnet_layers", tuple(self.resnet_layers))

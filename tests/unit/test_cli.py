@@ -47,7 +47,8 @@ def test_models_lists_registry(capsys):
     assert "ViT-B-32" in out and "151.28" in out
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert rows["ViT-B-32"].rstrip().endswith("clip x12")
-    assert "conv stem" in rows["tiny-bow"] and rows["tiny-bow"].rstrip().endswith("bag of words")
+    assert "conv stem |x|" in rows["tiny-bow"] and rows["tiny-bow"].rstrip().endswith("bag of words")
+    assert "conv stem" in rows["tiny-conv"] and "|x|" not in rows["tiny-conv"]
 
 
 def test_python_dash_m_entry_point():

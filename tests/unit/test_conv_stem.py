@@ -1,4 +1,5 @@
-"""The ViT conv stem (VisionConfig.stem='conv'): grid, config validation, save/load, export refusal."""
+"""The ViT conv stem (VisionConfig.stem='conv', stem_act): grid, polarity, config validation,
+save/load, export refusal."""
 
 from __future__ import annotations
 
@@ -31,21 +32,40 @@ def test_config_rejects_impossible_stems():
         VisionConfig(arch="resnet", image_size=64, stem="conv")
     with pytest.raises(ValueError, match="stem"):
         VisionConfig(stem="convolutional")
+    with pytest.raises(ValueError, match="stem_act"):
+        VisionConfig(arch="vit", image_size=64, patch_size=8, stem="conv", stem_act="gelu")
+    with pytest.raises(ValueError, match="conv stem only"):
+        VisionConfig(arch="vit", image_size=64, patch_size=8, stem="patch", stem_act="abs")
 
 
-def _conv_stem_config() -> ClipConfig:
+def test_abs_first_stage_answers_an_image_and_its_negative_alike():
+    """With |x| after the first conv (no bias) and BatchNorm at its initial statistics, an edge of
+    either polarity gives the same first-stage response: a dark object's outline excites the same
+    features as a light one's. ReLU keeps only one sign, so it does not."""
+    x = torch.randn(2, 3, 32, 32)
+    abs_stem, relu_stem = conv_stem(64, 8, "abs").eval(), conv_stem(64, 8).eval()
+    assert [type(m).__name__ for m in abs_stem if "Act" in type(m).__name__ or "ReLU" in type(m).__name__] == \
+        ["AbsActivation", "ReLU", "ReLU"]  # only the first stage changes
+    with torch.no_grad():
+        torch.testing.assert_close(abs_stem[:3](x), abs_stem[:3](-x))
+        assert not torch.allclose(relu_stem[:3](x), relu_stem[:3](-x))
+        assert abs_stem(x).shape == relu_stem(x).shape == (2, 64, 4, 4)
+
+
+def _conv_stem_config(act: str = "relu") -> ClipConfig:
     cfg = get_config("nano")
-    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem="conv"))
+    return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem="conv", stem_act=act))
 
 
-def test_save_load_round_trip_is_exact(tmp_path):
-    model = clipforge.create_model(_conv_stem_config(), seed=0)
+@pytest.mark.parametrize("act", ["relu", "abs"])
+def test_save_load_round_trip_is_exact(tmp_path, act):
+    model = clipforge.create_model(_conv_stem_config(act), seed=0)
     model.train()
     model(torch.randn(8, 3, 64, 64), torch.randint(1, 400, (8, 10)))  # move the BatchNorm running stats
     model.eval()
     clipforge.save(model, tmp_path / "m")
     loaded, _ = clipforge.load(tmp_path / "m")
-    assert loaded.config.vision.stem == "conv"
+    assert loaded.config.vision.stem == "conv" and loaded.config.vision.stem_act == act
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), loaded.encode_image(x))

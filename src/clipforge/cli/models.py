@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         tower = f"ViT/{cfg.vision.patch_size} x{cfg.vision.layers}" if cfg.vision.arch == "vit" else (
             "ResNet " + "-".join(map(str, cfg.vision.resnet_layers)))
         if cfg.vision.arch == "vit" and cfg.vision.stem == "conv":
-            tower += " conv stem"
+            tower += " conv stem" + (" |x|" if cfg.vision.stem_act == "abs" else "")
         rows.append({"name": name, "image_tower": tower, "text_tower": _text_tower(cfg.text),
                      "image_size": cfg.vision.image_size, "embed_dim": cfg.embed_dim, "params_m": params,
                      "quick_gelu": cfg.quick_gelu, **({"unavailable": note} if note else {})})

