@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_demo_step.py --compare grads   # gradients zeroed in place vs dropped
     .venv/bin/python benchmarks/bench_demo_step.py --compare stem    # conv stem channels-last vs NCHW
     .venv/bin/python benchmarks/bench_demo_step.py --compare pool    # class-token embedding vs mean of patches
+    .venv/bin/python benchmarks/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
+    .venv/bin/python benchmarks/bench_demo_step.py --compare alloc   # freed memory kept for reuse vs glibc default
 
 One step = clear the gradients, bf16 autocast forward of ``tiny-bow`` on a synthetic batch (128
 images of 64 px, captions of 20 tokens), the contrastive loss in fp32, backward, gradient clipping
@@ -33,6 +35,8 @@ VARIANTS = {
     "grads": ("zeroed in place", "dropped (set_to_none)"),
     "stem": ("channels-last stem", "NCHW stem"),
     "pool": ("class token", "mean of patch tokens"),
+    "act": ("|x| first stage", "ReLU first stage"),
+    "alloc": ("freed memory reused", "glibc default"),
 }
 
 
@@ -45,13 +49,19 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     from clipforge.train.loss import ContrastiveLoss
     from clipforge.train.optim import build_optimizer
 
+    from clipforge.train.runtime import reuse_freed_memory
+
     torch.set_num_threads(threads)
+    if compare != "alloc" or not alternative:
+        reuse_freed_memory()  # as the trainer does on a CPU
     model = clipforge.create_model("tiny-bow", seed=0).train()
     if alternative and compare == "stem":
         model.visual.stem_is_conv = False  # skips the channels-last reorder
     if alternative and compare == "pool":
         full = model.visual.transformer.forward  # every position through every block, then the mean
         model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
+    if alternative and compare == "act":
+        model.visual.conv1[2] = torch.nn.ReLU(inplace=True)  # the stem's first activation
     in_place = not (alternative and compare == "grads")
     opt = build_optimizer(model, OptimConfig(lr=2e-3, weight_decay=0.1))
     images = torch.randn(128, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -81,8 +81,10 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
     from clipforge.data.loader import build_train_loader
     from clipforge.train.loss import ContrastiveLoss
     from clipforge.train.optim import build_optimizer, zero_grads
+    from clipforge.train.runtime import reuse_freed_memory
     from clipforge.utils import autocast
 
+    reuse_freed_memory()  # as the trainer will: time the steps it will run
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - workers))  # as the trainer will run
     try:

@@ -1,9 +1,11 @@
-"""Process-level helpers of the trainer: precision, CPU threads, and collectives on Python objects."""
+"""Process-level helpers of the trainer: precision, CPU threads and memory, and collectives on Python objects."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable
 
@@ -35,6 +37,24 @@ def configure_threads(device: torch.device, workers: int) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (cores - workers * local_world) // local_world))
+
+
+def reuse_freed_memory(limit: int = 1 << 30) -> bool:
+    """Have glibc serve allocations under ``limit`` bytes from its heap and keep freed memory
+    there for the next step, instead of mapping fresh pages for every large tensor and unmapping
+    them when freed (its default above 128 KiB-32 MiB). A CPU training step allocates the same
+    activations every step, and each fresh page costs a fault and a zeroing: the demo's step took
+    ~4.8k page faults with ReLU in its stem and ~8.4k with |x|, ~50 with this, and |x| then cost
+    nothing extra (benchmarks/bench_demo_step.py --compare alloc). Process-wide and lasting, so
+    only the trainer calls it, on a CPU. Returns False where the C library has no ``mallopt``."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

@@ -47,6 +47,7 @@ from clipforge.train.setup import build_model, prepare_model
 from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.runtime import (
     broadcast_object, configure_threads, gather_objects, install_sigterm_handler, resolve_precision,
+    reuse_freed_memory,
 )
 from clipforge.train.validation import run_validation
 from clipforge.utils import autocast, resolve_device
@@ -85,6 +86,8 @@ class Trainer:
             raise ConfigError("time_budget_s is for single-process runs (not yet with torchrun)")
         self.device = info.device if cfg.device in ("auto", "cuda") else resolve_device(cfg.device)
         configure_threads(self.device, cfg.workers)
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         self.precision = resolve_precision(cfg.precision, self.device)
         self.cfg = cfg = cfg.replace(precision=self.precision)
         self.run_dir = Path(cfg.out)
