@@ -33,6 +33,11 @@ def test_short_demo_writes_report(tmp_path, capsys):
     assert page.count("<img class=\"thumb\"") == 5 * 8  # five example queries, top 8 each
     printed = capsys.readouterr().out
     assert "text->image retrieval on 40 test captions" in printed
+    # The held-out pairs: shape against the test split, the gap target, and each pair.
+    held = zs["shape"]["test_heldout"]
+    assert sum(g["num_samples"] for g in held["by_group"].values()) == held["num_samples"]
+    assert "held-out colour-shape pairs: shape" in printed and "(target: within 10)" in printed
+    assert "per pair: " in printed and "held-out colour-shape pairs" in page
     # A second run reuses the generated world rather than rendering it again.
     world_json = (out / "world" / "world.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(out), "--steps", "1", "--model", "nano", "--train-samples", "96",

@@ -62,3 +62,22 @@ def test_evaluate_task_returns_none_without_labels(monkeypatch):
     task = {"label_column": "colour", "classes": ["purple"], "plain_template": "{}", "template": "{}",
             "templates": ["{}"]}
     assert evaluate_task(model, task, split(["red"]), FeatureOptions(progress=False)) is None
+
+
+def test_evaluate_task_breaks_accuracy_down_by_group(monkeypatch):
+    """by_group: ensemble accuracy per distinct value of the group columns, counting each row once;
+    rows missing a group value are scored overall but grouped nowhere."""
+    model = KeywordTextModel()
+    monkeypatch.setattr("clipforge.eval.features.default_tokenizer", lambda m: model.tokenize)
+    task = {"label_column": "colour", "classes": CLASSES, "plain_template": "{}",
+            "template": "a {} thing.", "templates": ["a {} thing."]}
+    data = split(["red", "green", "blue", "blue"])
+    data.features[3] = torch.tensor([1.0, 0, 0, 0])  # the second blue image looks red: wrong
+    for row, shape in zip(data.rows, ["circle", "circle", "star", "star", "star"]):
+        row["shape"] = shape
+    data.rows[1]["shape"] = ""  # green: no shape, so in no group
+    got = evaluate_task(model, task, data, FeatureOptions(progress=False), group_by=("colour", "shape"))
+    assert got["ensemble"] == 0.75 and got["num_samples"] == 4
+    assert got["by_group"] == {"blue star": {"accuracy": 0.5, "num_samples": 2},
+                               "red circle": {"accuracy": 1.0, "num_samples": 1}}
+    assert "by_group" not in evaluate_task(model, task, data, FeatureOptions(progress=False))

@@ -116,6 +116,23 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def heldout_lines(summary: dict[str, Any]) -> list[str]:
+    """Shape on the held-out colour-shape pairs against the test split, and per pair."""
+    shape = summary["results"]["zeroshot"].get("shape", {})
+    test, held = shape.get("test"), shape.get("test_heldout")
+    if not test or not held:
+        return []
+    gap = test["ensemble"] - held["ensemble"]
+    target = summary.get("heldout_gap_target")
+    verdict = "" if target is None else f" (target: within {100 * target:.0f}) " + ("ok" if gap <= target else "missed")
+    lines = [f"held-out colour-shape pairs: shape {_pct(held['ensemble'])}, {100 * gap:.1f} points below "
+             f"the test split's {_pct(test['ensemble'])}{verdict}"]
+    groups = held.get("by_group", {})
+    if groups:
+        lines.append("  per pair: " + ", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in groups.items()))
+    return lines
+
+
 def write_report(summary: dict[str, Any], world: Path, run_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results = summary["results"]
@@ -152,6 +169,7 @@ border:1px solid #ddd}}.query{{margin:8px 0}}</style></head><body>
 is the prediction; no classifier was trained on these labels.</p>
 <h2>Zero-shot accuracy (template ensemble unless stated)</h2>
 <table><tr><th>task</th><th>name only</th><th>one template</th>{head}<th>target</th></tr>{''.join(rows)}</table>
+{''.join(f"<p>{html.escape(line)}</p>" for line in heldout_lines(summary))}
 <h2>Retrieval on {r['num_texts']} test captions</h2>
 <p>text→image recall@1 {_pct(r['image_retrieval_recall@1'])}, @5 {_pct(r['image_retrieval_recall@5'])},
 @10 {_pct(r['image_retrieval_recall@10'])}; image→text recall@1 {_pct(r['text_retrieval_recall@1'])},
@@ -182,6 +200,8 @@ def print_summary(summary: dict[str, Any]) -> None:
                            ("test_scale_rotation", 10)))
         print(f"{task:<10}{_pct(t['plain']):>11}{_pct(t['template']):>12}{_pct(t['ensemble']):>10}{shifted}"
               f"{_pct(target):>9}{mark}")
+    for line in heldout_lines(summary):
+        print(line)
     r = summary["results"]["retrieval"]
     print(f"\ntext->image retrieval on {r['num_texts']} test captions: R@1 {_pct(r['image_retrieval_recall@1'])}, "
           f"R@5 {_pct(r['image_retrieval_recall@5'])}, R@10 {_pct(r['image_retrieval_recall@10'])}")

@@ -46,6 +46,8 @@ class WorldEvalConfig:
     retrieval_queries: tuple[str, ...] = ("a red circle", "two blue squares", "a large yellow star",
                                           "a green triangle at the top", "a pink heart on the left")
     retrieval_top: int = 8
+    # Accuracy also broken down by these row columns, per split: which held-out pair fails.
+    group_by: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"test_heldout": ("colour", "shape")})
     options: FeatureOptions = field(default_factory=lambda: FeatureOptions(batch_size=256, progress=False))
 
 
@@ -115,8 +117,12 @@ def _row_prompt_logits(
 
 
 def evaluate_task(
-    model: nn.Module, task: dict[str, Any], split: SplitFeatures, options: FeatureOptions
+    model: nn.Module, task: dict[str, Any], split: SplitFeatures, options: FeatureOptions,
+    group_by: Sequence[str] = (),
 ) -> dict[str, Any] | None:
+    """Accuracy with each prompt set, and for the ensemble the per-class recall and confusion
+    matrix; with ``group_by`` columns also ``by_group``: ensemble accuracy per distinct value
+    of those columns (e.g. "black hexagon"), rows missing one of them left out."""
     column, classes = task["label_column"], task["classes"]
     index = {c: i for i, c in enumerate(classes)}
     keep = [i for i, r in enumerate(split.rows) if str(r.get(column) or "") in index and split.readable[i]]
@@ -134,6 +140,15 @@ def evaluate_task(
     full = metrics.classification_metrics(logits["ensemble"], labels, len(classes))
     result["mean_per_class_recall"] = full["mean_per_class_recall"]
     result["confusion_matrix"] = full["confusion_matrix"]
+    if group_by:
+        right = (logits["ensemble"].argmax(dim=1) == labels).tolist()
+        groups: dict[str, list[bool]] = {}
+        for ok, i in zip(right, keep):
+            values = [str(split.rows[i].get(c) or "") for c in group_by]
+            if all(values):
+                groups.setdefault(" ".join(values), []).append(ok)
+        result["by_group"] = {k: {"accuracy": sum(v) / len(v), "num_samples": len(v)}
+                              for k, v in sorted(groups.items())}
     return result
 
 
@@ -153,7 +168,7 @@ def evaluate_world(model: nn.Module, world: str | Path, cfg: WorldEvalConfig = W
             per_split = {}
             for s in cfg.splits:
                 if s in task.get("splits", cfg.splits):
-                    r = evaluate_task(model, task, features[s], cfg.options)
+                    r = evaluate_task(model, task, features[s], cfg.options, cfg.group_by.get(s, ()))
                     if r is not None:
                         per_split[s] = r
             zeroshot[name] = per_split
