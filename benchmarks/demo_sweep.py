@@ -29,7 +29,14 @@ Held-out colour-shape pairs (README, "Why black hexagons lag"; 1,500 steps, lr 3
       --lr 3e-3 [--gray 0.2 | --neg 1]
   python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
       --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3 | --stemnorm gn --seed 0/1/2 | --vpool mean]  # spread
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100 \
+      [--stemact relu]
+
+The |x| first stage (README, "What closed most of the held-out gap"; tiny-bow now has it built in:
+without --stemact a model keeps its own first activation, --stemact relu gives tiny-bow's old ReLU stem):
+
+  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
+      --lr 2e-3 --seed 0/1/2 [--stemact relu | --stemact absmix]
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
@@ -43,6 +50,7 @@ from PIL import Image
 import clipforge
 from clipforge.train.loss import ContrastiveLoss
 from clipforge.model.registry import get_config
+from clipforge.model.vision import AbsActivation
 from dataclasses import replace
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1,3,1,1)
@@ -87,6 +95,46 @@ def heldout_shape_scores(predict_names):
         out['heldout_' + '_'.join(pair)] = round(right[sel].float().mean().item() * 100, 1)
     return out
 
+def shape_stem(visual):
+    """The conv-stem variants (--stem1, --stemnorm, --stemact), applied in place to an image tower."""
+    if not isinstance(visual.conv1, nn.Sequential):  # a patch embedding, not a conv stem
+        if a.stem1 or a.stemnorm != 'bn' or a.stemact:
+            sys.exit('--stem1/--stemnorm/--stemact need a model with a conv stem (tiny-conv, tiny-bow)')
+        return
+    if a.stem1:
+        old = visual.conv1
+        first = old[0]
+        old[0] = nn.Conv2d(a.stem1, first.out_channels, 3, stride=2, padding=1, bias=False)
+        visual.conv1 = nn.Sequential(nn.Conv2d(3, a.stem1, 3, padding=1, bias=False), nn.BatchNorm2d(a.stem1), nn.ReLU(inplace=True), *old)
+    stem = visual.conv1
+    if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of batch statistics
+        for k, m_ in enumerate(stem):
+            if isinstance(m_, nn.BatchNorm2d):
+                stem[k] = nn.GroupNorm(1, m_.num_features)
+    if not a.stemact:  # the model's own first activation (tiny-bow: |x|, tiny-conv: ReLU)
+        return
+    k = next(k for k, m_ in enumerate(stem) if isinstance(m_, (nn.ReLU, AbsActivation)))
+    if a.stemact == 'relu':
+        stem[k] = nn.ReLU(inplace=True)
+    elif a.stemact == 'absmix':  # half the first conv's channels |x| then BatchNorm (exactly sign-blind), half BatchNorm + ReLU
+        stem[k - 1] = AbsMix(stem[k - 1].num_features); stem[k] = nn.Identity()
+    else:
+        stem[k] = AbsActivation() if a.stemact == 'abs1' else CReLU()
+        if a.stemact == 'crelu1':  # twice the channels after the first activation
+            nxt = next(j for j in range(k + 1, len(stem)) if isinstance(stem[j], nn.Conv2d))
+            c = stem[nxt]
+            stem[nxt] = nn.Conv2d(2 * c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=c.bias is not None)
+
+class AbsMix(nn.Module):
+    def __init__(self, c):
+        super().__init__(); self.h = c // 2
+        self.bn_abs, self.bn_relu = nn.BatchNorm2d(self.h), nn.BatchNorm2d(c - self.h)
+    def forward(self, x):
+        return torch.cat([self.bn_abs(x[:, :self.h].abs()), F.relu(self.bn_relu(x[:, self.h:]))], 1)
+
+class CReLU(nn.Module):
+    def forward(self, x): return torch.cat([F.relu(x), F.relu(-x)], 1)
+
 def supervised(a) -> int:
     """The image tower alone, trained with cross-entropy on one label column of the
     single-object images: how fast the tower *can* learn the attribute."""
@@ -98,7 +146,9 @@ def supervised(a) -> int:
     tk = [i for i, r in enumerate(trows) if r[a.supervised]]
     TY = torch.tensor([cls.index(trows[i][a.supervised]) for i in tk]); TX = TX[tk]
     cfg = get_config(a.model)
-    net = nn.Sequential(clipforge.create_model(cfg, seed=a.seed).visual, nn.Linear(cfg.embed_dim, len(cls)))
+    visual = clipforge.create_model(cfg, seed=a.seed).visual
+    shape_stem(visual)
+    net = nn.Sequential(visual, nn.Linear(cfg.embed_dim, len(cls)))
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.wd, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(a.seed); t0 = time.time()
     for s in range(a.steps):
@@ -138,6 +188,7 @@ p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', t
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
 p.add_argument('--stem1', type=int, default=0, help='prepend a stride-1 3x3 conv with this many channels to the conv stem')
 p.add_argument('--stemnorm', default='bn', choices=['bn', 'gn'], help="the conv stem's norm: BatchNorm or GroupNorm(1) (per image)")
+p.add_argument('--stemact', default=None, choices=['relu', 'abs1', 'absmix', 'crelu1'], help="the conv stem's first activation: ReLU, |x|, half |x| before BatchNorm + half ReLU, or CReLU [relu(x), relu(-x)]")
 p.add_argument('--vpool', default='cls', choices=['cls', 'mean'], help='image embedding: class token or mean of patch tokens')
 p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
@@ -154,16 +205,7 @@ if a.vlayers or a.patch or a.vwidth:
 if a.tlayers: cfg = replace(cfg, text=replace(cfg.text, layers=a.tlayers))
 if a.siglip: cfg = replace(cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 model = clipforge.create_model(cfg, seed=a.seed)
-if a.stem1:
-    old = model.visual.conv1
-    first = old[0]
-    old[0] = nn.Conv2d(a.stem1, first.out_channels, 3, stride=2, padding=1, bias=False)
-    model.visual.conv1 = nn.Sequential(nn.Conv2d(3, a.stem1, 3, padding=1, bias=False), nn.BatchNorm2d(a.stem1), nn.ReLU(inplace=True), *old)
-if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of batch statistics
-    stem = model.visual.conv1
-    for k, m_ in enumerate(stem):
-        if isinstance(m_, nn.BatchNorm2d):
-            stem[k] = nn.GroupNorm(1, m_.num_features)
+shape_stem(model.visual)
 if a.vpool == 'mean':  # the image embedding from the mean of the patch tokens instead of the class token
     _full = model.visual.transformer.forward  # every position through every block, then the mean
     model.visual.transformer.forward = lambda x, causal=False, rows=None: _full(x, causal)[:, 1:].mean(1)
