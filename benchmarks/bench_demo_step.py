@@ -1,6 +1,6 @@
 """The demo model's CPU training step, with and without one of its step-time choices.
 
-    .venv/bin/python benchmarks/bench_demo_step.py --compare grads   # gradients zeroed in place vs dropped
+    .venv/bin/python benchmarks/bench_demo_step.py --compare grads   # gradients dropped vs zeroed in place
     .venv/bin/python benchmarks/bench_demo_step.py --compare stem    # conv stem channels-last vs NCHW
     .venv/bin/python benchmarks/bench_demo_step.py --compare pool    # class-token embedding vs mean of patches
     .venv/bin/python benchmarks/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
@@ -32,7 +32,7 @@ from common import print_table, summarize, write_record  # noqa: E402
 
 # (the variant the demo uses, the alternative) per comparison
 VARIANTS = {
-    "grads": ("zeroed in place", "dropped (set_to_none)"),
+    "grads": ("dropped (set_to_none)", "zeroed in place"),
     "stem": ("channels-last stem", "NCHW stem"),
     "pool": ("class token", "mean of patch tokens"),
     "act": ("|x| first stage", "ReLU first stage"),
@@ -62,7 +62,7 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
         model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
     if alternative and compare == "act":
         model.visual.conv1[2] = torch.nn.ReLU(inplace=True)  # the stem's first activation
-    in_place = not (alternative and compare == "grads")
+    in_place = alternative and compare == "grads"
     opt = build_optimizer(model, OptimConfig(lr=2e-3, weight_decay=0.1))
     images = torch.randn(128, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))

@@ -82,7 +82,7 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
     import clipforge
     from clipforge.data.loader import build_train_loader
     from clipforge.train.loss import ContrastiveLoss
-    from clipforge.train.optim import build_optimizer, zero_grads
+    from clipforge.train.optim import build_optimizer
     from clipforge.train.runtime import reuse_freed_memory
     from clipforge.utils import autocast
 
@@ -105,7 +105,7 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
             with autocast(precision, torch.device("cpu")):
                 out = model(batch.images, batch.tokens)
             loss = loss_fn(out.image_features, out.text_features, out.logit_scale)
-            zero_grads(opt, torch.device("cpu"))  # as the trainer does
+            opt.zero_grad(set_to_none=True)  # as the trainer does
             loss.backward()
             if optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)

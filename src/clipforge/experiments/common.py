@@ -172,9 +172,12 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
     from tqdm.auto import tqdm
 
     from clipforge.train.config import OptimConfig, ScheduleConfig
-    from clipforge.train.optim import LrSchedule, build_optimizer, zero_grads
+    from clipforge.train.optim import LrSchedule, build_optimizer
+    from clipforge.train.runtime import reuse_freed_memory
 
     device = torch.device(cfg.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # as the trainer does
     model.to(device).train()
     opt = build_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
     sched = LrSchedule(opt, ScheduleConfig(kind="cosine", warmup_steps=cfg.warmup), cfg.steps)
@@ -196,7 +199,7 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
             if cfg.augment:
                 batch = random_resized_crop(batch, gen)
             loss = step_loss(normalize(batch.to(device)), idx)
-            zero_grads(opt, device)
+            opt.zero_grad(set_to_none=True)  # as the trainer does
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -54,19 +54,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     )
 
 
-def zero_grads(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Clear the gradients before a step: zeroed in place on a CPU, dropped elsewhere.
-
-    On a CPU a dropped gradient buffer larger than glibc's mmap threshold can go back to the
-    system, and the next backward then faults in fresh pages (tiny-bow's token-table gradient is
-    25 MB). ``benchmarks/bench_demo_step.py --compare grads``, one model per process, 10 alternating
-    pairs: 4.7-7.4k page faults per step against 8.4-8.8k, median step 93 vs 102 ms, but the paired
-    ratio ranged 0.9-1.26 (the host's noise is as large as the effect). GPU caching allocators
-    reuse memory, so there dropping them saves the memset.
-    """
-    optimizer.zero_grad(set_to_none=device.type != "cpu")
-
-
 def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int | None) -> float:
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based)."""
     if step < cfg.warmup_steps:

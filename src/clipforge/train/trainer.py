@@ -42,7 +42,7 @@ from clipforge.train.distributed import DistInfo, all_reduce_sum, barrier, clean
 from clipforge.train.freeze import set_locked_eval
 from clipforge.train.logging import MetricsLogger, Progress
 from clipforge.train.loss import ContrastiveLoss
-from clipforge.train.optim import LrSchedule, build_optimizer, zero_grads
+from clipforge.train.optim import LrSchedule, build_optimizer
 from clipforge.train.setup import build_model, prepare_model
 from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.runtime import (
@@ -332,7 +332,9 @@ class Trainer:
 
     def _step(self, micro: list[Any]) -> tuple[float, float]:
         dev = self.device
-        zero_grads(self.opt, dev)
+        # Dropped, not zeroed: the backward then writes each gradient instead of adding it to zeros.
+        # (On a CPU, reuse_freed_memory keeps the dropped buffers' pages, so they do not fault back in.)
+        self.opt.zero_grad(set_to_none=True)
         pairs = [(b.images.to(dev, non_blocking=True), b.tokens.to(dev, non_blocking=True)) for b in micro]
         if len(pairs) == 1:
             with autocast(self.precision, dev):
