@@ -50,6 +50,8 @@ def test_abs_first_stage_answers_an_image_and_its_negative_alike():
         torch.testing.assert_close(abs_stem[:3](x), abs_stem[:3](-x))
         assert not torch.allclose(relu_stem[:3](x), relu_stem[:3](-x))
         assert abs_stem(x).shape == relu_stem(x).shape == (2, 64, 4, 4)
+    with pytest.raises(ValueError, match="first_act"):
+        conv_stem(64, 8, "gelu")
 
 
 def _conv_stem_config(act: str = "relu") -> ClipConfig:

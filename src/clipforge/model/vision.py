@@ -26,6 +26,8 @@ def conv_stem(width: int, patch_size: int, first_act: str = "relu") -> nn.Sequen
     then a 1x1 conv: the same [B, width, H/p, W/p] grid as a patch embedding, with a CNN's
     locality prior. Channels double per stage and end at ``width``. ``first_act='abs'`` rectifies
     the first stage with |x| instead (VisionConfig.stem_act explains why)."""
+    if first_act not in ("relu", "abs"):
+        raise ValueError(f"first_act must be 'relu' or 'abs', got {first_act!r}")
     stages = patch_size.bit_length() - 1
     chans = [max(16, width >> (stages - 1 - i)) for i in range(stages)]
     layers: list[nn.Module] = []
