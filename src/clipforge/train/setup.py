@@ -1,20 +1,26 @@
-"""Building the model a run trains: fresh, fine-tuned or resumed, with its training options applied."""
+"""What a run starts from: the checkpoint it resumes (if any), and the model it trains (fresh,
+fine-tuned or resumed) with its training options applied and its distributed wrapping."""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 
 import clipforge
 from clipforge.config import ClipConfig
-from clipforge.errors import ClipforgeError
+from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model.checkpoints import CONFIG_NAME
 from clipforge.model.clip import CLIP
+from clipforge.model.hf_text import HFTextTower
 from clipforge.model.registry import get_config
 from clipforge.train.config import ConfigError, TrainConfig
+from clipforge.train import checkpointing as ckpt
+from clipforge.train.distributed import DistInfo
 from clipforge.train.freeze import lock_tower, set_locked_eval
+from clipforge.train.runtime import broadcast_object
 
 
 def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -> CLIP:
@@ -86,3 +92,56 @@ def prepare_model(cfg: TrainConfig, raw: CLIP) -> list[torch.nn.Module]:
     if cfg.compile:
         raw.text.trim_padding = False  # static shapes: no data-dependent slicing
     return locked
+
+
+def choose_resume(cfg: TrainConfig, run_dir: Path, ckpt_root: Path, info: DistInfo) -> Path | None:
+    """The checkpoint to resume from, or None. Rank 0 checks the run directory and picks the
+    checkpoint (or the error) for everyone, so no rank is left waiting alone in a collective."""
+    main = info.rank == 0
+    choice, error = None, None
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            error = f"cannot write to the output directory {run_dir}: {e.strerror or e}"
+    if main and cfg.resume and error is None:
+        if cfg.resume == "auto":
+            choice = ckpt.latest_checkpoint(ckpt_root)
+        else:
+            choice = Path(cfg.resume)
+            if not (choice / ckpt.MARKER).is_file():
+                error = f"{choice}: not a complete training checkpoint (no {ckpt.MARKER} marker)"
+    choice, error = broadcast_object((choice, error), info)
+    if error:
+        raise CheckpointError(error)
+    return choice
+
+
+def wrap_model(raw: CLIP, cfg: TrainConfig, info: DistInfo,
+               device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The module the training step calls (FSDP-sharded, compiled, DDP-wrapped or ``raw`` itself),
+    and the parameters FSDP leaves replicated, whose gradients the trainer averages by hand."""
+    replicated: list[torch.nn.Parameter] = []
+    if cfg.fsdp and info.world_size > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        # Each block, then each tower, is one shard group. The scalar temperature (and
+        # bias) cannot be sharded: they stay replicated, their gradients averaged by hand.
+        for tower in (raw.visual, raw.text):
+            blocks = tower.blocks() if isinstance(tower, HFTextTower) else \
+                getattr(getattr(tower, "transformer", None), "resblocks", [])
+            for block in blocks:
+                fully_shard(block)
+            fully_shard(tower)
+        replicated = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None and p.requires_grad]
+    if cfg.compile:
+        raw.compile()  # in place: parameter names and state-dict keys stay unchanged
+    if info.world_size > 1 and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(raw, device_ids=ids), replicated
+    return raw, replicated

@@ -19,7 +19,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -35,7 +34,6 @@ import clipforge
 from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model.checkpoints import load_state_strict
 from clipforge.model.clip import CLIP
-from clipforge.model.hf_text import HFTextTower
 from clipforge.train import checkpointing as ckpt
 from clipforge.train.accumulation import accumulated_contrastive_backward
 from clipforge.train.config import ConfigError, TrainConfig, dump_config
@@ -44,7 +42,7 @@ from clipforge.train.freeze import set_locked_eval
 from clipforge.train.logging import MetricsLogger, Progress
 from clipforge.train.loss import ContrastiveLoss
 from clipforge.train.optim import LrSchedule, build_optimizer
-from clipforge.train.setup import build_model, prepare_model
+from clipforge.train.setup import build_model, choose_resume, prepare_model, wrap_model
 from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.runtime import (
     broadcast_object, configure_threads, gather_objects, install_sigterm_handler, resolve_precision,
@@ -101,7 +99,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.state = TrainState()
-        self.resume_dir = self._find_resume()
+        self.resume_dir = choose_resume(cfg, self.run_dir, self.ckpt_root, info)
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         raw = build_model(self.cfg, self.resume_dir, model)
@@ -113,7 +111,7 @@ class Trainer:
             self.state.restore(train_state, info.rank)
         self.raw = raw.to(self.device).train()
         self.locked = prepare_model(self.cfg, self.raw)
-        self.model = self._wrap(self.raw)
+        self.model, self.replicated = wrap_model(self.raw, cfg, info, self.device)
         self.opt = build_optimizer(self.raw, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.loss_fn = ContrastiveLoss(cfg.loss, cfg.loss_tile, info.world_size, info.rank)
@@ -138,54 +136,6 @@ class Trainer:
         self._signalled = True
 
     # -- setup ---------------------------------------------------------------------------
-    def _find_resume(self) -> Path | None:
-        """Rank 0 checks the run directory and picks the checkpoint (or the error) for
-        everyone, so no rank is left waiting alone in a collective."""
-        choice, error = None, None
-        if self.main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.run_dir / f".write-test-{os.getpid()}"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                error = f"cannot write to the output directory {self.run_dir}: {e.strerror or e}"
-        if self.main and self.cfg.resume and error is None:
-            if self.cfg.resume == "auto":
-                choice = ckpt.latest_checkpoint(self.ckpt_root)
-            else:
-                choice = Path(self.cfg.resume)
-                if not (choice / ckpt.MARKER).is_file():
-                    error = f"{choice}: not a complete training checkpoint (no {ckpt.MARKER} marker)"
-        choice, error = broadcast_object((choice, error), self.info)
-        if error:
-            raise CheckpointError(error)
-        return choice
-
-    def _wrap(self, raw: CLIP) -> torch.nn.Module:
-        cfg, info = self.cfg, self.info
-        self.replicated: list[torch.nn.Parameter] = []
-        if cfg.fsdp and info.world_size > 1:
-            from torch.distributed.fsdp import fully_shard
-
-            # Each block, then each tower, is one shard group. The scalar temperature (and
-            # bias) cannot be sharded: they stay replicated, their gradients averaged by hand.
-            for tower in (raw.visual, raw.text):
-                blocks = tower.blocks() if isinstance(tower, HFTextTower) else \
-                    getattr(getattr(tower, "transformer", None), "resblocks", [])
-                for block in blocks:
-                    fully_shard(block)
-                fully_shard(tower)
-            self.replicated = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None and p.requires_grad]
-        if cfg.compile:
-            raw.compile()  # in place: parameter names and state-dict keys stay unchanged
-        if info.world_size > 1 and not cfg.fsdp:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(raw, device_ids=ids)
-        return raw
-
     def _build_loader(self) -> Any:
         from clipforge.data.loader import build_train_loader
 
