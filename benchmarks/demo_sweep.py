@@ -119,11 +119,7 @@ def shape_stem(visual):
     elif a.stemact == 'absmix':  # half the first conv's channels |x| then BatchNorm (exactly sign-blind), half BatchNorm + ReLU
         stem[k - 1] = AbsMix(stem[k - 1].num_features); stem[k] = nn.Identity()
     else:
-        stem[k] = AbsActivation() if a.stemact == 'abs1' else CReLU()
-        if a.stemact == 'crelu1':  # twice the channels after the first activation
-            nxt = next(j for j in range(k + 1, len(stem)) if isinstance(stem[j], nn.Conv2d))
-            c = stem[nxt]
-            stem[nxt] = nn.Conv2d(2 * c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=c.bias is not None)
+        stem[k] = AbsActivation()
 
 class AbsMix(nn.Module):
     def __init__(self, c):
@@ -131,9 +127,6 @@ class AbsMix(nn.Module):
         self.bn_abs, self.bn_relu = nn.BatchNorm2d(self.h), nn.BatchNorm2d(c - self.h)
     def forward(self, x):
         return torch.cat([self.bn_abs(x[:, :self.h].abs()), F.relu(self.bn_relu(x[:, self.h:]))], 1)
-
-class CReLU(nn.Module):
-    def forward(self, x): return torch.cat([F.relu(x), F.relu(-x)], 1)
 
 def supervised(a) -> int:
     """The image tower alone, trained with cross-entropy on one label column of the
@@ -188,7 +181,7 @@ p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', t
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
 p.add_argument('--stem1', type=int, default=0, help='prepend a stride-1 3x3 conv with this many channels to the conv stem')
 p.add_argument('--stemnorm', default='bn', choices=['bn', 'gn'], help="the conv stem's norm: BatchNorm or GroupNorm(1) (per image)")
-p.add_argument('--stemact', default=None, choices=['relu', 'abs1', 'absmix', 'crelu1'], help="the conv stem's first activation: ReLU, |x|, half |x| before BatchNorm + half ReLU, or CReLU [relu(x), relu(-x)]")
+p.add_argument('--stemact', default=None, choices=['relu', 'abs1', 'absmix'], help="the conv stem's first activation: ReLU, |x|, or half |x| before BatchNorm + half ReLU [the model's own]")
 p.add_argument('--vpool', default='cls', choices=['cls', 'mean'], help='image embedding: class token or mean of patch tokens')
 p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')

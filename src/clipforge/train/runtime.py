@@ -44,9 +44,9 @@ def reuse_freed_memory(limit: int = 1 << 30) -> bool:
     there for the next step, instead of mapping fresh pages for every large tensor and unmapping
     them when freed (its default above 128 KiB-32 MiB). A CPU training step allocates the same
     activations every step, and each fresh page costs a fault and a zeroing: the demo's step took
-    ~4.8k page faults with ReLU in its stem and ~8.4k with |x|, ~50 with this, and |x| then cost
-    nothing extra (benchmarks/bench_demo_step.py --compare alloc). Process-wide and lasting, so
-    only the trainer calls it, on a CPU. Returns False where the C library has no ``mallopt``."""
+    ~4.8k page faults with ReLU in its stem and ~8.4k with |x|; with this 7-40, and the step
+    92.4 -> 79.1 ms (benchmarks/bench_demo_step.py --compare alloc|act). Process-wide and lasting, so
+    only training loops call it, on a CPU (the trainer, the demo's step timing, experiments.fit). Returns False where the C library has no ``mallopt``."""
     if not sys.platform.startswith("linux"):
         return False
     try:
