@@ -73,7 +73,7 @@ def make_embeddings(root: Path, n: int, clusters: int, seed: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clipforge.search.embed import FORMAT
+    from clipforge.search.layout import EMB_FORMAT
 
     done = root / ".complete"
     if done.exists():
@@ -89,7 +89,7 @@ def make_embeddings(root: Path, n: int, clusters: int, seed: int) -> Path:
         meta = pa.table({"path": [f"synthetic/{i:08d}.jpg" for i in range(lo, hi)],
                          "position": pa.array(range(lo, hi), pa.int64())})
         pq.write_table(meta, root / "metadata" / f"metadata_{k:05d}.parquet")
-    manifest = {"format": FORMAT, "kind": "image", "inputs": n, "input": f"synthetic mixture (seed {seed})",
+    manifest = {"format": EMB_FORMAT, "kind": "image", "inputs": n, "input": f"synthetic mixture (seed {seed})",
                 "input_fingerprint": f"synthetic-{n}-{clusters}-{seed}", "part_size": PART, "parts": parts,
                 "embed_dim": DIM, "model": "synthetic", "model_fingerprint": "synthetic", "text_embeddings": False}
     (root / "embeddings.json").write_text(json.dumps(manifest, indent=2))

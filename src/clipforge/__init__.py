@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from clipforge.version import __version__ as __version__
+
 __all__ = [
-    "list_models", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess", "ClipConfig", "CLIP"
+    "list_models", "list_pretrained", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess", "ClipConfig", "CLIP"
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("list_models", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess"):
-        from clipforge import api
+    if name in ("list_models", "list_pretrained", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess"):
+        from clipforge.model import factory
 
-        return getattr(api, name)
+        return getattr(factory, name)
     if name == "ClipConfig":
         from clipforge.config import ClipConfig
 

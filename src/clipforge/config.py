@@ -33,11 +33,8 @@ class VisionConfig:
     # stride-2 convs with BatchNorm + ReLU ("conv", Xiao et al. 2021, "Early convolutions help
     # transformers see better"): far more sample-efficient on small data, clipforge's format only.
     stem: Literal["patch", "conv"] = "patch"
-    # The conv stem's first activation. "abs" rectifies with |x| (Jarrett et al. 2009): an edge
-    # filter then answers a dark-on-light edge as it does a light-on-dark one, so shape features
-    # learned on bright objects carry over to dark ones. On the data world's held-out colour-shape
-    # pairs (black hexagons are the only dark held-out object) it lifted a shape classifier's
-    # held-out accuracy from 89.7 to 97.4% (README, "What the demo reaches"). Later stages keep ReLU.
+    # The conv stem's first activation. "abs" rectifies with |x| (Jarrett et al. 2009), so shape
+    # features learned on bright objects carry over to dark ones. Later stages keep ReLU.
     stem_act: Literal["relu", "abs"] = "relu"
 
     def __post_init__(self) -> None:
@@ -88,8 +85,8 @@ class TextConfig:
     # clipforge's transformer: output at the end-of-text token (CLIP), or the mean over the
     # tokens up to and including it. ``layers=0`` with the mean is a bag of words: the average
     # token embedding, projected (the text encoder of the CLIP paper's efficiency study, Fig. 2).
-    # It ignores word order but learns a small world's attribute words several times faster
-    # than a transformer from scratch (README, "What the demo reaches").
+    # It ignores word order but learns a small world's attribute words faster than a
+    # transformer from scratch (benchmarks/demo/RESULTS.md).
     pool: Literal["eot", "mean"] = "eot"
 
     def __post_init__(self) -> None:

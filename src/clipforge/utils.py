@@ -12,8 +12,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX): there bf16
-    autocast trains ~1.4x faster (measured: the demo's model, 2-core AMD EPYC); elsewhere bf16 is
-    emulated and slower than fp32."""
+    autocast trains faster than fp32; elsewhere bf16 is emulated and slower."""
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     try:

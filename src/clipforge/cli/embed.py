@@ -85,7 +85,7 @@ def _only_new(table, index_dir: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from clipforge.search.build import index_files
+    from clipforge.search.layout import index_files
     from clipforge.search.store import Store
 
     store = Store(index_files(Path(index_dir))[1], readonly=True)

@@ -1,7 +1,6 @@
 """Training data: turning sources into batches inside DataLoader workers.
 
-Entry points (re-exported here): ``DataConfig``, ``build_train_loader(...) -> TrainLoader``,
-``Batch``. Two datasets do the work, each yielding whole ``Batch`` es so that skip counts
+The loader (``data.loader.build_train_loader``) wraps these in a DataLoader. Two datasets do the work, each yielding whole ``Batch`` es so that skip counts
 travel from the worker that saw them to the trainer inside the batch they belong to:
 
 - ``MapBatches`` (CSV/TSV/Parquet/folder) builds batch k of an epoch from its list of indices.
@@ -31,7 +30,7 @@ from clipforge.data.config import DataConfig, resolve_kind, rng_for, seed_for
 from clipforge.data.skips import SKIP_KINDS, RawSample, Skip, load_sample, note_skip
 from clipforge.errors import DataError
 
-__all__ = ["DataConfig", "Batch", "SKIP_KINDS", "build_train_loader", "TrainLoader", "open_index"]
+__all__ = ["DataConfig", "Batch", "SKIP_KINDS", "MapBatches", "StreamBatches", "open_index"]
 
 log = logging.getLogger("clipforge.data")
 _REPORT_EVERY = 64  # a stream worker reports skips at least this often, batch or not
@@ -265,11 +264,3 @@ class StreamBatches(IterableDataset):
         elif counts:
             yield _counts_only(counts)
 
-
-def __getattr__(name: str) -> Any:
-    # The loader imports this module; importing it back lazily keeps one entry point without a cycle.
-    if name in ("build_train_loader", "TrainLoader", "EpochBatches"):
-        from clipforge.data import loader
-
-        return getattr(loader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ __all__ = [
     "default_tokenizer",
     "extract_image_features",
     "extract_text_features",
-    "model_fingerprint",
+    "weights_digest",
 ]
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # texts -> LongTensor [N, L]
@@ -71,15 +71,15 @@ class ImageFeatures:
 
 
 def default_tokenizer(model: nn.Module) -> Tokenizer:
-    """The tokenizer of the model's text tower (``clipforge.tokenizer_for``); for other modules,
-    ``clipforge.tokenize`` padded to their ``context_length``."""
-    import clipforge
+    """The tokenizer of the model's text tower (``tokenizer_for``); for other modules, CLIP's BPE
+    padded to their ``context_length``."""
     from clipforge.config import ClipConfig
+    from clipforge.model.factory import tokenize, tokenizer_for
 
     if isinstance(getattr(model, "config", None), ClipConfig):
-        return clipforge.tokenizer_for(model)
+        return tokenizer_for(model)
     length = int(getattr(model, "context_length", 77))
-    return lambda texts: clipforge.tokenize(list(texts), context_length=length)
+    return lambda texts: tokenize(list(texts), context_length=length)
 
 
 @contextlib.contextmanager
@@ -97,7 +97,7 @@ def _inference(model: nn.Module, options: FeatureOptions) -> Iterator[torch.devi
         model.train(was_training)
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def weights_digest(model: nn.Module) -> str:
     """A hash of the configuration and every weight: identical only for identical models."""
     h = hashlib.blake2b(digest_size=16)
     cfg = getattr(model, "config", None)
@@ -110,7 +110,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def _cache_key(model: nn.Module, paths: Sequence[Path], preprocess_id: str, options: FeatureOptions) -> str:
     h = hashlib.blake2b(digest_size=16)
-    h.update(model_fingerprint(model).encode())
+    h.update(weights_digest(model).encode())
     h.update(json.dumps({"pre": preprocess_id, "project": options.project, "precision": options.precision}).encode())
     for p in paths:
         try:
@@ -174,7 +174,7 @@ def extract_image_features(
         if cached is not None:
             return cached
     if preprocess is None:
-        from clipforge.api import get_preprocess
+        from clipforge.model.factory import get_preprocess
 
         preprocess = get_preprocess(model)
     with _inference(model, options) as device:

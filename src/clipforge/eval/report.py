@@ -51,9 +51,9 @@ def _versions() -> dict[str, str]:
     import numpy
     import torch
 
-    import clipforge
+    from clipforge.version import __version__
 
-    return {"clipforge": clipforge.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"clipforge": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
 
 

@@ -29,8 +29,8 @@ def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class _QuickGELUFn(torch.autograd.Function):
     """x * sigmoid(1.702 x), keeping only x for backward. Autograd on the plain expression also
-    keeps sigmoid(1.702 x): one more tensor of the MLP's 4x width in every block, ~20% of a
-    ViT block's saved activations. Backward recomputes it inside one fused kernel."""
+    keeps sigmoid(1.702 x), one more tensor of the MLP's 4x width in every block. Backward
+    recomputes it inside one fused kernel."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -129,10 +129,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fal
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over [B, H, Nq, Dh] queries and [B, H, N, Dh] keys/values;
     ``mask`` (True = may attend) broadcasts to [B, H, Nq, N]. SDPA, except in bf16/fp16 on the
-    CPU for short sequences: there PyTorch's fused CPU kernel ran forward + backward 3x slower than
-    plain matrix products (the demo's ViT, 65 tokens, AVX512-BF16: 33 ms vs 10-16 ms per layer; the
-    single class-token query's SDPA backward took 12 ms under the profiler), so the scores are
-    formed explicitly, with the softmax in fp32 as SDPA's math path does."""
+    CPU for short sequences, where PyTorch's fused CPU kernel runs forward + backward several
+    times slower than plain matrix products (commit 60b315e has the measurement): there the
+    scores are formed explicitly, with the softmax in fp32 as SDPA's math path does."""
     n = k.shape[-2]
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or n > _PLAIN_ATTENTION_MAX_LEN:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)

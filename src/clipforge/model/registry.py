@@ -50,18 +50,15 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     "small": _vit(192, 64, 192, 6, 8, _text(192, 4, 6), False),
     "medium": _vit(256, 64, 256, 8, 8, _text(256, 4, 8), False),
     "tiny-rn": _rn(128, 64, 16, (1, 1, 1, 1), _text(128, 4, 4)),
-    # The demo's model: ``tiny`` with a convolutional stem and a sharper initial temperature (1/50),
-    # both measured to learn the data world faster in a minutes-long CPU run (README, "What the
-    # demo reaches"). clipforge's format only: no other format has a conv stem.
+    # ``tiny`` with a convolutional stem and a sharper initial temperature (1/50), for faster
+    # learning on small data. clipforge's format only: no other format has a conv stem.
     "tiny-conv": replace(_vit(128, 64, 128, 4, 8, _text(128, 4, 4), False,
                               stem="conv"), init_logit_scale=math.log(50.0)),
     # The demo's model: tiny-conv's image tower cut to 2 blocks, with a bag-of-words text encoder
     # (the mean token embedding, projected: the CLIP paper's "bag of words contrastive" encoder).
-    # Order-blind, so relations are out of reach, but in a minutes-long CPU run it learns shape
-    # and retrieval the fastest of the towers measured, and 2 blocks learn as much per step as 4
-    # at 1.7x the steps (README, "What the demo reaches"). Its stem's first stage rectifies with
-    # |x| (VisionConfig.stem_act): held-out colour-shape pairs 83.2% against 72.0% with ReLU, mean
-    # of three seeds. clipforge's format only.
+    # Order-blind, so relations are out of reach, but it learns the demo's tasks fastest in a
+    # minutes-long CPU run; its stem rectifies with |x| (VisionConfig.stem_act). The comparisons
+    # behind these choices: benchmarks/demo/RESULTS.md. clipforge's format only.
     "tiny-bow": replace(_vit(128, 64, 128, 2, 8, _text(128, 4, 0, pool="mean"), False, stem="conv", stem_act="abs"),
                         init_logit_scale=math.log(50.0)),
     # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6

@@ -13,9 +13,8 @@ from clipforge.model.layers import LayerNorm, Transformer
 
 
 class AbsActivation(nn.Module):
-    """|x|: rectification that keeps the magnitude of a response of either sign. (An in-place
-    autograd version keeping only the sign mask measured slower: 46 vs 38 ms for the stem's
-    forward and backward on a demo batch of 128, bf16.)"""
+    """|x|: rectification that keeps the magnitude of a response of either sign, so an edge filter
+    answers a dark-on-light edge as it does a light-on-dark one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
@@ -75,8 +74,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
         if self.stem_is_conv and x.device.type == "cpu":
-            # oneDNN runs the stem's 3x3 convolutions faster channels-last (tiny-bow's bf16 training
-            # step 91 -> 87 ms: benchmarks/bench_demo_step.py --compare stem); the weights keep their
+            # oneDNN runs the stem's 3x3 convolutions faster channels-last; the weights keep their
             # layout, and the flatten/transpose below is then a view of the output rather than a copy.
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv1(x)  # [B, W, g, g]

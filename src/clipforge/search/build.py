@@ -21,27 +21,11 @@ from tqdm import tqdm
 
 from clipforge.errors import DataError
 from clipforge.search.index import (
-    INDEX_FORMAT, IndexConfig, Part, Plan, Report, _atomic, _gather, _new_index, exact_topk, plan_index, read_part,
+    IndexConfig, Part, Plan, Report, _atomic, _gather, _new_index, exact_topk, plan_index, read_part,
     scan_embeddings, tune,
 )  # fmt: skip
+from clipforge.search.layout import INDEX_FORMAT, REMOVABLE, index_files, load_info
 from clipforge.search.store import Store
-
-REMOVABLE = ("flat", "ivf", "ivfpq")  # HNSW and ivfpqr (refine) cannot delete vectors: removals become tombstones
-
-
-def index_files(index_dir: Path) -> tuple[Path, Path, Path]:
-    return index_dir / "index.faiss", index_dir / "meta.sqlite", index_dir / "index.json"
-
-
-def load_info(index_dir: str | Path) -> dict:
-    path = Path(index_dir) / "index.json"
-    if not path.is_file():
-        raise DataError(f"{str(index_dir)!r} is not an index directory (no index.json); run clipforge index")
-    info = json.loads(path.read_text())
-    if info.get("format") != INDEX_FORMAT:
-        raise DataError(f"{str(index_dir)!r}: unknown index format {info.get('format')!r}")
-    return info
-
 
 def _collect(emb_dirs: list[str]) -> tuple[list[Part], dict]:
     parts, model = [], None
@@ -211,7 +195,7 @@ def _open_for_update(out: Path):
     faiss_path, store_path, _ = index_files(out)
     store = Store(store_path)
     if store.info("version") != info.get("version"):
-        raise DataError(f"{out}: index and metadata disagree (an update was interrupted); rebuild with --rebuild")
+        raise DataError(f"{out}: index and metadata disagree (an update was interrupted); rebuild it (rebuild=True)")
     index = faiss.read_index(str(faiss_path))
     plan = Plan(info["kind"], info.get("reason", ""))
     return info, store, index, plan
@@ -233,7 +217,7 @@ def _update(emb_dirs: list[str], out: Path, cfg: IndexConfig) -> Report:
     parts, model = _collect(emb_dirs)
     if any(model.get(k) != info["model"].get(k) for k in ("model_fingerprint", "kind", "embed_dim")):
         dirs = ", ".join(emb_dirs)
-        raise DataError(f"embeddings in {dirs} come from another model or kind than {out}: use --rebuild")
+        raise DataError(f"embeddings in {dirs} come from another model or kind than {out}: rebuild it (rebuild=True)")
     new = [p for p in parts if not store.has_part(p.emb_dir, p.name)]
     report = Report(plan.kind, plan.reason, store.count(), 0, 0, info.get("params", {}), None, 0.0)
     if not new:
@@ -255,7 +239,7 @@ def _update(emb_dirs: list[str], out: Path, cfg: IndexConfig) -> Report:
         q_pos = np.sort(rng.choice(n_new, size=min(cfg.recall_queries, max(1, n_new // 10)), replace=False))
         _measure(index, plan.kind, new, q_pos, all_parts, store.live_ids(), cfg, report)
     if plan.kind == "flat" and report.total > cfg.exact_below:
-        report.notes.append(f"{report.total} vectors in an exact index: --rebuild would choose an approximate one")
+        report.notes.append(f"{report.total} vectors in an exact index: a rebuild would choose an approximate one")
     _save(out, index, store, plan, info["model"], report, info)
     store.close()
     report.seconds = time.perf_counter() - start
@@ -285,7 +269,7 @@ def _remove(out: Path, paths: list[str], missing: bool, ids: list[int], duplicat
     report = Report(plan.kind, plan.reason, 0, 0, removed, info.get("params", {}), None, 0.0)
     report.total = store.count()
     if plan.kind not in REMOVABLE and ids:
-        report.notes.append(f"{len(ids)} removals kept as tombstones ({plan.kind} cannot delete); --rebuild compacts")
+        report.notes.append(f"{len(ids)} removals kept as tombstones ({plan.kind} cannot delete); a rebuild compacts")
     _save(out, index, store, plan, info["model"], report, info)
     store.close()
     report.seconds = time.perf_counter() - start

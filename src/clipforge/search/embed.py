@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from clipforge.errors import DataError
 from clipforge.search import decode
+from clipforge.search.layout import EMB_FORMAT, finished_parts, model_fingerprint, part_name
 from clipforge.utils import Precision, autocast, resolve_device
 
-FORMAT = "clipforge-embeddings/1"
+FORMAT = EMB_FORMAT
 
 
 @dataclass(frozen=True)
@@ -70,28 +71,6 @@ class EmbedSummary:
         return (self.embedded + self.unreadable) / max(self.seconds, 1e-9)
 
 
-def part_name(kind: str, part: int, ext: str) -> str:
-    return f"{kind}/{kind}_{part:05d}.{ext}"
-
-
-def finished_parts(out_dir: str | Path) -> list[int]:
-    """Part numbers whose metadata file (written last) exists."""
-    meta = Path(out_dir) / "metadata"
-    if not meta.is_dir():
-        return []
-    return sorted(int(p.stem.rsplit("_", 1)[1]) for p in meta.glob("metadata_*.parquet"))
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Cheap identity of the weights (a few tensors), so parts from two models are never mixed."""
-    h = hashlib.sha256()
-    params = list(model.state_dict().items())
-    for name, t in params[:4] + params[-4:]:
-        h.update(name.encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:65536])
-    return h.hexdigest()[:16]
-
-
 def _check_manifest(out: Path, manifest: dict) -> None:
     """A resumed run must have the same inputs, part size and model; otherwise parts would mix."""
     path = out / "embeddings.json"
@@ -101,7 +80,7 @@ def _check_manifest(out: Path, manifest: dict) -> None:
             if old.get(key) != manifest.get(key):
                 raise DataError(
                     f"{out} holds embeddings of different {key.replace('_', ' ')} "
-                    f"({old.get(key)!r}, now {manifest.get(key)!r}); use a new --out directory"
+                    f"({old.get(key)!r}, now {manifest.get(key)!r}); write to a new output directory"
                 )
         if old == manifest:
             return
@@ -275,9 +254,9 @@ def _embed_batch(model, pieces: list[decode.Batch], normalizer: decode.BatchNorm
 
 @torch.no_grad()
 def _encode_texts(model, texts: list[str], device, precision) -> np.ndarray:
-    import clipforge
+    from clipforge.model.factory import tokenizer_for
 
-    tokens = clipforge.tokenizer_for(model)(texts).to(device)  # [B, context_length]
+    tokens = tokenizer_for(model)(texts).to(device)  # [B, context_length]
     with autocast(precision, device):
         feats = model.encode_text(tokens)  # [B, E]
     return F.normalize(feats.float(), dim=-1).half().cpu().numpy()

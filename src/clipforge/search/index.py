@@ -21,20 +21,15 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from clipforge.errors import DataError
-from clipforge.search import store as store_mod
-from clipforge.search.embed import FORMAT as EMB_FORMAT
-from clipforge.search.embed import finished_parts
+from clipforge.search.layout import EMB_FORMAT, finished_parts
 
-INDEX_FORMAT = "clipforge-index/1"
 Kind = Literal["auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpqr"]
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.errors import DataError
-from clipforge.search.build import REMOVABLE, index_files, load_info
+from clipforge.search.layout import REMOVABLE, index_files, load_info
 from clipforge.search.index import set_params
 from clipforge.search.store import Store
 

@@ -33,10 +33,10 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-import clipforge
 from clipforge.errors import ClipforgeError
+from clipforge.model.factory import tokenizer_for
 from clipforge.search import decode
-from clipforge.search.embed import model_fingerprint
+from clipforge.search.layout import model_fingerprint
 from clipforge.search.http import (
     BodyLimit, ClassifyResponse, EmbeddingsResponse, EmbedTextRequest, Health, SearchOptions, SearchRequest,
     SearchResponse, classify_body_schema, form_list, image_body_schema, search_body_schema, validation_message,
@@ -225,7 +225,7 @@ class _Engine:
         self.dim = index.dim
         self.image_size = model.config.preprocess.image_size
         self._lock = threading.Lock()
-        self.tokenizer = clipforge.tokenizer_for(model)  # CLIP's BPE, or a Hugging Face text tower's own
+        self.tokenizer = tokenizer_for(model)  # CLIP's BPE, or a Hugging Face text tower's own
         self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         expected = index.info.get("model", {}).get("model_fingerprint")

@@ -10,7 +10,6 @@ member directly without scanning the shard.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from clipforge.errors import DataError
+from clipforge.shards import expand_braces
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PATH_COLUMNS = ("path", "image_path", "filepath", "file", "filename", "image", "img")
@@ -120,7 +120,7 @@ def _list_table(p: Path, spec: InputSpec) -> pa.Table:
     path_col = _pick(names, spec.path_column, PATH_COLUMNS, "path", p)
     if path_col is None:
         listed = ", ".join(names)
-        raise DataError(f"no image path column in {str(p)!r}; name one with --path-column (columns: {listed})")
+        raise DataError(f"no image path column in {str(p)!r}; name one as path_column (columns: {listed})")
     cap_col = _pick(names, spec.caption_column, CAPTION_COLUMNS, "caption", p)
     raw = [None if v is None else str(v) for v in table.column(path_col).to_pylist()]
     if any(v is None or v == "" for v in raw):
@@ -143,24 +143,6 @@ def _list_table(p: Path, spec: InputSpec) -> pa.Table:
 
 def _is_scalar_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """WebDataset shard patterns: ``shards/{00000..00009}.tar`` or ``{a,b}.tar`` (several groups allowed)."""
-    groups = re.findall(r"\{([^{}]*)\}", pattern)
-    if not groups:
-        return [pattern]
-    options = []
-    for g in groups:
-        m = re.fullmatch(r"(\d+)\.\.(\d+)", g)
-        if m:
-            lo, hi = m.group(1), m.group(2)
-            width = len(lo) if lo.startswith("0") else 0
-            options.append([str(i).zfill(width) for i in range(int(lo), int(hi) + 1)])
-        else:
-            options.append(g.split(","))
-    template = re.sub(r"\{[^{}]*\}", "{}", pattern)
-    return [template.format(*combo) for combo in itertools.product(*options)]
 
 
 def _list_shards(shards: list[str]) -> pa.Table:
@@ -258,7 +240,7 @@ def read_texts(path: str | Path, caption_column: str | None = None) -> list[str]
         table = _read_table(p)
         col = _pick(table.column_names, caption_column, CAPTION_COLUMNS, "caption", p)
         if col is None:
-            raise DataError(f"no text column in {str(p)!r}; name one with --caption-column")
+            raise DataError(f"no text column in {str(p)!r}; name one as caption_column")
         texts = ["" if v is None else str(v) for v in table.column(col).to_pylist()]
     else:
         with open(p, encoding="utf-8", errors="replace") as f:

@@ -1,0 +1,108 @@
+"""Building models by name or config, loading and saving them, and what feeds them (preprocess,
+tokenizer). ``clipforge`` re-exports these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+from clipforge.config import DEFAULT_CROP_SCALE, ClipConfig
+from clipforge.model import checkpoints
+from clipforge.model import pretrained as pretrained_weights
+from clipforge.model.clip import CLIP
+from clipforge.model.hf_text import HFTextTower, HFTokenizer
+from clipforge.model.pretrained import list_pretrained
+from clipforge.model.registry import get_config, list_models
+from clipforge.model.transforms import eval_transform, train_transform
+
+__all__ = ["list_models", "list_pretrained", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess"]
+
+
+def create_model(
+    name_or_config: str | ClipConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+) -> CLIP:
+    """A new model from a registered name or a config: randomly initialised, except that a
+    Hugging Face text tower starts from the pretrained weights of its model directory."""
+    cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = CLIP(cfg)
+    if isinstance(model.text, HFTextTower):
+        model.text.load_pretrained()
+    model = model.to(device)
+    return model.to(dtype) if dtype is not None else model
+
+
+def get_preprocess(model_or_config: CLIP | ClipConfig, train: bool = False,
+                   crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> Callable[[Any], torch.Tensor]:
+    """The model's image transform: evaluation (resize, centre crop, normalise) or, with
+    ``train``, a random resized crop keeping ``crop_scale`` of the area, then normalise."""
+    cfg = model_or_config.config if isinstance(model_or_config, CLIP) else model_or_config
+    return train_transform(cfg.preprocess, crop_scale) if train else eval_transform(cfg.preprocess)
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    arch: str | None = None,
+    quick_gelu: bool | None = None,
+    *,
+    pretrained: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[CLIP, Callable[[Any], torch.Tensor]]:
+    """Load weights by path or by name; returns (model in eval mode, preprocess).
+
+    ``path`` is a checkpoint file or directory (format auto-detected), a pretrained name
+    (``"ViT-B-32/openai"``, or ``"ViT-B-32"`` with ``pretrained="openai"``; ``clipforge pretrained``
+    lists them), ``"hf-hub:org/repo"`` or a Hugging Face repo id ``"org/repo"``. Named weights are
+    downloaded once, verified and cached (``cache_dir``, default ``$CLIPFORGE_CACHE`` or
+    ``~/.cache/clipforge``; hub repos use huggingface_hub's cache unless ``cache_dir`` is given).
+
+    ``arch`` names the architecture for state dicts whose layout does not reveal it (OpenCLIP's
+    ``-quickgelu`` suffix sets QuickGELU); ``quick_gelu`` sets the activation of weights whose file
+    does not record it (the pretrained table records it for every named weight).
+    """
+    model = pretrained_weights.load_weights(path, pretrained=pretrained, arch=arch, quick_gelu=quick_gelu,
+                                            cache_dir=cache_dir)
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, get_preprocess(model)
+
+
+def save(model: CLIP, out_dir: str | Path) -> Path:
+    """Write the own format: ``config.json`` + ``model.safetensors``."""
+    return checkpoints.save(model, out_dir)
+
+
+def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:
+    """OpenAI-identical token ids, LongTensor [N, context_length]."""
+    from clipforge.model.tokenizer import tokenize as _tokenize
+
+    return _tokenize(texts, context_length=context_length, truncate=truncate)
+
+
+def tokenizer_for(model_or_config: CLIP | ClipConfig) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The tokenizer a model's text tower reads: texts -> LongTensor [N, context_length].
+
+    CLIP's BPE (``tokenize``) for clipforge's text transformer; the encoder's own tokenizer for a
+    Hugging Face text tower. The result can be pickled (DataLoader workers)."""
+    if isinstance(model_or_config, ClipConfig):
+        cfg = model_or_config
+    else:  # a CLIP model, also compiled (whose attributes forward to the original)
+        cfg = getattr(model_or_config, "config", None)
+        if not isinstance(cfg, ClipConfig):
+            raise TypeError(f"tokenizer_for takes a CLIP model or a ClipConfig, got {type(model_or_config).__name__}")
+        tower = getattr(model_or_config, "text", None)
+        if isinstance(tower, HFTextTower):
+            return HFTokenizer(tower.tokenizer, tower.context_length)
+    if cfg.text.hf_model is not None:
+        return HFTokenizer.from_config(cfg.text)
+    from clipforge.model.tokenizer import tokenize as _tokenize
+
+    return functools.partial(_tokenize, context_length=cfg.text.context_length)
