@@ -38,6 +38,12 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1")
     if args.batch_size > args.train_samples:
         raise CliError("--batch-size is larger than --train-samples")
+    if args.steps is not None and args.steps < 1:
+        raise CliError("--steps must be >= 1")
+    if args.steps is None and args.minutes <= 0:
+        raise CliError("--minutes must be positive")
+    if args.cache_mb < 0:
+        raise CliError("--cache-mb must be >= 0")
     cfg = DemoConfig(
         out=args.out, minutes=args.minutes, steps=args.steps, model=args.model, seed=args.seed,
         train_samples=args.train_samples, test_samples=args.test_samples, shifted_samples=args.shifted_samples,

@@ -19,7 +19,8 @@ ACTIONS = ("objectives", "prompts", "fewshot", "probe", "robustness", "scaling",
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="reproduce the CLIP paper's findings in miniature", description=__doc__)
     p.add_argument("finding", choices=ACTIONS, help="which finding to run (all: every one; report: REPORT.md only)")
-    p.add_argument("--out", default="benchmarks/paper/results", help="results: JSON + plots [benchmarks/paper/results]")
+    p.add_argument("--out", default="experiments_out/results",
+                   help="results: JSON + plots, in the current directory [experiments_out/results]")
     p.add_argument("--work", default="runs/paper", help="world, trained models and caches [runs/paper]")
     p.add_argument("--report", default=None, help="REPORT.md path [<out>/../REPORT.md]")
     p.add_argument("--scale", default="small", help="smoke | small | medium | large [small]")
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # Flags that change what is computed or where it goes, with their defaults (left out when equal).
-_RECORDED = {"out": "benchmarks/paper/results", "work": "runs/paper", "scale": "small", "seeds": None,
+_RECORDED = {"out": "experiments_out/results", "work": "runs/paper", "scale": "small", "seeds": None,
              "clip_steps": None, "objectives_steps": None, "scaling_steps": None, "device": "auto", "threads": None}
 
 

@@ -31,7 +31,8 @@ HELDOUT_GAP_TARGET = 0.10
 class DemoConfig:
     out: str = "demo_out"
     minutes: float = 5.0  # budget for the whole demo: world + training + evaluation + report
-    model: str = "tiny-bow"  # 2-block conv-stem ViT + bag-of-words text: learns the world fastest of those measured
+    # 2-block conv-stem ViT + bag-of-words text: the fastest learner tried (benchmarks/demo/RESULTS.md)
+    model: str = "tiny-bow"
     seed: int = 0
     train_samples: int = 20000
     val_samples: int = 500
@@ -45,19 +46,19 @@ class DemoConfig:
     precision: str = "auto"  # auto: bf16 autocast where the CPU computes bf16 natively, else fp32
     cache_mb: int = 1024  # decoded training images kept in memory (20,000 x 64x64x3 bytes: 234 MiB)
     crop_scale: tuple[float, float] = (1.0, 1.0)  # no random crop: captions state positions and sizes
-    eval_reserve_s: float = 18.0  # evaluation, saving, report (measured: evaluation 4-10 s, the rest ~5 s)
+    eval_reserve_s: float = 18.0  # seconds kept for evaluation, saving and the report
     steps: int | None = None  # fixed step count instead of the time budget
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.minutes <= 0 and self.steps is None:
-            raise ClipforgeError("--minutes must be positive")
+            raise ClipforgeError("minutes must be positive")
         if self.steps is not None and self.steps < 1:
-            raise ClipforgeError("--steps must be >= 1")
+            raise ClipforgeError("steps must be >= 1")
         if self.cache_mb < 0:
-            raise ClipforgeError("--cache-mb must be >= 0")
+            raise ClipforgeError("cache_mb must be >= 0")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ClipforgeError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise ClipforgeError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     def resolved_precision(self) -> str:
         from clipforge.utils import cpu_has_native_bf16
@@ -71,45 +72,37 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
                     optim: "OptimConfig", precision: str = "fp32", timed: int = 10,
                     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> tuple[int, float]:
     """Steps that fit in ``seconds``, from timing whole training steps as the trainer runs them:
-    real batches from ``data`` through the training loader (decode, augment, tokenize), the
-    trainer's optimizer and gradient clipping. Random tensors and a single caption measured up to
-    a third faster than real steps, so a 12-minute demo overran by 28%.
+    real batches from ``data`` through the training loader (decode, augment, tokenize) and the
+    trainer's own step (``TrainStep``). Synthetic batches time faster than real ones, and a plan
+    made from them overruns the budget.
 
     Returns (steps, seconds per step): the median of ``timed`` steps after three warm-up steps,
-    with a 10% margin for logging and the final save. (Six steps and their upper median once
-    took a 0.22 s step for 0.27 s and left a fifth of the budget unused.)
+    with a 10% margin for logging and the final save. The median of enough steps resists the
+    odd slow step of a shared host.
     """
-    import clipforge
     from clipforge.data.loader import build_train_loader
-    from clipforge.train.loss import ContrastiveLoss
+    from clipforge.model import factory
     from clipforge.train.optim import build_optimizer
     from clipforge.train.runtime import reuse_freed_memory
-    from clipforge.utils import autocast
+    from clipforge.train.step import TrainStep
 
     reuse_freed_memory()  # as the trainer will: time the steps it will run
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - workers))  # as the trainer will run
     try:
-        model = clipforge.create_model(model_name, seed=0)
+        model = factory.create_model(model_name, seed=0)
         model.train()
-        opt = build_optimizer(model, optim)
-        loss_fn = ContrastiveLoss()
-        transform = clipforge.get_preprocess(model, train=True, crop_scale=crop_scale)
+        step = TrainStep(model, build_optimizer(model, optim), grad_clip=optim.grad_clip, precision=precision,
+                         device=torch.device("cpu"))
+        transform = factory.get_preprocess(model, train=True, crop_scale=crop_scale)
         loader = build_train_loader(data, transform,
-                                    clipforge.tokenizer_for(model), batch_size=batch_size, workers=workers, seed=0)
+                                    factory.tokenizer_for(model), batch_size=batch_size, workers=workers, seed=0)
         batches = iter(loader)
         times = []
         for i in range(3 + timed):
             t = time.perf_counter()
             batch = next(batches)
-            with autocast(precision, torch.device("cpu")):
-                out = model(batch.images, batch.tokens)
-            loss = loss_fn(out.image_features, out.text_features, out.logit_scale)
-            opt.zero_grad(set_to_none=True)  # as the trainer does
-            loss.backward()
-            if optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
+            step.step([(batch.images, batch.tokens)])
             if i >= 3:  # the first steps warm allocators and caches
                 times.append(time.perf_counter() - t)
     finally:
@@ -141,9 +134,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["world_s"] = time.time() - t_start
 
     # 2. Train within what is left of the budget. The calibration sizes the warm-up and logging;
-    # the clock ends the run (TrainConfig.time_budget_s), because a shared host's pace drifts:
-    # a step count fixed from a few timed steps once overran a 10-minute budget by 18% and, on a
-    # slow moment, left a fifth of a 5-minute one unused.
+    # the clock ends the run (TrainConfig.time_budget_s), because a shared host's pace drifts and
+    # a step count fixed in advance would overrun or underuse the budget.
     budget: float | None = None
     precision = cfg.resolved_precision()
     data = DataConfig(path=str(world_dir / "train.csv"), cache_mb=cfg.cache_mb)
@@ -152,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     else:
         left = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s
         if left < 20:
-            raise ClipforgeError(f"--minutes {cfg.minutes} leaves {left:.0f}s for training; give more time")
+            raise ClipforgeError(f"a budget of {cfg.minutes} minutes leaves {left:.0f} s for training; give more time")
         optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, optim, precision,
                                           crop_scale=cfg.crop_scale)
@@ -176,11 +168,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["train_s"] = time.time() - t_train
 
     # 3. Evaluate the saved model, loaded the way a user would load it.
-    import clipforge
+    from clipforge.model import factory
 
     _say(cfg, "[3/4] evaluating zero-shot, retrieval and distribution shift")
     t_eval = time.time()
-    model, _ = clipforge.load(run_dir / "final")
+    model, _ = factory.load(run_dir / "final")
     results = evaluate_world(model, world_dir, WorldEvalConfig(
         options=FeatureOptions(batch_size=256, progress=cfg.progress, workers=0)))
     timings["eval_s"] = time.time() - t_eval

@@ -1,9 +1,9 @@
 """The CLIP paper's central findings, reproduced in miniature on the built-in data world.
 
     from clipforge.experiments import ExperimentConfig, get_scale, run_finding
-    cfg = ExperimentConfig(scale=get_scale("small"), out=Path("benchmarks/paper/results"), work=Path("runs/paper"))
+    cfg = ExperimentConfig(scale=get_scale("small"), out=Path("experiments_out/results"), work=Path("runs/paper"))
     record = run_finding("prompts", cfg)     # prints a table, writes prompts.json + prompts.png under out
-    write_report(cfg.out, Path("benchmarks/paper/REPORT.md"))
+    write_report(cfg.out, Path("experiments_out/REPORT.md"))
 
 Findings (one module each, ``run(cfg) -> record``): ``objectives`` (f1: contrastive vs predictive
 objectives), ``prompts`` (f2: prompt engineering), ``fewshot`` (f3: zero-shot vs k-shot probes),

@@ -2,9 +2,9 @@
 loop for the baselines, seeds, result records and plots.
 
 The baselines (predictive objectives, supervised classifier) train from uint8 image tensors held
-in memory with the trainer's augmentation (random resized crop, scale 0.9-1) and optimizer
-(AdamW with CLIP's decay exclusions, warm-up + cosine), so that the objective is the only
-difference between runs that are compared.
+in memory with the trainer's augmentation (random resized crop, scale 0.9-1) and its optimisation
+step (``train.step.TrainStep``: AdamW with CLIP's decay exclusions, clipping, warm-up + cosine), so
+that the objective is the only difference between runs that are compared.
 """
 
 from __future__ import annotations
@@ -167,13 +167,17 @@ StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images [B,3,
 def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopConfig,
         on_eval: Callable[[int], None] | None = None, eval_steps: Sequence[int] = (), progress: bool = False,
         desc: str = "train") -> dict[str, Any]:
-    """Minimise ``step_loss`` over shuffled epochs of ``images`` (uint8, CPU). ``on_eval(step)`` runs
-    after the listed optimizer steps (and never counts towards the training time)."""
+    """Minimise ``step_loss`` over shuffled epochs of ``images`` (uint8, CPU) with the trainer's
+    step (``TrainStep``: its optimizer, clipping at 1.0 and warm-up + cosine schedule), so that
+    the objective is the only difference from a CLIP run. ``on_eval(step)`` runs after the listed
+    optimizer steps (and never counts towards the training time)."""
     from tqdm.auto import tqdm
 
+    from clipforge.errors import ClipforgeError
     from clipforge.train.config import OptimConfig, ScheduleConfig
     from clipforge.train.optim import LrSchedule, build_optimizer
     from clipforge.train.runtime import reuse_freed_memory
+    from clipforge.train.step import TrainStep
 
     device = torch.device(cfg.device)
     if device.type == "cpu":
@@ -181,6 +185,7 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
     model.to(device).train()
     opt = build_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
     sched = LrSchedule(opt, ScheduleConfig(kind="cosine", warmup_steps=cfg.warmup), cfg.steps)
+    train_step = TrainStep(model, opt, grad_clip=1.0, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = images.shape[0]
     per_epoch = n // cfg.batch_size
@@ -198,13 +203,13 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
             batch = images[idx]
             if cfg.augment:
                 batch = random_resized_crop(batch, gen)
-            loss = step_loss(normalize(batch.to(device)), idx)
-            opt.zero_grad(set_to_none=True)  # as the trainer does
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            x = normalize(batch.to(device))
+            result = train_step.minimise(lambda: step_loss(x, idx))
+            if not result.applied:
+                raise ClipforgeError(f"{desc}: non-finite loss {result.loss} or gradient norm "
+                                     f"{result.grad_norm} at step {step + 1}")
             sched.set_step(step + 1)
-            losses.append(float(loss.detach()))
+            losses.append(result.loss)
             train_s += time.perf_counter() - t
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -94,7 +94,7 @@ SCALES: dict[str, Scale] = {
         clip_model="nano", clip_steps=4, objectives_model="nano", objectives_steps=4, objectives_evals=2,
         objectives_eval_images=48, supervised_steps=4, supervised_evals=2, shots=(1, 2), fewshot_draws=2,
         probe_refine_steps=0, probe_max_train=256, scaling_models=("pico", "nano"), scaling_steps=4, seeds=1),
-    # The default: all six findings, 3 seeds, about 35-45 minutes on two free CPU cores.
+    # The default: all six findings, 3 seeds, sized for two CPU cores (cost: benchmarks/paper/REPORT.md).
     "small": Scale(name="small"),
     # GPU sizes: more data and steps, larger models, the paper's full C search.
     "medium": Scale(
@@ -131,11 +131,12 @@ def get_scale(name: str, **overrides: Any) -> Scale:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Where results go (``out``: JSON + plots, small, committed), where the world, trained models
-    and feature caches go (``work``: large, reusable between findings and reruns)."""
+    """Where results go (``out``: JSON + plots, small; the repository keeps its own under
+    benchmarks/paper/results), where the world, trained models and feature caches go (``work``:
+    large, reusable between findings and reruns). Both are relative to the working directory."""
 
     scale: Scale = field(default_factory=lambda: SCALES["small"])
-    out: Path = Path("benchmarks/paper/results")
+    out: Path = Path("experiments_out/results")
     work: Path = Path("runs/paper")
     device: str = "auto"
     progress: bool = True

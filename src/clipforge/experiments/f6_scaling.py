@@ -31,12 +31,12 @@ def size_profile(size: str, captions: list[str]) -> tuple[float, int]:
     """(forward FLOPs of one image + one caption, mean over ``captions``; parameters) of a size."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import clipforge
+    from clipforge.model import factory
 
     cfg = model_config(size)
-    model = clipforge.create_model(cfg).eval()
+    model = factory.create_model(cfg).eval()
     images = torch.zeros(len(captions), 3, cfg.vision.image_size, cfg.vision.image_size)
-    tokens = clipforge.tokenize(captions)
+    tokens = factory.tokenize(captions)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images, tokens)
     return counter.get_total_flops() / len(captions), sum(p.numel() for p in model.parameters())

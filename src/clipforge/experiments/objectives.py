@@ -46,18 +46,18 @@ class Vocab:
 
     @classmethod
     def from_texts(cls, texts: Sequence[str]) -> "Vocab":
-        import clipforge
+        from clipforge.model import factory
 
-        return cls(clipforge.tokenize(list(texts)).unique().tolist())
+        return cls(factory.tokenize(list(texts)).unique().tolist())
 
     def __len__(self) -> int:
         return len(self.bpe) + 4
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
-        import clipforge
+        from clipforge.model import factory
 
         out = []
-        for row in clipforge.tokenize(list(texts)).tolist():
+        for row in factory.tokenize(list(texts)).tolist():
             body = row[1:row.index(self._eot)] if self._eot in row else row[1:]
             out.append([self.index.get(b, self.UNK) for b in body if b != 0])
         return out
@@ -217,10 +217,10 @@ class BagOfWordsObjective:
 
 class ContrastiveObjective:
     def __init__(self, arch: ClipConfig, captions: Sequence[str]) -> None:
-        import clipforge
+        from clipforge.model import factory
 
-        self.model = clipforge.create_model(arch)
-        self.tokens = clipforge.tokenize(list(captions))  # [N, 77]; the tower trims the padding
+        self.model = factory.create_model(arch)
+        self.tokens = factory.tokenize(list(captions))  # [N, 77]; the tower trims the padding
 
     def loss(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         from clipforge.train.loss import clip_loss
@@ -229,9 +229,9 @@ class ContrastiveObjective:
         return clip_loss(out.image_features, out.text_features, out.logit_scale)
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        import clipforge
+        from clipforge.model import factory
 
-        txt = self.model.encode_text(clipforge.tokenize(list(prompts)).to(images.device), normalize=True)
+        txt = self.model.encode_text(factory.tokenize(list(prompts)).to(images.device), normalize=True)
         return self.model.encode_image(images, normalize=True) @ txt.T  # [N, C]
 
 

@@ -40,7 +40,7 @@ def clip_model(cfg: ExperimentConfig, seed: int, size: str | None = None, steps:
                ) -> tuple[Any, dict[str, Any]]:
     """The trained CLIP of (size, steps, seed), training it through the trainer when not cached.
     Returns (model in eval mode, the trainer's summary)."""
-    import clipforge
+    from clipforge.model import factory
 
     size, steps = size or cfg.scale.clip_model, steps or cfg.scale.clip_steps
     run = clip_run_dir(cfg, seed, size, steps)
@@ -49,12 +49,12 @@ def clip_model(cfg: ExperimentConfig, seed: int, size: str | None = None, steps:
     with locked(run.parent / f".{run.name}.lock"):
         if not (summary_file.is_file() and (run / "final").is_dir()):
             _train_clip(cfg, seed, size, steps, run, world)
-    model, _ = clipforge.load(run / "final", device=resolve_device(cfg.device))
+    model, _ = factory.load(run / "final", device=resolve_device(cfg.device))
     return model, json.loads(summary_file.read_text())
 
 
 def _train_clip(cfg: ExperimentConfig, seed: int, size: str, steps: int, run: Path, world: Path) -> None:
-    import clipforge
+    from clipforge.model import factory
     from clipforge.data.config import DataConfig
     from clipforge.train.config import OptimConfig, ScheduleConfig, TrainConfig
     from clipforge.train.trainer import train
@@ -70,7 +70,7 @@ def _train_clip(cfg: ExperimentConfig, seed: int, size: str, steps: int, run: Pa
         schedule=ScheduleConfig(kind="cosine", warmup_steps=min(scale.warmup, max(1, steps // 10))),
     )
     torch.manual_seed(seed)
-    model = clipforge.create_model(model_config(size))
+    model = factory.create_model(model_config(size))
     if cfg.progress:
         print(f"training CLIP {size} for {steps} steps (seed {seed}) -> {run}", flush=True)
     train(tcfg, model=model, progress=cfg.progress)

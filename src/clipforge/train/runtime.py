@@ -27,8 +27,7 @@ def configure_threads(device: torch.device, workers: int) -> None:
     """On CPU, give the compute threads the cores that the data workers and the other
     processes of this node leave free (OMP_NUM_THREADS, when set, decides instead).
 
-    Over-subscription is far worse than idling: OpenMP threads spin while they wait, and
-    measured 10-20x slower steps when they shared 2 cores with data workers."""
+    Over-subscription is far worse than idling: OpenMP threads spin while they wait."""
     if device.type != "cpu":
         return
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -42,11 +41,10 @@ def configure_threads(device: torch.device, workers: int) -> None:
 def reuse_freed_memory(limit: int = 1 << 30) -> bool:
     """Have glibc serve allocations under ``limit`` bytes from its heap and keep freed memory
     there for the next step, instead of mapping fresh pages for every large tensor and unmapping
-    them when freed (its default above 128 KiB-32 MiB). A CPU training step allocates the same
-    activations every step, and each fresh page costs a fault and a zeroing: the demo's step took
-    ~4.8k page faults with ReLU in its stem and ~8.4k with |x|; with this 7-40, and the step
-    92.4 -> 79.1 ms (benchmarks/bench_demo_step.py --compare alloc|act). Process-wide and lasting, so
-    only training loops call it, on a CPU (the trainer, the demo's step timing, experiments.fit). Returns False where the C library has no ``mallopt``."""
+    them when freed. A CPU training step allocates the same activations every step, and each
+    fresh page costs a fault and a zeroing (figures: benchmarks/demo/RESULTS.md).
+    Process-wide and lasting, so only CPU training calls it. Returns False where the C library
+    has no ``mallopt``."""
     if not sys.platform.startswith("linux"):
         return False
     try:

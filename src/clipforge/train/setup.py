@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-import clipforge
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model.checkpoints import CONFIG_NAME
+from clipforge.model import factory
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower
 from clipforge.model.registry import get_config
@@ -29,19 +29,19 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -
     swapped for ``cfg.text_model`` when given."""
     if resume_dir is not None:
         model = CLIP(ClipConfig.from_json(resume_dir / CONFIG_NAME))  # text tower as saved
-    elif model is None and cfg.model in clipforge.list_models():
+    elif model is None and cfg.model in factory.list_models():
         arch = get_config(cfg.model)
         if cfg.loss == "siglip":  # the SigLIP paper's initial temperature and bias
             arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
         if cfg.text_model:
             arch = _with_text_model(arch, cfg.text_model)
-        model = clipforge.create_model(arch)
+        model = factory.create_model(arch)
     else:
         if model is None:
             if not Path(cfg.model).exists():
                 raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
-                                  f"({', '.join(clipforge.list_models())}) nor an existing checkpoint path")
-            model, _ = clipforge.load(cfg.model)
+                                  f"({', '.join(factory.list_models())}) nor an existing checkpoint path")
+            model, _ = factory.load(cfg.model)
         if cfg.text_model:
             model = swap_text_tower(model, cfg.text_model)
     if cfg.loss == "siglip" and model.logit_bias is None:  # fine-tuning a CLIP model with SigLIP
@@ -58,14 +58,14 @@ def _with_text_model(arch: ClipConfig, text_model: str) -> ClipConfig:
     try:
         text = hf_text_config(text_model, context_length=arch.text.context_length)
     except ClipforgeError as e:
-        raise ConfigError(f"--text-model: {e}") from None
+        raise ConfigError(f"text_model: {e}") from None
     return arch.replace(text=text, name=f"{arch.name}+{Path(text_model).name}")
 
 
 def swap_text_tower(model: CLIP, text_model: str) -> CLIP:
     """``model`` with a pretrained Hugging Face text tower (and a new text projection); the
     image tower and the temperature keep their weights."""
-    new = clipforge.create_model(_with_text_model(model.config, text_model))
+    new = factory.create_model(_with_text_model(model.config, text_model))
     keep = {k: v for k, v in model.state_dict().items() if not k.startswith("text.")}
     missing, unexpected = new.load_state_dict(keep, strict=False)
     assert not unexpected and all(k.startswith("text.") for k in missing), (missing, unexpected)

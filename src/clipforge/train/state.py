@@ -51,4 +51,4 @@ def check_resume_settings(train_state: dict[str, Any], now: dict[str, Any], resu
     if diff:
         raise CheckpointError(
             f"cannot resume {resume_dir} exactly: {', '.join(diff)}. Start a new run from its "
-            f"weights instead (--model {resume_dir})")
+            f"weights instead (model: {resume_dir})")

@@ -1,11 +1,12 @@
 """The training loop: ``train(cfg)`` on one CPU or many GPUs, with exact resume.
 
 One process per device (``torchrun``); each reads its own shard of the data and computes
-the loss over the features of all ranks. Rank 0 logs and writes checkpoints. A step is
+the loss over the features of all ranks. Rank 0 logs and writes checkpoints. A step
+(``train.step.TrainStep``, the one step everything in clipforge trains with) is
 
     K micro-batches -> forward/backward (GradCache when K > 1) -> unscale -> clip
     -> one all-reduce of [loss, non-finite flags, stop flag] (the step's only host sync)
-    -> optimizer step, or skip/stop on a non-finite loss (--nan-policy)
+    -> optimizer step, or skip/stop on a non-finite loss (nan_policy)
 
 Exact resume: the checkpoint holds everything that decides the next steps (weights,
 optimizer, schedule step, scaler, every rank's RNG, and the data position as (epoch,
@@ -30,26 +31,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import clipforge
 from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model.checkpoints import load_state_strict
 from clipforge.model.clip import CLIP
+from clipforge.model.factory import get_preprocess, tokenizer_for
 from clipforge.train import checkpointing as ckpt
-from clipforge.train.accumulation import accumulated_contrastive_backward
 from clipforge.train.config import ConfigError, TrainConfig, dump_config
 from clipforge.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from clipforge.train.freeze import set_locked_eval
 from clipforge.train.logging import MetricsLogger, Progress
 from clipforge.train.loss import ContrastiveLoss
 from clipforge.train.optim import LrSchedule, build_optimizer
-from clipforge.train.setup import build_model, choose_resume, prepare_model, wrap_model
-from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.runtime import (
     broadcast_object, configure_threads, gather_objects, install_sigterm_handler, resolve_precision,
     reuse_freed_memory,
 )
+from clipforge.train.setup import build_model, choose_resume, prepare_model, wrap_model
+from clipforge.train.state import TrainState, check_resume_settings, resume_settings
+from clipforge.train.step import TrainStep, clip_gradients
 from clipforge.train.validation import run_validation
-from clipforge.utils import autocast, resolve_device
+from clipforge.utils import resolve_device
 
 
 class NonFiniteLossError(ClipforgeError):
@@ -71,9 +72,8 @@ def train(cfg: TrainConfig, model: CLIP | None = None, progress: bool = True) ->
         return trainer.run()
     finally:
         torch.set_num_threads(threads)  # the caller's setting, not ours
-        # Free the trainer (and its DDP wrapper) before the process group: reference cycles kept
-        # it alive until interpreter exit, after the group was gone, and torchrun runs then
-        # aborted at exit ("terminate called without an active exception") in 5 of 76 runs.
+        # Free the trainer (and its DDP wrapper) before the process group: reference cycles would
+        # keep it alive past the group's destruction, and torchrun runs could then abort at exit.
         del trainer
         gc.collect()
         if owns_group:
@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, model: CLIP | None = None, progress: bool = True) ->
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo, model: CLIP | None, progress: bool) -> None:
         if cfg.data is None:
-            raise ConfigError("no training data given (data.path / --data)")
+            raise ConfigError("no training data given (data.path)")
         self.info, self.main = info, info.rank == 0
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda requested, but CUDA is not available")
@@ -115,6 +115,10 @@ class Trainer:
         self.opt = build_optimizer(self.raw, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.loss_fn = ContrastiveLoss(cfg.loss, cfg.loss_tile, info.world_size, info.rank)
+        self.train_step = TrainStep(self.model, self.opt, self.loss_fn, grad_clip=cfg.optim.grad_clip,
+                                    precision=self.precision, device=self.device, scaler=self.scaler,
+                                    replicated=self.replicated, world_size=info.world_size,
+                                    clip=lambda: self._clip_grads())
 
         self.loader = self._build_loader()
         self.total_steps = self._total_steps()
@@ -141,8 +145,8 @@ class Trainer:
 
         cfg = self.cfg
         return build_train_loader(
-            cfg.data, clipforge.get_preprocess(self.raw, train=True, crop_scale=cfg.crop_scale),
-            clipforge.tokenizer_for(self.raw),
+            cfg.data, get_preprocess(self.raw, train=True, crop_scale=cfg.crop_scale),
+            tokenizer_for(self.raw),
             batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
             rank=self.info.rank, world_size=self.info.world_size,
             start_epoch=self.state.epoch, start_batch=self.state.batch,
@@ -162,7 +166,7 @@ class Trainer:
         if cfg.schedule.kind != "constant":
             if self.main:
                 print(f"warning: the {cfg.schedule.kind} schedule needs the run length, which shard streams do "
-                      "not know: using a constant rate after warm-up (give --steps for the schedule)", flush=True)
+                      "not know: using a constant rate after warm-up (set steps for the schedule)", flush=True)
             self.cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, kind="constant"))
         return None
 
@@ -244,7 +248,7 @@ class Trainer:
         if st.step == self.start_step and self.resume_dir is None:
             raise ClipforgeError(
                 f"the training data yielded no full batch of {cfg.batch_size} per process "
-                f"x {cfg.grad_accum} micro-batches: lower --batch-size or add data")
+                f"x {cfg.grad_accum} micro-batches: lower batch_size or add data")
 
     def _follow_clock(self, elapsed: float, bar: Progress) -> None:
         """Re-plan the run's length after each step so that it ends when the time budget does:
@@ -290,61 +294,19 @@ class Trainer:
 
     def _step(self, micro: list[Any]) -> tuple[float, float]:
         dev = self.device
-        # Dropped, not zeroed: the backward then writes each gradient instead of adding it to zeros.
-        # (On a CPU, reuse_freed_memory keeps the dropped buffers' pages, so they do not fault back in.)
-        self.opt.zero_grad(set_to_none=True)
         pairs = [(b.images.to(dev, non_blocking=True), b.tokens.to(dev, non_blocking=True)) for b in micro]
-        if len(pairs) == 1:
-            with autocast(self.precision, dev):
-                out = self.model(*pairs[0])
-            # the loss in fp32, outside autocast (as the accumulated path does)
-            bias = out.logit_bias.float() if out.logit_bias is not None else None
-            loss = self.loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float(), bias)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss = loss.detach()
+        result = self.train_step.step(pairs, stop=self._signalled)
+        self._stop = result.stop
+        if result.applied:
+            self.state.last_loss = result.loss
         else:
-            loss = accumulated_contrastive_backward(
-                self.model, self.loss_fn, pairs, lambda: autocast(self.precision, dev), self.scaler)
-        for p in self.replicated:  # FSDP only: what DDP would have averaged
-            if p.grad is not None:
-                p.grad = all_reduce_sum(p.grad) / self.info.world_size
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        gnorm = self._clip_grads().float()
-        signalled = torch.tensor(1.0 if self._signalled else 0.0, device=loss.device)
-        flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), (~torch.isfinite(gnorm)).float(),
-                             signalled, gnorm])  # [5]
-        loss_sum, bad_loss, bad_grad, stop, gnorm_sum = all_reduce_sum(flags).tolist()  # the step's host sync
-        self._stop = stop > 0
-        loss_value, gnorm_value = loss_sum / self.info.world_size, gnorm_sum / self.info.world_size
-        # fp16: an overflowing gradient is the scaler's business (it skips and lowers the scale)
-        bad = bad_loss > 0 or (bad_grad > 0 and self.scaler is None)
-        if bad:
-            self._non_finite(loss_value, gnorm_value)
-        elif self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        if not bad:
-            self.state.last_loss = loss_value
-        return loss_value, gnorm_value
+            self._non_finite(result.loss, result.grad_norm)
+        return result.loss, result.grad_norm
 
     def _clip_grads(self) -> torch.Tensor:
-        """Global gradient norm (clipped to grad_clip when set). Under FSDP the sharded and
-        the replicated parameters are measured apart, then combined."""
-        utils = torch.nn.utils
-        norms = []
-        for group in self.opt.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            if grads:
-                n = utils.get_total_norm(grads)
-                norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)  # DTensor under FSDP
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
-        if self.cfg.optim.grad_clip > 0:
-            for group in self.opt.param_groups:
-                utils.clip_grads_with_norm_(group["params"], self.cfg.optim.grad_clip, total)
-        return total
+        """The step's gradient clipping, between its backward and its update: a method of the
+        trainer so that fault-injection tests can stop a run at that point."""
+        return clip_gradients(self.opt, self.cfg.optim.grad_clip, self.device)
 
     def _non_finite(self, loss: float, gnorm: float) -> None:
         step = self.state.step + 1
@@ -353,13 +315,13 @@ class Trainer:
             last = ckpt.latest_checkpoint(self.ckpt_root)
             where = f"; the last checkpoint is {last}" if last else ""
             raise NonFiniteLossError(f"non-finite {what} at step {step}: stopping (nothing saved){where}. "
-                                     "Lower --lr, use --precision fp32/bf16, or --nan-policy skip")
+                                     "Lower optim.lr, use precision fp32 or bf16, or nan_policy 'skip'")
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
         self.state.nan_skipped += 1
         if self.main:
-            print(f"warning: non-finite {what} at step {step}: update skipped (nan-policy skip)", flush=True)
+            print(f"warning: non-finite {what} at step {step}: update skipped (nan_policy 'skip')", flush=True)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _save(self, t0: float) -> Path | None:

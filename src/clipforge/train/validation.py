@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import clipforge
 from clipforge.model.clip import CLIP
+from clipforge.model.factory import get_preprocess
 from clipforge.train.config import ValConfig
 
 
@@ -16,7 +16,7 @@ def run_validation(model: CLIP, val: ValConfig, device: torch.device, precision:
     from clipforge.eval.retrieval import evaluate_retrieval
 
     opts = FeatureOptions(batch_size=val.batch_size, device=str(device), precision=precision, progress=False)
-    preprocess = clipforge.get_preprocess(model)
+    preprocess = get_preprocess(model)
     captions = load_captions(val.path, val.image_key, val.caption_key)
     metrics = dict(evaluate_retrieval(model, captions, opts, preprocess)["metrics"])
     if val.classnames:

@@ -1,19 +1,19 @@
 """The demo model's CPU training step, with and without one of its step-time choices.
 
-    .venv/bin/python benchmarks/bench_demo_step.py --compare grads   # gradients dropped vs zeroed in place
-    .venv/bin/python benchmarks/bench_demo_step.py --compare stem    # conv stem channels-last vs NCHW
-    .venv/bin/python benchmarks/bench_demo_step.py --compare pool    # class-token embedding vs mean of patches
-    .venv/bin/python benchmarks/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
-    .venv/bin/python benchmarks/bench_demo_step.py --compare alloc   # freed memory kept for reuse vs glibc default
+    .venv/bin/python research/bench_demo_step.py --compare grads   # gradients dropped vs zeroed in place
+    .venv/bin/python research/bench_demo_step.py --compare stem    # conv stem channels-last vs NCHW
+    .venv/bin/python research/bench_demo_step.py --compare pool    # class-token embedding vs mean of patches
+    .venv/bin/python research/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
+    .venv/bin/python research/bench_demo_step.py --compare alloc   # freed memory kept for reuse vs glibc default
 
-One step = clear the gradients, bf16 autocast forward of ``tiny-bow`` on a synthetic batch (128
-images of 64 px, captions of 20 tokens), the contrastive loss in fp32, backward, gradient clipping
-at 1.0, fused AdamW: what the trainer does per step, without the loader. Each side runs in its own
-process, one model per process as in training (two models in one process share the allocator,
-and what one frees the other reuses: that hid the in-place gradients' effect entirely), and the
-processes alternate (A B, B A, ...) so the shared host's drift falls on both alike. Per process:
-the median step time after warm-up and the minor page faults per step. The README quotes these
-comparisons ("What the demo reaches"); a JSON record goes to results/.
+One step is the trainer's own (``clipforge.train.step.TrainStep``: clear the gradients, bf16
+autocast forward of ``tiny-bow``, the contrastive loss in fp32, backward, clipping at 1.0, fused
+AdamW) on a synthetic batch (128 images of 64 px, captions of 20 tokens), without the loader.
+Each side runs in its own process, one model per process as in training (two models in one
+process share the allocator, and what one frees the other reuses), and the processes alternate
+(A B, B A, ...) so the shared host's drift falls on both alike. Per process: the median step time
+after warm-up and the minor page faults per step. The record goes to benchmarks/results/
+(``demo_step-cpu-latest.json``); benchmarks/demo/RESULTS.md quotes it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import print_table, summarize, write_record  # noqa: E402
 
 # (the variant the demo uses, the alternative) per comparison
@@ -42,14 +42,15 @@ VARIANTS = {
 
 def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: int) -> dict:
     """One side, in this process: median seconds per step and minor page faults per step."""
+    import functools
+
     import torch
 
     import clipforge
     from clipforge.train.config import OptimConfig
-    from clipforge.train.loss import ContrastiveLoss
     from clipforge.train.optim import build_optimizer
-
     from clipforge.train.runtime import reuse_freed_memory
+    from clipforge.train.step import TrainStep
 
     torch.set_num_threads(threads)
     if compare != "alloc" or not alternative:
@@ -62,23 +63,19 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
         model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
     if alternative and compare == "act":
         model.visual.conv1[2] = torch.nn.ReLU(inplace=True)  # the stem's first activation
-    in_place = alternative and compare == "grads"
     opt = build_optimizer(model, OptimConfig(lr=2e-3, weight_decay=0.1))
+    if alternative and compare == "grads":  # the step clears with set_to_none=True; zero in place instead
+        opt.zero_grad = functools.partial(type(opt).zero_grad, opt, set_to_none=False)
+    step = TrainStep(model, opt, grad_clip=1.0, precision="bf16", device="cpu")
     images = torch.randn(128, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))
     tokens[:, 20:] = 0
-    loss_fn = ContrastiveLoss()
     times, faults0 = [], 0
     for i in range(warmup + steps):
         if i == warmup:
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=not in_place)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(images, tokens)
-        loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        step.step([(images, tokens)])
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0

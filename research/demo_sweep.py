@@ -1,4 +1,4 @@
-"""The sweep behind the demo's model (README, "What the demo reaches"; issue 4).
+"""The sweep behind the demo's model (benchmarks/demo/RESULTS.md; issue 4).
 
 Trains a CLIP variant on a generated data world for a fixed number of steps with every image
 decoded once into memory (no loader, no augmentation), then scores it: zero-shot accuracy on the
@@ -6,36 +6,39 @@ test split with the world's ensemble prompts (colour, shape, size, position, cou
 recall on 1,000 test captions, and linear probes (logistic regression on 4,000 training images'
 features) for shape, position and size. One JSON line per run goes to --out.
 
-This is a research harness, kept so the README's table can be re-run; the product path is
-`clipforge demo`. Variants (each reproduces a README/issue-note row, 400 steps of 128):
+This is a research harness, kept so the results page's tables can be re-run; the product path is
+`clipforge demo`. Its variants (model surgery, NegCLIP negatives, grouped batches, per-tower learning
+rates) live here, not in the package; each step is the trainer's (clipforge.train.step.TrainStep:
+clear, backward, clip, optimizer step) around the variant's own loss. Variants (each reproduces a
+results row, 400 steps of 128):
 
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv            # 4 blocks, transformer
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --tlayers 2 --tpool mean
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --vlayers 4 [--seed 1] [--neg 1]
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow            # the demo's model
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --tlayers 2 --tpool mean \
+  python research/demo_sweep.py --world demo_out/world --model tiny-conv            # 4 blocks, transformer
+  python research/demo_sweep.py --world demo_out/world --model tiny-conv --tlayers 2 --tpool mean
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --vlayers 4 [--seed 1] [--neg 1]
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow            # the demo's model
+  python research/demo_sweep.py --world demo_out/world --model tiny-conv --tlayers 2 --tpool mean \
       [--group colour --gsize 16 | --group ident --gsize 8 --gfrac 0.5 | --neg 1 | --siglip 1 | --tlr 0.3 |
        --force_pos 1 | --canon 1 | --single_steps 400]
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-conv --supervised shape   # the ceiling
+  python research/demo_sweep.py --world demo_out/world --model tiny-conv --supervised shape   # the ceiling
 
-README rows of 2026-12-03 (bf16 autocast, as the demo now trains on CPUs with native bf16):
+Rows of 2026-12-03 (bf16 autocast, as the demo now trains on CPUs with native bf16):
 
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 [--steps 800 --warmup 80] \
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 [--steps 800 --warmup 80] \
       [--lr 4e-3 | --bs 64 | --tlr 3 | --stem1 16 | --multicap 5]
 
-Held-out colour-shape pairs (README, "Why black hexagons lag"; 1,500 steps, lr 3e-3):
+Held-out colour-shape pairs (RESULTS.md, "Why black hexagons lag"; 1,500 steps, lr 3e-3):
 
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 150 \
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 150 \
       --lr 3e-3 [--gray 0.2 | --neg 1]
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
       --lr 2e-3 [--seed 1 | --seed 2 | --wd 0.3 [--seed 1] | --lr 3e-3 | --stemnorm gn --seed 0/1/2 | --vpool mean]  # spread
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100 \
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --supervised shape --steps 1500 --warmup 100 \
       [--stemact relu]
 
-The |x| first stage (README, "What closed most of the held-out gap"; tiny-bow now has it built in:
+The |x| first stage (RESULTS.md, "What closed most of the held-out gap"; tiny-bow now has it built in:
 without --stemact a model keeps its own first activation, --stemact relu gives tiny-bow's old ReLU stem):
 
-  python benchmarks/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
       --lr 2e-3 --seed 0/1/2 [--stemact relu | --stemact absmix]
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
@@ -49,6 +52,7 @@ import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 import clipforge
 from clipforge.train.loss import ContrastiveLoss
+from clipforge.train.step import TrainStep
 from clipforge.model.registry import get_config
 from clipforge.model.vision import AbsActivation
 from dataclasses import replace
@@ -143,15 +147,15 @@ def supervised(a) -> int:
     shape_stem(visual)
     net = nn.Sequential(visual, nn.Linear(cfg.embed_dim, len(cls)))
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.wd, betas=(0.9, 0.98))
+    train_step = TrainStep(net, opt, grad_clip=0.0)  # no clipping in this baseline
     g = torch.Generator().manual_seed(a.seed); t0 = time.time()
     for s in range(a.steps):
         for gr in opt.param_groups:
             gr['lr'] = a.lr * min(1, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * s / a.steps))
         idx = torch.randint(len(Y), (a.bs,), generator=g)
-        loss = F.cross_entropy(net(prep(X[idx])), Y[idx])
-        opt.zero_grad(); loss.backward(); opt.step()
+        loss = train_step.minimise(lambda: F.cross_entropy(net(prep(X[idx])), Y[idx])).loss
         if s % 100 == 0:
-            print(f'{a.name} step {s} loss {loss.item():.3f} {time.time() - t0:.0f}s', flush=True)
+            print(f'{a.name} step {s} loss {loss:.3f} {time.time() - t0:.0f}s', flush=True)
     net.eval()
     with torch.no_grad():
         acc = torch.cat([net(prep(TX[i:i + 500])).argmax(-1) for i in range(0, len(TX), 500)]).eq(TY).float().mean()
@@ -283,6 +287,7 @@ for n, p_ in model.named_parameters():
     lr_ = a.lr * (a.tlr if n.startswith('text.') else 1.0)
     groups_.append({'params': [p_], 'weight_decay': wd_, 'lr': lr_, 'base': lr_})
 opt = torch.optim.AdamW(groups_, lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+train_step = TrainStep(model, opt, grad_clip=1.0)
 lossf = ContrastiveLoss(kind='siglip' if a.siglip else 'clip')
 SINGLE = torch.tensor([i for i, r in enumerate(rows) if r['count'] == '1'])
 if a.group != 'none':
@@ -321,7 +326,7 @@ for step in range(a.steps):
         idx = perm[pos:pos+a.bs]; pos += a.bs
     else:
         idx = grouped_batch()
-    if True:
+    def sweep_loss():
         if a.neg:
             imf = F.normalize(model.encode_image(prep(X[idx])), dim=-1)
             both = F.normalize(model.encode_text(torch.cat([T[idx], TN[idx]])), dim=-1)
@@ -330,17 +335,14 @@ for step in range(a.steps):
             li = sc * imf @ txf.T
             ln_ = (sc * imf @ ngf.T).masked_fill(~HASNEG[idx][None, :], -1e4)
             tgt = torch.arange(a.bs)
-            loss = 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
-        else:
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
-                out = model(augment(X[idx], g), T[idx])
-            loss = lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
-    opt.zero_grad(set_to_none=True); loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+            return 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
+            out = model(augment(X[idx], g), T[idx])
+        return lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
+    loss = train_step.minimise(sweep_loss).loss
     with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
     if step % 50 == 0 or step == a.steps-1:
-        print(f'{a.name} step {step} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} {time.time()-t0:.0f}s', flush=True)
+        print(f'{a.name} step {step} loss {loss:.3f} scale {model.logit_scale.exp().item():.1f} {time.time()-t0:.0f}s', flush=True)
 train_s = time.time()-t0
 model.eval()
 trows, TX = load('test')
