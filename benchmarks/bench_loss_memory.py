@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_name  # noqa: E402
+from common import cpu_name, save_record  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F
@@ -227,9 +227,7 @@ def main() -> None:
         + "; saved = distinct storages autograd keeps for backward (inputs excluded)",
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"loss_memory-{device.type}-{now.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = save_record(record, f"loss_memory-{device.type}", args.out, now)
     print(f"wrote {path}")
 
 

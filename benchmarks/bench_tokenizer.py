@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import random
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_name  # noqa: E402
+from common import cpu_name, save_record  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -154,9 +153,7 @@ def main() -> None:
         "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tokenizer-{now.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = save_record(record, "tokenizer", args.out, now)
     print(f"wrote {path}")
 
 

@@ -4,7 +4,12 @@ alternating A/B timing with medians (the method of ../shared/BENCHMARKS.md).
     from common import alternate, summarize, write_record
     times = alternate({"clipforge": step_a, "open_clip": step_b}, reps=7, warmup=2)
     table = summarize(times, reference="open_clip", work=batch_size)   # medians, ratios
-    write_record("train_step", {...}, device)
+    write_record("train_step", {...}, device)   # results/train_step-cpu-latest.json
+
+Records: ``results/BENCH[-DEVICE]-latest.json`` is each benchmark's newest run; every run it
+replaced is a line of ``results/history/BENCH.jsonl``. A record's ``file`` field
+(``BENCH[-DEVICE]-YYYYmmdd-HHMMSS.json``, UTC time of writing) is the name it is cited by,
+wherever it lives: ``grep -r train_step-cpu-20261123-135035 results/`` finds it.
 
 Every speed figure is a ratio against the reference run in the same process; absolute rates
 are kept in the record but only mean something beside the device and load they came with.
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HISTORY = "history"  # under RESULTS: one JSONL per benchmark, the records replaced as current
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,12 +89,35 @@ def command() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 
 
+def save_record(record: Mapping, stem: str, out_dir: Path | None = None,
+                when: dt.datetime | None = None) -> Path:
+    """Write ``record`` as ``STEM-latest.json`` (``STEM`` = ``BENCH`` or ``BENCH-DEVICE``), the
+    benchmark's current record, after appending the record it replaces to
+    ``history/BENCH.jsonl``. The written record starts with ``file``, ``STEM-YYYYmmdd-HHMMSS.json``
+    from ``when`` (default now, UTC): the name it is cited by once it has moved to the history."""
+    when = when or dt.datetime.now(dt.timezone.utc)
+    out = Path(out_dir or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}-latest.json"
+    if path.exists():
+        bench = record.get("benchmark") or stem.split("-")[0]
+        history = out / HISTORY / f"{bench}.jsonl"
+        history.parent.mkdir(exist_ok=True)
+        with history.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(json.loads(path.read_text()), ensure_ascii=False) + "\n")
+    full = {"file": f"{stem}-{when.strftime('%Y%m%d-%H%M%S')}.json", **record}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(full, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def write_record(
     name: str, record: Mapping, device="cpu", out_dir: Path | None = None, code_paths: Sequence[str] = ("src",)
 ) -> Path:
-    """Write ``results/NAME-DEVICE-YYYYmmdd-HHMMSS.json`` with the environment, the command,
-    the load average at the end (shared machines) and ``record``'s own fields. ``code_paths``:
-    the library code the figures depend on (uncommitted changes there are noted)."""
+    """Save ``results/NAME-DEVICE-latest.json`` (see :func:`save_record`) with the environment, the
+    command, the load average at the end (shared machines) and ``record``'s own fields.
+    ``code_paths``: the library code the figures depend on (uncommitted changes there are noted)."""
     import torch
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -100,11 +129,7 @@ def write_record(
         "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         **record,
     }
-    out = Path(out_dir or RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{torch.device(device).type}-{now.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(full, indent=2) + "\n")
-    return path
+    return save_record(full, f"{name}-{torch.device(device).type}", out_dir, now)
 
 
 def sync(device) -> None:

@@ -1,7 +1,8 @@
 """Pieces every fault trial uses: processes to start and kill, a result row, a tmpfs for real full disks.
 
 The trials reuse the dataset writers, the in-process fault injector and the checkpoint/index
-bookkeeping of tests/reliability/ (``reliability_helpers``, ``fault_driver``).
+bookkeeping of the tests' shared support package (tests/support/: ``datasets``, ``runs``,
+``search``, ``fault_driver``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "reliability"))
+sys.path.insert(0, str(REPO / "tests"))  # the tests' support package: `import support`
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -52,7 +53,7 @@ class Proc:
         fd, name = tempfile.mkstemp(prefix="stderr-", suffix=".txt", dir=log_dir)
         self.err_path = Path(name)
         self._err = os.fdopen(fd, "wb")
-        cmd = [PY, str(REPO / "tests" / "reliability" / "fault_driver.py")] if driver else [PY, "-m", "clipforge"]
+        cmd = [PY, str(REPO / "tests" / "support" / "fault_driver.py")] if driver else [PY, "-m", "clipforge"]
         self.started = time.time()
         self.p = subprocess.Popen(cmd + args, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._err)
 

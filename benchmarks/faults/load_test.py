@@ -16,7 +16,8 @@ Reports requests, throughput, p50/p99 latency per kind, every status code (5xx m
 request may fail to get an answer), and the server's resident memory sampled every second: it
 must stay flat: after a warm-up (the first quarter of the run, at most 15 s), the median of the
 last third of the samples within 5% + 16 MiB of the first third's.
-Writes ``benchmarks/results/load_test-<date>.json``; exit status 1 when a check fails.
+Writes ``benchmarks/results/load_test-latest.json`` (earlier runs: ``results/history/load_test.jsonl``);
+exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
+from common import save_record  # noqa: E402
 from harness import REPO, start_server  # noqa: E402
-from reliability_helpers import LABELS, encode, write_synthetic_embeddings  # noqa: E402
+from support.images import encode  # noqa: E402
+from support.search import LABELS, write_synthetic_embeddings  # noqa: E402
 
 WORDS = ["cat", "dog", "car", "tree", "boat", "house", "bird", "flower", "red", "small", "old", "a photo of",
          "on the beach", "at night", "in the snow", "close-up", "painting", "sketch"]
@@ -49,7 +53,7 @@ MIB = 2**20
 def build(work: Path, items: int, kind: str) -> tuple[Path, Path, dict]:
     import clipforge
     from clipforge.search.build import build_or_update
-    from clipforge.search.embed import model_fingerprint
+    from clipforge.search.layout import model_fingerprint
     from clipforge.search.index import IndexConfig
 
     model_dir, index_dir = work / "model", work / f"index-{items}-{kind}"
@@ -218,9 +222,7 @@ def main() -> int:
                   "mix": "text 40% (10% filtered), image 30%, classify 30% (25% of them fresh label sets)"},
         "summary": s, "passed": passed, "errors": run["errors"][:20], "rss_series_mib": run["rss"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"load_test-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = save_record(record, "load_test", args.out, dt.datetime.fromisoformat(record["date"]))
     shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     print(f"\n{'PASSED' if passed else 'FAILED'}; written: {shown}")
     return 0 if passed else 1

@@ -3,17 +3,17 @@
     .venv/bin/python benchmarks/faults/run_faults.py [--trials 2] [--only train-kill,embed-kill,...] [--seed 0]
 
 Prints a table (fault or input, trials, passed, data lost: must be 0) and writes it with every
-trial's notes to ``benchmarks/results/faults-<date>.json``. The fast versions of these checks
-run with the tests (tests/reliability/); this suite repeats them with real processes killed at
-random moments, a real full file system (a tmpfs, when mounting is allowed), and more trials.
-CPU only; a few minutes on two cores. Also: benchmarks/faults/load_test.py (the service under load).
+trial's notes to ``benchmarks/results/faults-latest.json`` (earlier runs: ``results/history/faults.jsonl``).
+The fast versions of these checks run with the tests (tests/reliability/); this suite repeats them
+with real processes killed at random moments, a real full file system (a tmpfs, when mounting is
+allowed), and more trials. CPU only; a few minutes on two cores. Also: benchmarks/faults/load_test.py
+(the service under load).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import random
@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 
+from common import save_record  # noqa: E402
 from harness import REPO, Row  # noqa: E402
 
 TRIALS = ["train-kill-random", "train-kill-scripted", "train-worker", "train-nan", "train-disk", "checkpoint-damage",
@@ -105,9 +107,7 @@ def main() -> int:
         "rows": [row.__dict__ for row in rows],
         "all_passed": all(r.passed == r.trials and r.lost == 0 for r in rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"faults-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = save_record(record, "faults", args.out, dt.datetime.fromisoformat(record["date"]))
     print(f"\nwritten: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return 0 if record["all_passed"] else 1
 

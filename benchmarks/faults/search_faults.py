@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from harness import Proc, Row, run, sleep_or_exit, start_server, tmpfs
-from reliability_helpers import encode, index_accounting, png_claiming_size, write_synthetic_embeddings
+from support.images import encode, png_claiming_size
+from support.search import index_accounting, write_synthetic_embeddings
 
 
 # -- embedding -----------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def service_fuzz(root: Path, requests: int, rng: random.Random) -> Row:
 
     import clipforge
     from clipforge.search.build import build_or_update
-    from clipforge.search.embed import model_fingerprint
+    from clipforge.search.layout import model_fingerprint
     from clipforge.search.index import IndexConfig
     from PIL import Image
 

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from harness import Proc, Row, fill_disk, run, sleep_or_exit, tmpfs
-from reliability_helpers import (
-    checkpoint_health, children, differing_tensors, write_pairs_csv, write_zoo_csv, write_zoo_shards,
-)
+from support.datasets import write_csv, write_zoo_csv, write_zoo_shards
+from support.runs import checkpoint_health, children, differing_tensors
 
 STEPS, SAVE_EVERY = 40, 2
 BAD = {"not_an_image": 2, "missing_file": 1, "empty_file": 1}  # 60 good + 4 bad rows: 8 batches of 8
@@ -37,7 +36,7 @@ class Reference:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.data = write_pairs_csv(root / "data", n=60, bad=BAD)
+        self.data = write_csv(root / "data", n=60, bad=BAD)
         self.out = root / "reference"
         rc, err, self.seconds = run(train_args(self.data, self.out, 0), root / "logs")
         assert rc == 0, err
@@ -141,7 +140,7 @@ SCRIPTED = ("step", "weights", "state", "marker", "rename", "prune")
 
 
 def sigkill_scripted(ref: Reference, trials: int, rng: random.Random, kills: int = 5) -> Row:
-    """Five SIGKILLs per run, each at a random (write phase, step) of tests/reliability/fault_driver.py."""
+    """Five SIGKILLs per run, each at a random (write phase, step) of tests/support/fault_driver.py."""
     row = Row(f"train: SIGKILL x{kills} in one run, at random checkpoint-write phases (fresh processes)")
     for t in range(trials):
         run_dir = ref.root / f"scripted-{t}"
@@ -214,7 +213,7 @@ def nan_inf(root: Path, trials: int, rng: random.Random) -> Row:
     from clipforge.train.config import TrainConfig
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    data = write_pairs_csv(root / "nan-data", n=16)
+    data = write_csv(root / "nan-data", n=16)
     row = Row("train: NaN/Inf at a random step (features or gradients; stop and skip policies)")
     for t in range(trials):
         steps, at = 6, rng.randint(1, 6)

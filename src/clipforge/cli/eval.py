@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_report)
 
 
-# -- helpers ------------------------------------------------------------------------------
+# -- flags to configs ----------------------------------------------------------------------
 
 
 def _feature_options(args: argparse.Namespace, project: bool = True) -> Any:
@@ -121,78 +121,42 @@ def _feature_options(args: argparse.Namespace, project: bool = True) -> Any:
                           progress=not args.no_progress)
 
 
+def _labelling(args: argparse.Namespace, data: Path) -> Any:
+    """The label flags (``--task``, ``--label-key``, ``--classes``, ...) resolved against ``data``."""
+    from clipforge.eval.inputs import LabelOptions, resolve_labels
+
+    options = LabelOptions(classes=args.classes, label_key=args.label_key, image_key=args.image_key,
+                           task=args.task, templates=args.templates)
+    return resolve_labels(options, data)
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     import clipforge
 
     return clipforge.load(args.model, arch=args.arch)
 
 
-def _apply_task(args: argparse.Namespace, data: Path) -> None:
-    """Fill label column, class names and templates from ``--task`` (explicit flags win)."""
-    args.task_info = None
-    if args.task:
-        from clipforge.eval.templates import load_task
-
-        path = Path(args.task)
-        if not path.is_file():
-            path = (data if data.is_dir() else data.parent) / "tasks" / f"{args.task}.json"
-        args.task_info = load_task(path)
-        args.label_key = args.label_key or args.task_info["label_column"]
-    args.label_key = args.label_key or "label"
+# -- the result record --------------------------------------------------------------------
 
 
-def _classnames(args: argparse.Namespace) -> list[str] | None:
-    from clipforge.eval.templates import load_classnames
-
-    if args.classes:
-        return load_classnames(args.classes)
-    return list(args.task_info["classes"]) if args.task_info else None
-
-
-def _templates_for(args: argparse.Namespace) -> list[str]:
-    from clipforge.eval.templates import BUILTIN_SETS, DEFAULT_TEMPLATES, load_templates
-
-    if args.templates:
-        return load_templates(args.templates)
-    if args.task_info:
-        return list(args.task_info["templates"])
-    if args.classes in BUILTIN_SETS and not Path(args.classes).exists():
-        return load_templates(args.classes)
-    return list(DEFAULT_TEMPLATES)
+def _settings(args: argparse.Namespace, labels: Any = None) -> dict[str, Any]:
+    """The parsed flags with the label column as resolved (``--task`` may supply it)."""
+    settings = dict(vars(args))
+    if labels is not None:
+        settings["label_key"] = labels.label_key
+    return settings
 
 
-def _dataset_name(args: argparse.Namespace, path: Path) -> str:
-    """The file or folder name plus the task or label column, e.g. 'test (shape)'."""
-    name = path.name if path.is_dir() else path.stem
-    if args.task_info or (not path.is_dir() and args.label_key != "label"):
-        name += f" ({args.task_info.get('name', args.label_key) if args.task_info else args.label_key})"
-    return name
-
-
-def _load(args: argparse.Namespace, path: Path, classnames: list[str] | None, name: str | None = None) -> Any:
-    from clipforge.eval.datasets import load_labelled
-
-    name = name or _dataset_name(args, path)
-    return load_labelled(path, classnames, image_key=args.image_key, label_key=args.label_key, name=name)
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    """Dataset names from paths: the stem, or parent/stem where stems collide (split/labels.csv)."""
-    stems = [p.stem if p.is_file() else p.name for p in paths]
-    return [f"{p.parent.name}/{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
-
-
-def _options_record(args: argparse.Namespace) -> dict[str, Any]:
-    skip = ("func", "task_info")
+def _options_record(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
-            for k, v in vars(args).items() if k not in skip}
+            for k, v in settings.items() if k != "func"}
 
 
-def _command_line(args: argparse.Namespace) -> list[str]:
+def _command_line(settings: dict[str, Any]) -> list[str]:
     """The parsed command, rebuilt as a replayable command line (also right when called in-process)."""
-    words = ["clipforge", "eval", args.action]
-    for key, value in vars(args).items():
-        if key in ("func", "command", "action", "task_info") or value is None or value is False:
+    words = ["clipforge", "eval", settings["action"]]
+    for key, value in settings.items():
+        if key in ("func", "command", "action") or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -202,15 +166,22 @@ def _command_line(args: argparse.Namespace) -> list[str]:
     return words
 
 
-def _finish(args: argparse.Namespace, task: str, dataset: str, out: dict[str, Any]) -> int:
+def _finish(args: argparse.Namespace, task: str, dataset: str, out: dict[str, Any], labels: Any = None) -> int:
     from clipforge.eval.report import make_result, write_result
 
-    result = make_result(task, str(args.model), dataset, out["metrics"], out.get("details"), _options_record(args),
-                         _command_line(args))
+    settings = _settings(args, labels)
+    result = make_result(task, str(args.model), dataset, out["metrics"], out.get("details"),
+                         _options_record(settings), _command_line(settings))
     write_result(result, args.out)
     shown = {k: v for k, v in out["metrics"].items() if isinstance(v, float)}
     print(" ".join(f"{k}={v:.4f}" for k, v in list(shown.items())[:8]) + f"  -> {args.out}")
     return 0
+
+
+def _with_skipped_rows(out: dict[str, Any], data: Any) -> dict[str, Any]:
+    if data.skipped_rows:
+        out["metrics"]["num_skipped_rows"] = data.skipped_rows
+    return out
 
 
 # -- actions ------------------------------------------------------------------------------
@@ -219,65 +190,38 @@ def _finish(args: argparse.Namespace, task: str, dataset: str, out: dict[str, An
 def run_zeroshot(args: argparse.Namespace) -> int:
     from clipforge.eval.zeroshot import evaluate_zeroshot
 
-    _apply_task(args, args.data)
-    data = _load(args, args.data, _classnames(args), args.dataset_name)
+    labels = _labelling(args, args.data)
+    data = labels.load(args.data, labels.classnames(), args.dataset_name)
     model, preprocess = _load_model(args)
-    out = evaluate_zeroshot(model, data, data.classnames, _templates_for(args), _feature_options(args), preprocess)
-    if data.skipped_rows:
-        out["metrics"]["num_skipped_rows"] = data.skipped_rows
-    return _finish(args, "zeroshot_classification", data.name, out)
+    out = evaluate_zeroshot(model, data, data.classnames, labels.templates(), _feature_options(args), preprocess)
+    return _finish(args, "zeroshot_classification", data.name, _with_skipped_rows(out, data), labels)
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
-    import torch
+    from clipforge.cli import CliError
+    from clipforge.eval.linear_probe import LinearProbeConfig
+    from clipforge.eval.probes import evaluate_few_shot, evaluate_linear_probe
 
-    from clipforge.errors import DataError
-    from clipforge.eval.features import extract_image_features
-    from clipforge.eval.fewshot import few_shot
-    from clipforge.eval.linear_probe import LinearProbeConfig, linear_probe
-    from clipforge.eval.report import plot_few_shot
-    from clipforge.eval.zeroshot import evaluate_zeroshot
-
-    _apply_task(args, args.train)
-    train = _load(args, args.train, _classnames(args))
+    labels = _labelling(args, args.train)
+    train = labels.load(args.train, labels.classnames())
     classnames = train.classnames  # test/val labels map through train's classes
-    test = _load(args, args.test, classnames, args.dataset_name)
-    val = _load(args, args.val, classnames) if args.val else None
+    test = labels.load(args.test, classnames, args.dataset_name)
+    val = labels.load(args.val, classnames) if args.val else None
+    if args.zeroshot and not classnames:
+        raise CliError("--zeroshot needs class names (class folders, name labels or --classes)")
     model, preprocess = _load_model(args)
     options = _feature_options(args, project=args.features == "post")
-
-    def features(data: Any, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        f = extract_image_features(model, data.paths, preprocess, options, desc=f"{desc} features")
-        if f.features.shape[0] == 0:
-            raise DataError(f"{data.name}: none of the {len(data)} images could be read")
-        return f.features, torch.tensor(data.labels, dtype=torch.long)[f.index]
-
-    x, y = features(train, "train")
-    tx, ty = features(test, "test")
-    vx, vy = features(val, "val") if val is not None else (None, None)
-    num_classes = max(train.num_classes, test.num_classes, val.num_classes if val is not None else 0)
     config = LinearProbeConfig(backend=args.backend, seed=args.seed, device=args.device)
-    zeroshot_acc = None
-    if args.zeroshot:
-        if not classnames:
-            raise DataError("--zeroshot needs class names (class folders, name labels or --classes)")
-        zs = evaluate_zeroshot(model, test, classnames, _templates_for(args), _feature_options(args), preprocess)
-        zeroshot_acc = zs["metrics"]["acc1"]
+    templates = labels.templates() if args.zeroshot else None
     if args.shots:
-        if val is not None:  # k-shot draws come from train; a given val set joins the pool
-            x, y = torch.cat([x, vx]), torch.cat([y, vy])
-        out = few_shot(x, y, tx, ty, args.shots, args.draws, config, num_classes, args.seed)
         plot = args.plot or args.out.with_suffix(".png")
-        plot_few_shot(out["details"]["shots"], zeroshot_acc, plot, f"{args.model} on {test.name}")
-        out["details"]["plot"] = str(plot)
+        out = evaluate_few_shot(model, train, test, val, args.shots, args.draws, config, options, preprocess,
+                                zeroshot_templates=templates, plot=plot, title=f"{args.model} on {test.name}")
         task = "few_shot"
     else:
-        out = linear_probe(x, y, tx, ty, config, vx, vy, num_classes)
+        out = evaluate_linear_probe(model, train, test, val, config, options, preprocess, zeroshot_templates=templates)
         task = "linear_probe"
-    if zeroshot_acc is not None:
-        out["metrics"]["zeroshot_acc1"] = zeroshot_acc
-    out["details"]["features"] = args.features
-    return _finish(args, task, test.name, out)
+    return _finish(args, task, test.name, out, labels)
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
@@ -288,38 +232,23 @@ def run_retrieval(args: argparse.Namespace) -> int:
     model, preprocess = _load_model(args)
     out = evaluate_retrieval(model, data, _feature_options(args), preprocess, ks=args.recall_k,
                              chunk_size=args.chunk_size)
-    if data.skipped_rows:
-        out["metrics"]["num_skipped_rows"] = data.skipped_rows
-    return _finish(args, "zeroshot_retrieval", data.name, out)
-
-
-def _baselines(path: Path | None) -> dict[str, Any] | None:
-    import json
-
-    from clipforge.errors import DataError
-    from clipforge.eval.robustness import BaselineFit, fit_baseline
-
-    if path is None:
-        return None
-    try:
-        raw = json.loads(path.read_text())
-        return {name: BaselineFit(float(v["slope"]), float(v["intercept"])) if isinstance(v, dict)
-                else fit_baseline([(float(r), float(s)) for r, s in v]) for name, v in raw.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise DataError(f"{path}: not a baseline file ({{name: [[ref, shifted], ...] or {{slope, intercept}}}}): {e}")
+    return _finish(args, "zeroshot_retrieval", data.name, _with_skipped_rows(out, data))
 
 
 def run_robustness(args: argparse.Namespace) -> int:
+    from clipforge.eval.inputs import load_baselines, unique_names
     from clipforge.eval.robustness import evaluate_robustness
 
-    _apply_task(args, args.reference)
-    names = _unique_names([args.reference, *args.shifted])  # plain names: they prefix metric keys
-    reference = _load(args, args.reference, _classnames(args), names[0])
-    shifted = [_load(args, p, reference.classnames, n) for p, n in zip(args.shifted, names[1:])]
+    labels = _labelling(args, args.reference)
+    names = unique_names([args.reference, *args.shifted])  # plain names: they prefix metric keys
+    reference = labels.load(args.reference, labels.classnames(), names[0])
+    shifted = [labels.load(p, reference.classnames, n) for p, n in zip(args.shifted, names[1:])]
     model, preprocess = _load_model(args)
-    out = evaluate_robustness(model, reference, shifted, reference.classnames, _templates_for(args),
-                              _feature_options(args), preprocess, baselines=_baselines(args.baseline))
-    return _finish(args, "robustness", args.dataset_name or _dataset_name(args, args.reference), out)
+    templates = labels.templates()
+    baselines = load_baselines(args.baseline) if args.baseline is not None else None
+    out = evaluate_robustness(model, reference, shifted, reference.classnames, templates,
+                              _feature_options(args), preprocess, baselines=baselines)
+    return _finish(args, "robustness", args.dataset_name or labels.dataset_name(args.reference), out, labels)
 
 
 def run_report(args: argparse.Namespace) -> int:

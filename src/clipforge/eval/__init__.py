@@ -38,6 +38,8 @@ _EXPORTS = {
     "fewshot": ["sample_few_shot", "few_shot"],
     "retrieval": ["evaluate_retrieval"],
     "robustness": ["BaselineFit", "fit_baseline", "effective_robustness", "robustness_summary", "evaluate_robustness"],
+    "probes": ["probe_features", "evaluate_linear_probe", "evaluate_few_shot"],
+    "inputs": ["LabelOptions", "Labelling", "find_task", "resolve_labels", "unique_names", "load_baselines"],
     "report": ["make_result", "write_result", "load_results", "write_report", "plot_few_shot", "plot_per_template"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

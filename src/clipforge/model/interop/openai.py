@@ -247,4 +247,4 @@ def check_openai_compatible(cfg: ClipConfig) -> None:
         problems.append("has a logit bias")
     if problems:
         raise CheckpointError("model cannot be expressed in OpenAI's layout: " + "; ".join(problems)
-                              + " (export --to openclip instead)")
+                              + "; export to the 'openclip' format instead")
