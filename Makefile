@@ -1,5 +1,6 @@
 # Two commands set up a fresh machine: `make demo` and `make test`.
 # Each creates .venv if missing and installs what it needs (stamp files skip repeat installs).
+# `make test-fast` is the inner loop: every test not marked slow (under two minutes on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv install-demo install-dev browser clean
+.PHONY: demo test test-fast venv install-demo install-dev browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ demo: install-demo
 
 test: install-dev browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install-dev browser
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out build dist src/*.egg-info

@@ -9,6 +9,7 @@ import pytest
 from clipforge.cli import main
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_short_demo_writes_report(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -62,10 +63,11 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
         monkeypatch.setattr(clipforge.utils, "cpu_has_native_bf16", lambda native=native: native)
         assert DemoConfig().resolved_precision() == want
         assert DemoConfig(precision="fp32").resolved_precision() == "fp32"
-    with pytest.raises(ClipforgeError, match="--precision"):
+    with pytest.raises(ClipforgeError, match="precision must be auto, fp32 or bf16"):
         DemoConfig(precision="fp16")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_calibration_times_real_training_steps(tmp_path):
     from clipforge.data.config import DataConfig

@@ -11,7 +11,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from support.runs import free_port
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 pytestmark = pytest.mark.skipif(
@@ -113,12 +114,6 @@ class Chromium:
         os.close(self._out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     import skimage
@@ -145,7 +140,7 @@ def server(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     build_or_update([str(root / "emb")], root / "index", IndexConfig(progress=False))
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "clipforge", "serve", "--index", str(root / "index"), "--model", str(root / "model"),
            "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]  # fmt: skip
     log = open(root / "server.log", "wb")
@@ -186,6 +181,7 @@ def _file_js(var: str, path: Path, mime: str) -> str:
             f"{json.dumps(path.name)}, {{type: '{mime}'}});")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_search_drop_classify_and_screenshot(server, browser, tmp_path):
     url, photos = server
     # 1. Text search from the URL: a grid of thumbnails with scores, best first.

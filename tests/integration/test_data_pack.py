@@ -8,23 +8,14 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from clipforge.cli import main
 from clipforge.data.config import DataConfig
 from clipforge.data.loader import build_train_loader
 from clipforge.data.pack import pack_dataset
 from clipforge.errors import DataError
-
-
-def _tokenize(texts):
-    out = torch.zeros(len(texts), 77, dtype=torch.long)
-    for i, t in enumerate(texts):
-        b = t.encode()[:77]
-        out[i, : len(b)] = torch.tensor(list(b))
-    return out
+from support.fakes import exact, fake_tokenize, untokenize
 
 
 def _table(tmp_path, n=7):
@@ -71,9 +62,9 @@ def test_pack_cli_round_trip(tmp_path, capsys):
         assert img.format == "JPEG" and max(img.size) <= 32
         assert img.size == ((32, 14) if i % 2 else (20, 30))  # aspect kept; small ones untouched
     # the shards train: every caption comes back through the streaming loader
-    loader = build_train_loader(DataConfig(pattern), T.Compose([T.Resize((8, 8)), T.ToTensor()]), _tokenize,
-                                batch_size=1, workers=0, seed=0, drop_last=False)
-    got = sorted(bytes(t[t > 0].tolist()).decode() for b in loader.epoch_iter(0) for t in b.tokens)
+    loader = build_train_loader(DataConfig(pattern), exact(), fake_tokenize, batch_size=1, workers=0, seed=0,
+                                drop_last=False)
+    got = sorted(c for b in loader.epoch_iter(0) for c in untokenize(b.tokens))
     assert got == sorted(f"caption {i}, with a comma" for i in range(7))
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 import clipforge
 from clipforge.cli import main
+from support.models import save_nano
 
 DIGIT_NAMES = ["zero", "one", "two"]
 COMMON = ["--device", "cpu", "--no-progress", "--batch-size", "16"]
@@ -41,7 +42,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     from skimage import data as skdata
 
     root = tmp_path_factory.mktemp("eval_world")
-    model_dir = clipforge.save(clipforge.create_model("nano", seed=0), root / "model")
+    model_dir = save_nano(root / "model")
     digits = load_digits()
     counts = {"train": 8, "test": 5}
     for split, n in counts.items():

@@ -22,6 +22,7 @@ from clipforge.search.embed import EmbedConfig, embed_images
 from clipforge.search.index import IndexConfig
 from clipforge.search.service import STATIC, ServeSettings, create_app
 from clipforge.search.sources import InputSpec, list_images
+from support.datasets import add_member
 
 PHOTOS = {"astronaut.png": "person", "chelsea.png": "cat", "coffee.png": "drink", "rocket.jpg": "rocket",
           "horse.png": "animal", "camera.png": "person"}  # fmt: skip
@@ -42,9 +43,7 @@ def world(tmp_path_factory):
             jpegs[label if label not in jpegs else f"{label}2"] = buf.getvalue()
             for ext, data in (("jpg", buf.getvalue()), ("txt", f"a photo: {name}".encode()),
                               ("json", json.dumps({"label": label, "n": i}).encode())):  # fmt: skip
-                info = tarfile.TarInfo(f"{i:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                add_member(tar, f"{i:04d}.{ext}", data)
     model = clipforge.create_model("nano", seed=0).eval()
     table = list_images(InputSpec(str(root / "shard-000.tar")))
     embed_images(model, table, root / "emb", EmbedConfig(batch_size=4, num_workers=0, progress=False))

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import clipforge
+import pytest
 
-from test_train_e2e import write_csv  # tests/integration is on sys.path (pytest prepend mode)
+import clipforge
+from support.datasets import write_csv
 
 
 def _torchrun() -> list[str]:
@@ -19,6 +20,7 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_run_finishes_and_writes_final(tmp_path):
     bad = {"not_an_image": 2, "missing_file": 2}  # 28 good + 4 bad: 16 rows per rank, 4 batches of 4
     data = write_csv(tmp_path / "data", n=28, bad=bad)

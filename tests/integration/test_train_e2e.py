@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import csv
 import errno
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import clipforge
 from clipforge.cli import main
@@ -26,89 +23,12 @@ from clipforge.train import trainer as trainer_mod
 from clipforge.train.config import TrainConfig
 from clipforge.train.logging import read_metrics
 from clipforge.train.loss import ContrastiveLoss
+from support.datasets import write_csv, write_folder, write_parquet, write_shards
+from support.images import NAMES
+from support.models import nano_config, save_nano
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-           "purple": (140, 30, 160), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (10, 10, 10)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tests share two cores with other work: one compute thread avoids OpenMP spin-waiting."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def png(colour: str, size: int = 24) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), COLOURS[colour]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def pairs(n: int) -> list[tuple[str, str]]:
-    names = list(COLOURS)
-    return [(f"{i:03d}", names[i % len(names)]) for i in range(n)]
-
-
-def write_csv(root: Path, n: int = 32, bad: dict[str, int] | None = None) -> Path:
-    """n good rows, then bad ones: {"not_an_image": k, "missing_file": k, "empty_file": k, "corrupt_image": k}."""
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for key, colour in pairs(n):
-        (root / "img" / f"{key}.png").write_bytes(png(colour))
-        rows.append((f"img/{key}.png", f"a {colour} square"))
-    for kind, count in (bad or {}).items():
-        for j in range(count):
-            name = f"img/{kind}{j}.png"
-            if kind == "not_an_image":
-                (root / name).write_text("this is text, not a picture")
-            elif kind == "empty_file":
-                (root / name).write_bytes(b"")
-            elif kind == "corrupt_image":
-                (root / name).write_bytes(png("red", 64)[:120])  # header intact, pixels cut off
-            rows.append((name, "a broken picture"))  # missing_file: nothing written
-    path = root / "train.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
-        w.writerows(rows)
-    return path
-
-
-def write_parquet(root: Path, n: int = 32) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root.mkdir(parents=True, exist_ok=True)
-    items = pairs(n)
-    table = pa.table({"pixels": [png(c) for _, c in items], "text": [f"a {c} square" for _, c in items]})
-    pq.write_table(table, root / "train.parquet")
-    return root / "train.parquet"
-
-
-def write_folder(root: Path, n: int = 32) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for key, colour in pairs(n):
-        (root / f"{key}.png").write_bytes(png(colour))
-        (root / f"{key}.txt").write_text(f"a {colour} square\n")
-    return root
-
-
-def write_shards(root: Path, n: int = 32, shards: int = 2) -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    items = pairs(n)
-    for s in range(shards):
-        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
-            for key, colour in items[s::shards]:
-                for ext, data in (("png", png(colour)), ("txt", f"a {colour} square".encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return str(root / ("{00000..%05d}.tar" % (shards - 1)))
-
-
-def config(data: str, out: Path, **over) -> TrainConfig:
-    base = {"data": data, "model": "nano", "out": str(out), "steps": 10, "batch_size": 8, "lr": 2e-3,
-            "warmup": 2, "workers": 0, "save_every": 0, "log_every": 1, "tensorboard": False, "seed": 0}
-    return TrainConfig.load(None, {**base, **over})
+# Tests share two cores with other work: one compute thread avoids OpenMP spin-waiting.
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
 def assert_loss_fell(run_dir: Path) -> None:
@@ -118,6 +38,7 @@ def assert_loss_fell(run_dir: Path) -> None:
     assert last < 0.8 * first, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["csv", "parquet", "folder", "wds"])
 def test_each_source_trains_and_the_loss_falls(source, tmp_path):
     writer = {"csv": write_csv, "parquet": write_parquet, "folder": write_folder, "wds": write_shards}[source]
@@ -125,7 +46,7 @@ def test_each_source_trains_and_the_loss_falls(source, tmp_path):
     over = {"image_key": "pixels", "caption_key": "text"} if source == "parquet" else {}
     if source == "csv":
         over["workers"] = 2  # decoding in worker processes
-    summary = trainer_mod.train(config(str(data), tmp_path / "run", **over), progress=False)
+    summary = trainer_mod.train(nano_config(str(data), tmp_path / "run", **over), progress=False)
 
     run = tmp_path / "run"
     assert summary["steps"] == 10 and summary["samples_seen"] == 10 * 8 and summary["skipped"] == {}
@@ -136,6 +57,7 @@ def test_each_source_trains_and_the_loss_falls(source, tmp_path):
     assert TrainConfig.load(run / "config.yaml").data.path == str(data)  # resolved config, reloadable
 
 
+@pytest.mark.slow
 def test_cli_run_counts_skipped_samples_exactly(tmp_path, capsys):
     """One epoch over 40 good rows and 8 bad ones (batch 8: every row is visited once)."""
     bad = {"not_an_image": 3, "missing_file": 2, "empty_file": 1, "corrupt_image": 2}
@@ -170,12 +92,13 @@ class _NanOnThirdCall(ContrastiveLoss):
         return loss * float("nan") if type(self).calls == 3 else loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss_policy(policy, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "ContrastiveLoss", _NanOnThirdCall)
     _NanOnThirdCall.calls = 0
     data = write_csv(tmp_path / "data", n=16)
-    cfg = config(str(data), tmp_path / "run", steps=4, save_every=1 if policy == "stop" else 0, nan_policy=policy)
+    cfg = nano_config(str(data), tmp_path / "run", steps=4, save_every=1 if policy == "stop" else 0, nan_policy=policy)
     if policy == "stop":
         with pytest.raises(trainer_mod.NonFiniteLossError, match="step 3"):
             trainer_mod.train(cfg, progress=False)
@@ -189,6 +112,7 @@ def test_non_finite_loss_policy(policy, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_is_a_clear_error_and_keeps_the_previous_one(tmp_path, monkeypatch):
     data = write_csv(tmp_path / "data", n=16)
     real_save, calls = torch.save, []
@@ -202,7 +126,7 @@ def test_unwritable_checkpoint_is_a_clear_error_and_keeps_the_previous_one(tmp_p
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device.*step_00000002 is intact"):
-        trainer_mod.train(config(str(data), tmp_path / "run", steps=4, save_every=2), progress=False)
+        trainer_mod.train(nano_config(str(data), tmp_path / "run", steps=4, save_every=2), progress=False)
     root = tmp_path / "run" / "checkpoints"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary left behind
@@ -221,14 +145,15 @@ def test_resume_ignores_incomplete_checkpoints(tmp_path):
         ckpt.load_checkpoint(root / "step_00000008")
 
 
+@pytest.mark.slow
 def test_lit_finetune_with_accumulation_siglip_and_memory_options(tmp_path):
     """Fine-tune a saved model with the text tower locked except its last block, SigLIP loss in
     tiles, 2 accumulated micro-batches, patch dropout, gradient checkpointing and bf16."""
-    start = clipforge.save(clipforge.create_model("nano", seed=3), tmp_path / "start")
+    start = save_nano(tmp_path / "start", seed=3)
     data = write_csv(tmp_path / "data", n=16)
-    cfg = config(str(data), tmp_path / "run", model=str(start), steps=3, batch_size=4, grad_accum=2, loss="siglip",
-                 loss_tile=4, lock_text=True, lock_unlocked_layers=1, patch_dropout=0.5, grad_checkpointing=True,
-                 precision="bf16")
+    cfg = nano_config(str(data), tmp_path / "run", model=str(start), steps=3, batch_size=4, grad_accum=2,
+                      loss="siglip", loss_tile=4, lock_text=True, lock_unlocked_layers=1, patch_dropout=0.5,
+                      grad_checkpointing=True, precision="bf16")
     summary = trainer_mod.train(cfg, progress=False)
     assert summary["steps"] == 3 and summary["global_batch_size"] == 8 and summary["precision"] == "bf16"
     before = clipforge.load(start)[0].state_dict()
@@ -239,6 +164,7 @@ def test_lit_finetune_with_accumulation_siglip_and_memory_options(tmp_path):
     assert {"text.transformer.resblocks.1.mlp.c_fc.weight", "text.text_projection", "visual.conv1.weight"} <= changed
 
 
+@pytest.mark.slow
 def test_periodic_validation_reports_retrieval_and_zero_shot(tmp_path):
     data = write_csv(tmp_path / "data", n=16)
     rows = list(csv.DictReader(data.open()))
@@ -248,9 +174,9 @@ def test_periodic_validation_reports_retrieval_and_zero_shot(tmp_path):
         w.writerow(["image", "caption", "label"])
         w.writerows([(r["image"], r["caption"], r["caption"].split()[1]) for r in rows[:8]])
     classes = tmp_path / "classes.txt"
-    classes.write_text("\n".join(COLOURS) + "\n")
-    cfg = config(str(data), tmp_path / "run", steps=4, val_data=str(val), eval_every=2, val_classnames=str(classes),
-                 val_templates=None)
+    classes.write_text("\n".join(NAMES) + "\n")
+    cfg = nano_config(str(data), tmp_path / "run", steps=4, val_data=str(val), eval_every=2,
+                      val_classnames=str(classes), val_templates=None)
     summary = trainer_mod.train(cfg, progress=False)
     evals = read_metrics(tmp_path / "run", kind="val")
     assert [r["step"] for r in evals] == [2, 4]

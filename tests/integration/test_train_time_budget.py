@@ -12,14 +12,17 @@ import clipforge
 from clipforge.train import trainer as trainer_mod
 from clipforge.train.config import ConfigError, TrainConfig
 from clipforge.train.logging import read_metrics
+from support.datasets import write_csv
+from support.models import nano_config
 
-from test_train_e2e import config, one_thread, write_csv  # noqa: F401 - one_thread is an autouse fixture
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
+@pytest.mark.slow
 def test_run_stops_at_the_budget_with_the_schedule_annealed(tmp_path):
     data = write_csv(tmp_path / "data")
     budget = 4.0
-    cfg = config(str(data), tmp_path / "run", steps=100_000, time_budget_s=budget, schedule="cosine", warmup=2)
+    cfg = nano_config(str(data), tmp_path / "run", steps=100_000, time_budget_s=budget, schedule="cosine", warmup=2)
     t = time.time()
     summary = trainer_mod.train(cfg, progress=False)
     took = time.time() - t
@@ -33,9 +36,11 @@ def test_run_stops_at_the_budget_with_the_schedule_annealed(tmp_path):
     assert model.config.name == "nano"
 
 
+@pytest.mark.slow
 def test_a_slower_pace_gives_fewer_steps_in_the_same_budget(tmp_path, monkeypatch):
     data = write_csv(tmp_path / "data")
-    fast = trainer_mod.train(config(str(data), tmp_path / "fast", steps=100_000, time_budget_s=3.0), progress=False)
+    fast = trainer_mod.train(nano_config(str(data), tmp_path / "fast", steps=100_000, time_budget_s=3.0),
+                             progress=False)
     step = trainer_mod.Trainer._step
 
     def slow_step(self, micro):  # the host slowing down: every step takes 50 ms longer
@@ -43,14 +48,16 @@ def test_a_slower_pace_gives_fewer_steps_in_the_same_budget(tmp_path, monkeypatc
         return step(self, micro)
 
     monkeypatch.setattr(trainer_mod.Trainer, "_step", slow_step)
-    slow = trainer_mod.train(config(str(data), tmp_path / "slow", steps=100_000, time_budget_s=3.0), progress=False)
+    slow = trainer_mod.train(nano_config(str(data), tmp_path / "slow", steps=100_000, time_budget_s=3.0),
+                             progress=False)
     assert slow["steps"] < fast["steps"]
     assert slow["steps"] <= 3.0 / 0.05 + 1
 
 
+@pytest.mark.slow
 def test_the_step_bound_still_holds(tmp_path):
     data = write_csv(tmp_path / "data")
-    summary = trainer_mod.train(config(str(data), tmp_path / "run", steps=5, time_budget_s=600.0), progress=False)
+    summary = trainer_mod.train(nano_config(str(data), tmp_path / "run", steps=5, time_budget_s=600.0), progress=False)
     assert summary["steps"] == 5
 
 
@@ -61,14 +68,15 @@ def test_the_step_bound_still_holds(tmp_path):
 ])
 def test_bad_budgets_are_clear_errors(tmp_path: Path, over, match):
     with pytest.raises(ConfigError, match=match):
-        config("data.csv", tmp_path / "run", **over)
+        nano_config("data.csv", tmp_path / "run", **over)
 
 
 def test_config_round_trip_keeps_the_budget(tmp_path):
-    cfg = config("data.csv", tmp_path / "run", time_budget_s=12.5)
+    cfg = nano_config("data.csv", tmp_path / "run", time_budget_s=12.5)
     assert TrainConfig.from_dict(cfg.to_dict()).time_budget_s == 12.5
 
 
+@pytest.mark.slow
 def test_cli_time_budget_flag(tmp_path, capsys):
     from clipforge.cli import main
 

@@ -19,13 +19,7 @@ VOCAB, CTX, IMG = 1000, 16, 32
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, and on a busy machine they spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on a shared 2-core machine
 
 
 def make_hf(act: str = "quick_gelu", eos: int = VOCAB - 1, seed: int = 0) -> CLIPModel:

@@ -26,13 +26,7 @@ VISION = {
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, and on a busy machine they spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on a shared 2-core machine
 
 
 def make_openclip(arch: str, quick_gelu: bool = True, seed: int = 0) -> OpenClipCLIP:

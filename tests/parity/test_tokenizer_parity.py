@@ -111,6 +111,7 @@ def reference() -> torch.Tensor:
     return oc_tok.tokenize(CORPUS)  # [N, 77]
 
 
+@pytest.mark.slow
 def test_corpus_is_nasty_enough(reference):
     assert len(CORPUS) == 3000
     assert sum(not t.isascii() for t in CORPUS) > 1500
@@ -120,6 +121,7 @@ def test_corpus_is_nasty_enough(reference):
     assert (lengths == 2).sum() >= 10  # empty after cleaning
 
 
+@pytest.mark.slow
 def test_tokenize_ids_identical_to_open_clip(reference):
     got = tokenize(CORPUS)
     assert got.dtype == torch.long and got.shape == reference.shape
@@ -134,6 +136,7 @@ def test_context_lengths_identical_to_open_clip(context_length):
     assert torch.equal(tokenize(texts, context_length=context_length), oc_tok.tokenize(texts, context_length))
 
 
+@pytest.mark.slow
 def test_encode_and_clean_identical_to_simple_tokenizer():
     ref = oc_tok.SimpleTokenizer()
     tok = Tokenizer()

@@ -20,7 +20,6 @@ import zlib
 
 import pytest
 import torch
-from reliability_helpers import write_pairs_csv
 from safetensors.torch import save_file
 
 import clipforge
@@ -28,6 +27,7 @@ from clipforge.cli import main
 from clipforge.errors import CheckpointError
 from clipforge.model.interop import openai
 from clipforge.train import checkpointing as ckpt
+from support.datasets import write_csv
 
 
 class RunsCode:
@@ -41,15 +41,10 @@ class RunsCode:
 
 
 @pytest.fixture(scope="module")
-def nano():
-    return clipforge.create_model("nano", seed=0).eval()
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A real training checkpoint (two steps of nano), to damage copies of."""
     root = tmp_path_factory.mktemp("ckpt")
-    data = write_pairs_csv(root / "data", n=8)
+    data = write_csv(root / "data", n=8)
     rc = main(["train", "--data", str(data), "--model", "nano", "--out", str(root / "run"), "--steps", "2",
                "--batch-size", "8", "--workers", "0", "--save-every", "1", "--no-progress", "--no-tensorboard"])
     assert rc == 0
@@ -79,6 +74,7 @@ def _resume(data, run, capsys) -> str:
     return err[-1]
 
 
+@pytest.mark.slow
 def test_code_in_a_training_checkpoint_is_refused_on_resume(checkpoint, tmp_path, capsys):
     data, src = checkpoint
     run = _copy_run(src, tmp_path / "run")
@@ -147,6 +143,7 @@ DAMAGE = [  # (damage, marker as written / as an older clipforge wrote it: a bar
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, marker, message", DAMAGE, ids=[f"{d}-{m}" for d, m, _ in DAMAGE])
 def test_damaged_training_checkpoint_is_named_on_resume(damage, marker, message, checkpoint, tmp_path, capsys):
     data, src = checkpoint

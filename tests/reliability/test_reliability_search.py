@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
-from reliability_helpers import index_accounting, write_synthetic_embeddings
 
 import clipforge
 from clipforge.cli import main
@@ -29,14 +27,11 @@ from clipforge.search.embed import EmbedConfig, embed_images
 from clipforge.search.index import IndexConfig
 from clipforge.search.searcher import SearchIndex
 from clipforge.search.sources import InputSpec, list_images
+from support.models import save_nano
+from support.search import index_accounting, write_synthetic_embeddings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def images(tmp_path_factory):
         small = (np.random.default_rng(i).random((8, 8, 3)) * 255).astype(np.uint8)
         Image.fromarray(small).resize((40, 32)).save(d / f"{i:02d}.{'jpg' if i % 3 else 'png'}")
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # one unreadable input, position 23
-    clipforge.save(clipforge.create_model("nano", seed=0), root / "model")
+    save_nano(root / "model")
     model = clipforge.create_model("nano", seed=0).eval()
     table = list_images(InputSpec(str(d)))
     embed_images(model, table, root / "clean", _cfg())
@@ -213,10 +208,10 @@ def test_index_update_cut_short_is_never_silently_wrong_and_rerun_loses_nothing(
             build.build_or_update(dirs, out, cfg, rebuild=where == "moving-files")
     gc.collect()  # the crashed run's SQLite connection goes, as with a dead process (rolled back)
     state = _consistent_or_refused(out)
-    try:  # the user reruns the same command; a refusal names --rebuild, which they then run
+    try:  # the user reruns the same command; a refusal asks for a rebuild, which they then run
         build.build_or_update(dirs, out, cfg, rebuild=where == "moving-files")
     except DataError as e:
-        assert state == "refused" and "--rebuild" in str(e), e
+        assert state == "refused" and "rebuild=True" in str(e), e
         build.build_or_update(dirs, out, cfg, rebuild=True)
     acc = index_accounting(out, paths)
     assert acc == {"items": len(paths), "vectors": len(paths), "duplicate_paths": 0, "vectors_without_item": 0,

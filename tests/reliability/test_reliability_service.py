@@ -21,13 +21,14 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from reliability_helpers import encode, odd_valid_images, png_claiming_size, write_synthetic_embeddings
 
 import clipforge
 from clipforge.search.build import build_or_update
-from clipforge.search.embed import model_fingerprint
+from clipforge.search.layout import model_fingerprint
 from clipforge.search.index import IndexConfig
 from clipforge.search.service import ServeSettings, create_app
+from support.images import encode, odd_valid_images, png_claiming_size
+from support.search import write_synthetic_embeddings
 
 # Mangled TIFFs make Pillow warn, 1e308-sized vectors make numpy warn on overflow: expected noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:Truncated File Read", "ignore:overflow encountered")

@@ -30,10 +30,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_driver import run_forked
-from reliability_helpers import (
-    checkpoint_health, children, differing_tensors, write_pairs_csv, write_zoo_csv, write_zoo_shards,
-)
 
 import clipforge
 from clipforge.cli import main
@@ -42,14 +38,15 @@ from clipforge.train import checkpointing as ckpt
 from clipforge.train import trainer as trainer_mod
 from clipforge.train.config import TrainConfig
 from clipforge.train.logging import read_metrics
+from support.datasets import write_csv, write_zoo_csv, write_zoo_shards
+from support.fault_driver import run_forked
+from support.runs import checkpoint_health, children, differing_tensors
 
 STEPS, SAVE_EVERY = 12, 2
 BAD = {"not_an_image": 2, "missing_file": 1, "empty_file": 1}  # 44 good + 4 bad rows: 6 batches of 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # same thread count in every run; no spin-waiting on 2 cores
+pytestmark = pytest.mark.usefixtures("one_omp_thread")  # same thread count in every run; no spin-waiting
 
 
 def argv(data: Path, out: Path, workers: int = 0, *extra: str) -> list[str]:
@@ -63,7 +60,7 @@ def argv(data: Path, out: Path, workers: int = 0, *extra: str) -> list[str]:
 def reference(tmp_path_factory):
     """The data and an uninterrupted run over it (in-process, no data workers)."""
     root = tmp_path_factory.mktemp("reference")
-    data = write_pairs_csv(root / "data", n=44, bad=BAD)
+    data = write_csv(root / "data", n=44, bad=BAD)
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -86,11 +83,12 @@ def assert_same_run(ref: Path, run: Path) -> None:
     assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(ref)]
 
 
-# Six kills in one run; (phase, step): see fault_driver.py. After each, what must be on disk.
+# Six kills in one run; (phase, step): see support/fault_driver.py. After each, what must be on disk.
 KILLS = [("state", 4), ("step", 5), ("weights", 6), ("marker", 6), ("prune", 8), ("rename", 10)]
 NEWEST_AFTER = [2, 4, 4, 4, 8, 10]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked copies of the test process")
 def test_six_sigkills_in_one_run_resume_from_complete_checkpoints_bitwise(reference, tmp_path):
     data, ref = reference
@@ -109,6 +107,7 @@ def test_six_sigkills_in_one_run_resume_from_complete_checkpoints_bitwise(refere
                                                       "unmarked": []}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds worker processes through /proc")
 def test_killed_data_worker_is_a_clear_error_and_resume_is_exact(reference, tmp_path, monkeypatch, capsys):
     data, ref = reference
@@ -134,6 +133,7 @@ def test_killed_data_worker_is_a_clear_error_and_resume_is_exact(reference, tmp_
     assert_same_run(ref, run)
 
 
+@pytest.mark.slow
 def test_worker_death_surfacing_inside_a_checkpoint_write_is_still_named(small_data, tmp_path, monkeypatch, capsys):
     # PyTorch raises a dead worker's error from its SIGCHLD handler, wherever the main process is:
     # inside a checkpoint write it becomes that write's reason to fail.
@@ -173,9 +173,10 @@ def _config(data: Path, out: Path, **over) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    return write_pairs_csv(tmp_path_factory.mktemp("small"), n=16)
+    return write_csv(tmp_path_factory.mktemp("small"), n=16)
 
 
+@pytest.mark.slow
 def test_inf_features_with_skip_policy_drop_exactly_that_update(small_data, tmp_path, capsys):
     model = clipforge.create_model("nano", seed=0)
     calls = []
@@ -197,6 +198,7 @@ def test_inf_features_with_skip_policy_drop_exactly_that_update(small_data, tmp_
     assert [r["nan_skipped"] for r in read_metrics(tmp_path / "run")] == [0, 0, 1, 1]
 
 
+@pytest.mark.slow
 def test_nan_gradient_behind_a_finite_loss_stops_with_the_step(small_data, tmp_path):
     model = clipforge.create_model("nano", seed=0)
     calls = []
@@ -223,6 +225,7 @@ def test_overflowing_weights_are_never_checkpointed(small_data, tmp_path):
 
 
 # -- disks -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_full_disk_writing_the_final_model_keeps_the_checkpoint_and_resume_finishes(small_data, tmp_path,
                                                                                     monkeypatch):
     real = ckpt.save_file
@@ -277,6 +280,7 @@ def _disk_full(where: str):
     }[where]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["weights", "train-state", "metrics-log"])
 def test_full_disk_mid_run_is_one_line_and_resume_loses_nothing(where, small_data, small_reference, tmp_path,
                                                                monkeypatch, capsys):
@@ -326,6 +330,7 @@ def test_output_directory_that_cannot_be_created_is_one_line(small_data, tmp_pat
 
 
 # -- the bad-input zoo through a whole run -----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["csv", "wds"])
 def test_bad_input_zoo_run_completes_with_exact_skip_counts(source, tmp_path, capsys):
     if source == "csv":

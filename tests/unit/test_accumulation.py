@@ -61,8 +61,8 @@ def assert_same(a: dict, b: dict, tol: float) -> None:
     ("dtype", "tol", "kind", "tile"),
     [
         (torch.float64, 1e-9, "clip", None),
-        (torch.float64, 1e-9, "clip", 5),
-        (torch.float64, 1e-9, "siglip", None),
+        pytest.param(torch.float64, 1e-9, "clip", 5, marks=pytest.mark.slow),
+        pytest.param(torch.float64, 1e-9, "siglip", None, marks=pytest.mark.slow),
         (torch.float32, 1e-5, "clip", None),
     ],
 )
@@ -89,6 +89,7 @@ def test_summed_micro_batch_losses_would_differ() -> None:
     assert not torch.allclose(model.visual.proj.grad, ref["visual.proj"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_patch_dropout_makes_the_same_choices_in_both_passes() -> None:
     # With random patch dropout the reference forwards the micro-batches in the same order,
     # consuming the generator as the no-grad pass does; the re-run must replay those draws.
@@ -105,6 +106,7 @@ def test_patch_dropout_makes_the_same_choices_in_both_passes() -> None:
     assert torch.equal(torch.get_rng_state(), ref_rng)  # the generator ends where one pass leaves it
 
 
+@pytest.mark.slow
 def test_grad_scaler_scales_the_accumulated_gradients() -> None:
     model = tiny_model(torch.float32)
     images, tokens = batch(8, torch.float32)
@@ -114,6 +116,7 @@ def test_grad_scaler_scales_the_accumulated_gradients() -> None:
     assert_same({n: g / 1024.0 for n, g in scaled.items()}, plain, 1e-5)
 
 
+@pytest.mark.slow
 def test_frozen_image_tower_is_skipped() -> None:
     # LiT-style: a locked image tower gives features without a graph; only the text tower learns.
     model = tiny_model(torch.float64)

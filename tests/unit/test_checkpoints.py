@@ -16,22 +16,10 @@ from safetensors.torch import save_file
 import clipforge
 from clipforge.cli import main as cli_main
 from clipforge.errors import CheckpointError
-from clipforge.model import checkpoints
 from clipforge.model.interop import openai
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, and on a busy machine they spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def nano() -> clipforge.CLIP:
-    return clipforge.create_model("nano", seed=0).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on a shared 2-core machine
 
 
 def same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -180,7 +168,7 @@ def test_convert_cli(tmp_path, nano, capsys):
     out = str(tmp_path / "o.pt")
     assert cli_main(["convert", "--model", str(tmp_path / "src"), "--to", "openai", "--out", out]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "GELU" in err and "--to openclip" in err
+    assert err.count("\n") == 1 and "GELU" in err and "'openclip' format" in err
     assert cli_main(["convert", "--model", str(tmp_path / "nope"), "--to", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

@@ -8,13 +8,13 @@ import logging
 
 import pytest
 import torch
-from test_data_helpers import fake_tokenize, random_aug, write_csv
-from test_data_skips import _zoo
 
 from clipforge.data import sources
 from clipforge.data.config import DataConfig
 from clipforge.data.loader import build_train_loader
 from clipforge.errors import DataError
+from support.datasets import write_loader_zoo, write_numbered_csv
+from support.fakes import fake_tokenize, random_aug
 
 
 def _epochs(cfg, epochs, workers=0, **kw):
@@ -29,7 +29,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cached_batches_are_bit_identical_over_epochs(tmp_path, workers):
-    cfg = DataConfig(str(write_csv(tmp_path, 14, noise=True)))
+    cfg = DataConfig(str(write_numbered_csv(tmp_path, 14, noise=True)))
     plain = _epochs(cfg, [0, 1, 2])
     cached = _epochs(dataclasses.replace(cfg, cache_mb=64), [0, 1, 2], workers=workers)
     assert _same(plain, cached)
@@ -37,7 +37,7 @@ def test_cached_batches_are_bit_identical_over_epochs(tmp_path, workers):
 
 
 def test_later_epochs_do_not_read_or_decode(tmp_path, monkeypatch):
-    cfg = DataConfig(str(write_csv(tmp_path, 12)), cache_mb=64)
+    cfg = DataConfig(str(write_numbered_csv(tmp_path, 12)), cache_mb=64)
     loader = build_train_loader(cfg, random_aug(), fake_tokenize, batch_size=3, workers=0, seed=7)
     calls = []
     real = sources.load_sample
@@ -50,7 +50,7 @@ def test_later_epochs_do_not_read_or_decode(tmp_path, monkeypatch):
 
 
 def test_cache_stops_at_its_budget_and_says_so(tmp_path, monkeypatch, caplog):
-    cfg = DataConfig(str(write_csv(tmp_path, 12)), cache_mb=1)
+    cfg = DataConfig(str(write_numbered_csv(tmp_path, 12)), cache_mb=1)
     loader = build_train_loader(cfg, random_aug(), fake_tokenize, batch_size=3, workers=0, seed=7)
     ds = loader._dl.dataset
     ds.cache.limit = 3 * (24 * 24 * 3 + 77 * 8)  # room for three of the 24x24 test images
@@ -62,7 +62,8 @@ def test_cache_stops_at_its_budget_and_says_so(tmp_path, monkeypatch, caplog):
 
 
 def test_bad_rows_are_counted_every_epoch_as_without_the_cache(tmp_path):
-    cfg, n, expected = _zoo(tmp_path)
+    path, n, expected = write_loader_zoo(tmp_path)
+    cfg = DataConfig(str(path))
     counts = []
     for cache_mb in (0, 64):
         loader = build_train_loader(dataclasses.replace(cfg, cache_mb=cache_mb), random_aug(), fake_tokenize,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_data_helpers import fake_tokenize, ids, random_aug, write_csv
 
 from clipforge.data.config import DataConfig
 from clipforge.data.loader import EpochBatches, build_train_loader
+from support.datasets import write_numbered_csv
+from support.fakes import fake_tokenize, ids, random_aug
 
 
 def _loader(cfg, workers, **kw):
@@ -16,7 +17,7 @@ def _loader(cfg, workers, **kw):
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    return DataConfig(str(write_csv(tmp_path_factory.mktemp("d"), 14, noise=True)))
+    return DataConfig(str(write_numbered_csv(tmp_path_factory.mktemp("d"), 14, noise=True)))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -2,54 +2,25 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
-from PIL import Image
-from test_data_helpers import exact, fake_tokenize, image_bytes, untokenize
 
 from clipforge.data.config import DataConfig
 from clipforge.data.loader import build_train_loader
 from clipforge.data.skips import Skip, decode_caption, decode_image
 from clipforge.errors import DataError
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def png_claiming_size(w: int, h: int) -> bytes:
-    """A tiny PNG whose header claims w x h pixels (a decompression bomb's calling card)."""
-    data = bytearray(image_bytes(0, size=4))
-    ihdr = 8 + 8  # signature, then length + b"IHDR"
-    data[ihdr : ihdr + 8] = struct.pack(">II", w, h)
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
-    return bytes(data)
-
-
-def cmyk_jpeg() -> bytes:
-    return _encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)  # red
-
-
-def png16() -> bytes:
-    return _encode(Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)), "PNG")  # mid grey, 16-bit
-
-
-def animated_gif() -> bytes:
-    red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
-    return _encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
-
-
-def exif_rotated_jpeg() -> bytes:
-    img = Image.new("RGB", (16, 8), (0, 128, 0))
-    exif = img.getexif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
-    return _encode(img, "JPEG", exif=exif)
+from support.datasets import write_loader_zoo
+from support.fakes import exact, fake_tokenize, random_aug, untokenize
+from support.images import (
+    animated_gif,
+    cmyk_jpeg,
+    exif_rotated_jpeg,
+    image_bytes,
+    noise_jpeg,
+    png16,
+    png_claiming_size,
+    transparent_png,
+)
 
 
 def test_odd_but_valid_images_decode_properly():
@@ -63,8 +34,7 @@ def test_odd_but_valid_images_decode_properly():
     assert np.abs(np.asarray(dec(png16()), dtype=int) - 128).max() <= 1  # rescaled, not clipped to white
     assert np.asarray(dec(animated_gif()))[0, 0].tolist() == [255, 0, 0]  # first frame
     assert dec(exif_rotated_jpeg()).size == (8, 16)
-    clear = _encode(Image.new("RGBA", (16, 16), (10, 20, 30, 0)), "PNG")
-    assert np.asarray(dec(clear))[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    assert np.asarray(dec(transparent_png()))[0, 0].tolist() == [255, 255, 255]  # transparent -> white
 
 
 def test_single_decoders_name_the_problem():
@@ -80,33 +50,10 @@ def test_single_decoders_name_the_problem():
     assert decode_caption("\ufeff a cat \n".encode()) == "a cat"
 
 
-def _zoo(tmp_path):
-    """A CSV holding every kind of bad input the reliability issue lists, plus valid odd ones."""
-    files = {
-        "truncated.jpg": _encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)),
-                                 "JPEG")[:600],
-        "zero.jpg": b"",
-        "text.jpg": b"this is not an image\n",
-        "tiny.png": image_bytes(1, size=1),
-        "huge.png": png_claiming_size(8700, 5800),  # 50 megapixels
-        "cmyk.jpg": cmyk_jpeg(), "grey16.png": png16(), "anim.gif": animated_gif(), "exif.jpg": exif_rotated_jpeg(),
-    }
-    for i in range(6):
-        files[f"good{i}.png"] = image_bytes(i)
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    rows = [f"{n},caption {n}".encode() for n in files]
-    rows += [b"good0.png,", b"good1.png,\"\xff\xfe not utf-8\"", b"good2.png," + b"long " * 2000,
-             b"missing.png,caption missing", b"good3.png,too,many,fields"]
-    (tmp_path / "zoo.csv").write_bytes(b"image,caption\n" + b"\n".join(rows) + b"\n")
-    expected = {"corrupt_image": 1, "empty_file": 1, "not_an_image": 1, "too_small": 1, "too_large": 1,
-                "empty_caption": 1, "bad_caption_encoding": 1, "missing_file": 1, "malformed_row": 1}
-    return DataConfig(str(tmp_path / "zoo.csv")), len(rows), expected
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_input_zoo_exact_counts(tmp_path, workers):
-    cfg, n, expected = _zoo(tmp_path)
+    path, n, expected = write_loader_zoo(tmp_path)
+    cfg = DataConfig(str(path))
     batch = n // 2 + 1  # two batches (with workers=2, one per worker)
     loader = build_train_loader(cfg, exact(), fake_tokenize, batch_size=batch, workers=workers, seed=0,
                                 drop_last=False)
@@ -123,7 +70,7 @@ def test_bad_input_zoo_exact_counts(tmp_path, workers):
 
 
 def test_truncated_jpeg_is_corrupt_not_padded(tmp_path):
-    data = _encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)), "JPEG")
+    data = noise_jpeg(0)
     assert decode_image(data[: len(data) // 2], 8, 10**6).kind == "corrupt_image"
 
 
@@ -137,8 +84,6 @@ def test_everything_bad_stops_with_a_clear_error(tmp_path):
 def test_refill_keeps_pairs_and_differs_in_augmentation(tmp_path):
     (tmp_path / "a.png").write_bytes(image_bytes(5, noise=True))
     (tmp_path / "t.csv").write_text("image,caption\na.png,caption 5\nmissing.png,x\nmissing2.png,y\n")
-    from test_data_helpers import random_aug
-
     loader = build_train_loader(DataConfig(str(tmp_path / "t.csv")), random_aug(), fake_tokenize, 3, 0, 0)
     (b,) = list(loader.epoch_iter(0))
     assert b.skipped == {"missing_file": 2} and untokenize(b.tokens) == ["caption 5"] * 3

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_data_helpers import color, exact, fake_tokenize, ids, write_csv, write_images
 
 from clipforge.data.config import DataConfig, resolve_kind
 from clipforge.data.loader import build_train_loader
 from clipforge.errors import DataError
+from support.datasets import write_numbered_csv, write_numbered_images
+from support.fakes import exact, fake_tokenize, ids
+from support.images import color
 
 
 def _all_batches(cfg, batch_size=4, workers=0, drop_last=True, **kw):
@@ -27,7 +29,7 @@ def _check_pairs(batches):
 
 
 def test_csv_yields_every_pair_once_per_epoch(tmp_path):
-    path = write_csv(tmp_path, 10)
+    path = write_numbered_csv(tmp_path, 10)
     loader, batches = _all_batches(DataConfig(str(path)), batch_size=3, drop_last=False)
     assert loader.num_batches_per_epoch == 4 and [len(b.images) for b in batches] == [3, 3, 3, 1]
     _check_pairs(batches)
@@ -36,7 +38,7 @@ def test_csv_yields_every_pair_once_per_epoch(tmp_path):
 
 
 def test_epochs_are_shuffled_differently_and_reproducibly(tmp_path):
-    cfg = DataConfig(str(write_csv(tmp_path, 12)))
+    cfg = DataConfig(str(write_numbered_csv(tmp_path, 12)))
     loader = build_train_loader(cfg, exact(), fake_tokenize, batch_size=12, workers=0, seed=3)
     e0, e1 = (ids(next(iter(loader.epoch_iter(e))).tokens) for e in (0, 1))
     assert e0 != e1 and sorted(e0) == sorted(e1) == list(range(12))
@@ -45,7 +47,7 @@ def test_epochs_are_shuffled_differently_and_reproducibly(tmp_path):
 
 
 def test_tsv_and_custom_columns(tmp_path):
-    write_images(tmp_path, 5)
+    write_numbered_images(tmp_path, 5)
     rows = "".join(f"x{i}\tcaption {i}\timg/{i:03d}.png\n" for i in range(5))
     (tmp_path / "d.tsv").write_text("extra\ttext\tfile\n" + rows)
     cfg = DataConfig(str(tmp_path / "d.tsv"), image_key="file", caption_key="text")
@@ -57,7 +59,7 @@ def test_tsv_and_custom_columns(tmp_path):
 def test_parquet_with_paths_and_with_bytes(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    rel = write_images(tmp_path, 6)
+    rel = write_numbered_images(tmp_path, 6)
     caps = [f"caption {i}" for i in range(6)]
     pq.write_table(pa.table({"image": rel, "caption": caps}), tmp_path / "p.parquet")
     pq.write_table(pa.table({"jpg": [(tmp_path / r).read_bytes() for r in rel], "txt": caps}), tmp_path / "b.parquet")
@@ -69,7 +71,7 @@ def test_parquet_with_paths_and_with_bytes(tmp_path):
 
 
 def test_folder_with_sidecar_captions(tmp_path):
-    rel = write_images(tmp_path / "f", 7)
+    rel = write_numbered_images(tmp_path / "f", 7)
     for i, r in enumerate(rel):
         (tmp_path / "f" / r).with_suffix(".txt").write_text(f"caption {i}\n")
     cfg = DataConfig(str(tmp_path / "f"))
@@ -82,7 +84,7 @@ def test_folder_with_sidecar_captions(tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_train_loader(DataConfig(str(tmp_path / "nope.csv")), exact(), fake_tokenize, 2, 0, 0)
-    path = write_csv(tmp_path, 3)
+    path = write_numbered_csv(tmp_path, 3)
     with pytest.raises(DataError, match=r"no column 'url'.*available columns: \['image', 'caption'\]"):
         build_train_loader(DataConfig(str(path), image_key="url"), exact(), fake_tokenize, 2, 0, 0)
     (tmp_path / "empty.csv").write_text("image,caption\n")

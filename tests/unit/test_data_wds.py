@@ -8,12 +8,14 @@ from collections import Counter
 
 import pytest
 import torch
-from test_data_helpers import exact, fake_tokenize, ids, image_bytes, random_aug, write_shard, write_shards
 
 from clipforge.data.config import DataConfig, resolve_kind
 from clipforge.data.loader import build_train_loader
 from clipforge.data.wds import assigned_shards, expand_braces, iter_tar
 from clipforge.errors import DataError
+from support.datasets import write_numbered_shards, write_shard
+from support.fakes import exact, fake_tokenize, ids, random_aug
+from support.images import image_bytes
 
 
 def test_brace_expansion():
@@ -44,7 +46,7 @@ def _collect(cfg, **kw):
 
 
 def test_streaming_over_ranks_and_workers_yields_every_sample_once(tmp_path):
-    cfg = DataConfig(write_shards(tmp_path, 5, 7), shuffle_buffer=4)
+    cfg = DataConfig(write_numbered_shards(tmp_path, 5, 7), shuffle_buffer=4)
     seen = []
     for rank in range(2):
         batches = _collect(cfg, batch_size=3, workers=2, rank=rank, world_size=2, drop_last=False)
@@ -55,7 +57,7 @@ def test_streaming_over_ranks_and_workers_yields_every_sample_once(tmp_path):
 
 
 def test_stream_resume_and_epochs(tmp_path):
-    cfg = DataConfig(write_shards(tmp_path, 4, 6, noise=True), shuffle_buffer=5)
+    cfg = DataConfig(write_numbered_shards(tmp_path, 4, 6, noise=True), shuffle_buffer=5)
     make = lambda: build_train_loader(cfg, random_aug(), fake_tokenize, batch_size=2, workers=2, seed=3)  # noqa: E731
     full = list(make().epoch_iter(1))
     tail = list(make().epoch_iter(1, start_batch=3))
@@ -71,7 +73,7 @@ def _truncate(path, keep):
 
 
 def test_truncated_tar_keeps_earlier_samples_and_counts_once(tmp_path):
-    shards = write_shards(tmp_path, 2, 5)
+    shards = write_numbered_shards(tmp_path, 2, 5)
     first = tmp_path / "000.tar"
     with tarfile.open(first) as tf:
         fourth = tf.getmember("000003.png")
@@ -85,7 +87,7 @@ def test_truncated_tar_keeps_earlier_samples_and_counts_once(tmp_path):
 
 
 def test_tar_cut_at_a_block_boundary_is_still_noticed(tmp_path):
-    write_shards(tmp_path, 1, 3)
+    write_numbered_shards(tmp_path, 1, 3)
     data = (tmp_path / "000.tar").read_bytes()
     end = len(data.rstrip(b"\0"))
     (tmp_path / "000.tar").write_bytes(data[: (end + 511) // 512 * 512])  # no end-of-archive blocks
@@ -114,7 +116,7 @@ def test_bad_samples_and_shards_in_a_stream_are_counted(tmp_path):
 
 
 def test_resampled_stream_is_endless_and_draws_with_replacement(tmp_path):
-    cfg = DataConfig(write_shards(tmp_path, 3, 2), resampled=True, shuffle_buffer=0)
+    cfg = DataConfig(write_numbered_shards(tmp_path, 3, 2), resampled=True, shuffle_buffer=0)
     loader = build_train_loader(cfg, exact(), fake_tokenize, batch_size=2, workers=2, seed=0)
     got = [i for b in itertools.islice(loader.epoch_iter(0), 15) for i in ids(b.tokens)]
     assert len(got) == 30 and set(got) == set(range(6))  # 30 samples from a dataset of 6
@@ -125,7 +127,7 @@ def test_resampled_stream_is_endless_and_draws_with_replacement(tmp_path):
 def test_stream_errors(tmp_path):
     with pytest.raises(DataError, match="no shard of"):
         build_train_loader(DataConfig(str(tmp_path / "{0..3}.tar")), exact(), fake_tokenize, 2, 0, 0)
-    write_shards(tmp_path, 1, 4)
+    write_numbered_shards(tmp_path, 1, 4)
     assert resolve_kind(DataConfig(str(tmp_path))) == "wds"  # a folder holding only shards
     with pytest.raises(DataError, match="1 shards cannot feed 2 ranks"):
         build_train_loader(DataConfig(str(tmp_path / "000.tar")), exact(), fake_tokenize, 2, 0, 0, rank=0,

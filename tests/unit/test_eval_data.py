@@ -12,7 +12,7 @@ from torchvision import transforms as T
 
 from clipforge.errors import DataError
 from clipforge.eval.datasets import load_captions, load_labelled
-from clipforge.eval.features import FeatureOptions, extract_image_features, model_fingerprint
+from clipforge.eval.features import FeatureOptions, extract_image_features, weights_digest
 from clipforge.eval.templates import fill, load_classnames, load_task, load_templates
 
 
@@ -159,10 +159,10 @@ def test_features_skip_unreadable_and_cache_on_disk(tmp_path):
 
 def test_fingerprint_depends_on_weights():
     a, b = CountingModel(), CountingModel()
-    assert model_fingerprint(a) == model_fingerprint(b)
+    assert weights_digest(a) == weights_digest(b)
     with torch.no_grad():
         b.w[0] = 1.5
-    assert model_fingerprint(a) != model_fingerprint(b)
+    assert weights_digest(a) != weights_digest(b)
 
 
 def test_features_with_worker_processes(tmp_path):

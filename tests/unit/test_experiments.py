@@ -45,6 +45,7 @@ def test_vit_tokens_class_token_is_the_pooled_feature():
         assert torch.allclose(vit_tokens(visual, x)[:, 0] @ visual.proj, visual(x), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["caption", "bow", "contrastive"])
 def test_objective_loss_decreases_on_a_tiny_batch(kind):
     torch.manual_seed(0)
@@ -92,6 +93,7 @@ def test_caption_log_likelihood_matches_the_training_loss():
     assert torch.allclose(ll[0, 0], -mean_ce * (tokens.shape[1] - 1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_caption_zero_shot_picks_the_caption_its_image_was_trained_on():
     torch.manual_seed(0)
     captions = ["a red square", "a blue circle"]
@@ -109,6 +111,7 @@ def test_caption_zero_shot_picks_the_caption_its_image_was_trained_on():
     assert scores.argmax(1).tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_supervised_baseline_trains_and_reports_accuracy_per_task():
     tasks = {"colour": {"label_column": "colour", "classes": ["red", "blue"]},
              "count": {"label_column": "count_class", "classes": ["one shape", "two shapes"]}}

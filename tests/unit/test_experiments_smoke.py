@@ -22,6 +22,7 @@ def smoke(tmp_path_factory):
     return root, out, work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finding", FINDINGS)
 def test_finding_writes_record_and_plot(smoke, finding):
     _, out, _ = smoke
@@ -34,6 +35,7 @@ def test_finding_writes_record_and_plot(smoke, finding):
     assert (out / f"{finding}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_report_covers_every_finding(smoke):
     root, _, _ = smoke
     report = (root / "REPORT.md").read_text()
@@ -44,6 +46,7 @@ def test_report_covers_every_finding(smoke):
     assert report.count("**Verdict:") == len(FINDINGS)
 
 
+@pytest.mark.slow
 def test_rerun_reuses_cached_models(smoke):
     _, out, work = smoke
     stamps = {p: p.stat().st_mtime_ns for p in (work / "smoke").glob("*/*/*") if p.is_file()}

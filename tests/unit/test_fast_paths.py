@@ -50,7 +50,7 @@ def test_pooled_last_block_outputs_equal_full_computation(name):
     torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pooled_last_block_gradients_equal(checkpointing):
     model = clipforge.create_model("nano", seed=0).double()
     model.set_grad_checkpointing(checkpointing)

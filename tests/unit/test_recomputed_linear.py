@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.model.layers import Attention, Mlp, QuickGELU, ResidualBlock, linear_of
+from clipforge.model.layers import Attention, Mlp, QuickGELU, ResidualBlock
 
 
 def _plain_mlp(m: Mlp, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Vector index: kind by size and budget, measured recall, incremental updates, removal, filters, dedup."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,28 +13,7 @@ from clipforge.search.build import build_or_update, remove_ids, remove_paths
 from clipforge.search.dedup import find_duplicates
 from clipforge.search.index import IndexConfig, plan_index, recall_at_k
 from clipforge.search.store import Store, filter_sql
-
-
-def fake_embeddings(root: Path, n: int, d: int = 32, part: int = 500, seed: int = 0, prefix: str = "img",
-                    fingerprint: str = "fp0", x: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """An embeddings directory as ``clipforge embed`` writes it, with clustered unit vectors."""
-    rng = np.random.default_rng(seed)
-    if x is None:
-        centres = rng.standard_normal((40, d))
-        x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, d))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
-    (root / "img_emb").mkdir(parents=True)
-    (root / "metadata").mkdir()
-    for k, i in enumerate(range(0, n, part)):
-        j = min(i + part, n)
-        np.save(root / f"img_emb/img_emb_{k:05d}.npy", x[i:j])
-        meta = {"path": [f"/photos/{prefix}{r}.jpg" for r in range(i, j)], "label": [f"c{r % 3}" for r in range(i, j)],
-                "position": list(range(i, j))}  # fmt: skip
-        pq.write_table(pa.table(meta), root / f"metadata/metadata_{k:05d}.parquet")
-    manifest = {"format": "clipforge-embeddings/1", "kind": "image", "model": "nano", "model_fingerprint": fingerprint,
-                "embed_dim": d}  # fmt: skip
-    (root / "embeddings.json").write_text(json.dumps(manifest))
-    return x.astype(np.float32)
+from support.search import write_clustered_embeddings
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +56,7 @@ def test_recall_at_k_leaves_the_query_itself_out():
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpqr"])
 def test_approximate_index_reaches_measured_recall(tmp_path, kind):
-    x = fake_embeddings(tmp_path / "emb", 3000)
+    x = write_clustered_embeddings(tmp_path / "emb", 3000)
     r = build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind=kind, target_recall=0.9))
     assert r.kind == kind and r.total == 3000
     assert r.recall["queries"] == 200 and r.recall["recall"] >= 0.9
@@ -95,7 +73,7 @@ def test_approximate_index_reaches_measured_recall(tmp_path, kind):
 
 
 def test_small_collection_is_exact_and_filters_work(tmp_path, monkeypatch):
-    x = fake_embeddings(tmp_path / "emb", 300)
+    x = write_clustered_embeddings(tmp_path / "emb", 300)
     r = build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg())
     assert r.kind == "flat" and r.recall == {"k": 10, "recall": 1.0, "exact": True}
     idx = searcher.SearchIndex(tmp_path / "ix")
@@ -111,13 +89,13 @@ def test_small_collection_is_exact_and_filters_work(tmp_path, monkeypatch):
 
 
 def test_updates_add_new_parts_replace_paths_and_remove(tmp_path):
-    fake_embeddings(tmp_path / "a", 1200, part=400)
+    write_clustered_embeddings(tmp_path / "a", 1200, part=400)
     build_or_update([str(tmp_path / "a")], tmp_path / "ix", _cfg(kind="ivf"))
     before = searcher.SearchIndex(tmp_path / "ix").items([6])[6]
     same = build_or_update([str(tmp_path / "a")], tmp_path / "ix", _cfg())
     assert same.added == 0 and "no new" in same.notes[0]
     # New photos plus a re-embedded old one (same path): added without rebuilding.
-    xb = fake_embeddings(tmp_path / "b", 300, part=300, seed=1, prefix="new")
+    xb = write_clustered_embeddings(tmp_path / "b", 300, part=300, seed=1, prefix="new")
     pq.write_table(pa.table({"path": ["/photos/img5.jpg"] + [f"/photos/new{i}.jpg" for i in range(1, 300)]}),
                    tmp_path / "b" / "metadata" / "metadata_00000.parquet")  # fmt: skip
     r = build_or_update([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "ix", _cfg())
@@ -134,7 +112,7 @@ def test_updates_add_new_parts_replace_paths_and_remove(tmp_path):
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpqr"])
 def test_hnsw_removals_are_tombstones_excluded_from_search(tmp_path, kind):
-    x = fake_embeddings(tmp_path / "emb", 600)
+    x = write_clustered_embeddings(tmp_path / "emb", 600)
     build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind=kind))
     r = remove_ids(tmp_path / "ix", [0, 1])
     assert r.removed == 2 and r.total == 598 and "tombstones" in r.notes[0]
@@ -144,7 +122,7 @@ def test_hnsw_removals_are_tombstones_excluded_from_search(tmp_path, kind):
 
 
 def test_prune_missing_files(tmp_path):
-    fake_embeddings(tmp_path / "emb", 50)
+    write_clustered_embeddings(tmp_path / "emb", 50)
     (tmp_path / "photos").mkdir()
     paths = [tmp_path / "photos" / f"img{i}.jpg" for i in range(50)]
     pq.write_table(pa.table({"path": [str(p) for p in paths]}), tmp_path / "emb" / "metadata" / "metadata_00000.parquet")
@@ -156,8 +134,8 @@ def test_prune_missing_files(tmp_path):
 
 
 def test_mismatches_are_refused(tmp_path):
-    fake_embeddings(tmp_path / "a", 100)
-    fake_embeddings(tmp_path / "b", 100, fingerprint="other-model")
+    write_clustered_embeddings(tmp_path / "a", 100)
+    write_clustered_embeddings(tmp_path / "b", 100, fingerprint="other-model")
     with pytest.raises(DataError, match="another model"):
         build_or_update([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "ix", _cfg())
     build_or_update([str(tmp_path / "a")], tmp_path / "ix", _cfg())
@@ -187,7 +165,7 @@ def test_dedup_finds_near_copies(tmp_path):
     x[150] = x[10] + 0.01 * rng.standard_normal(32)  # near copy
     x[151] = x[10]  # exact copy
     x[199] = x[20]
-    fake_embeddings(tmp_path / "emb", 200, x=x)
+    write_clustered_embeddings(tmp_path / "emb", 200, x=x)
     build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg())
     groups = find_duplicates(tmp_path / "ix", threshold=0.99, progress=False)
     assert [(g.keep, g.members) for g in groups] == [(10, [10, 150, 151]), (20, [20, 199])]
@@ -196,7 +174,7 @@ def test_dedup_finds_near_copies(tmp_path):
 def test_held_out_queries_are_added_after_tuning(tmp_path):
     """The recall queries are left out of the index while it is tuned, then added: every vector
     is searchable afterwards, each one its own nearest neighbour."""
-    x = fake_embeddings(tmp_path / "emb", 2000, part=700)
+    x = write_clustered_embeddings(tmp_path / "emb", 2000, part=700)
     r = build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg(kind="ivfpqr", target_recall=0.9))
     idx = searcher.SearchIndex(tmp_path / "ix")
     assert r.total == len(idx) == idx.index.ntotal == 2000

@@ -13,6 +13,7 @@ from PIL import Image
 from clipforge.errors import DataError
 from clipforge.search import sources
 from clipforge.search.decode import read_bytes
+from support.datasets import add_member
 
 
 def _png(path, color=(200, 30, 30), size=(40, 30)):
@@ -82,12 +83,6 @@ def test_brace_expansion():
     assert sources.expand_braces("plain.tar") == ["plain.tar"]
 
 
-def _add(tar, name, data: bytes):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 def test_webdataset_members_are_grouped_and_readable_by_offset(tmp_path):
     blobs = {}
     for s in range(2):
@@ -95,10 +90,10 @@ def test_webdataset_members_are_grouped_and_readable_by_offset(tmp_path):
             for i in range(3):
                 key = f"{s:02d}{i:03d}"
                 blobs[key] = _jpeg_bytes((40 * i, 80 * s, 100))
-                _add(tar, f"{key}.jpg", blobs[key])
-                _add(tar, f"{key}.txt", f"caption {key}".encode())
-                _add(tar, f"{key}.json", json.dumps({"label": i, "src": "synthetic"}).encode())
-            _add(tar, "orphan.txt", b"no image here")
+                add_member(tar, f"{key}.jpg", blobs[key])
+                add_member(tar, f"{key}.txt", f"caption {key}".encode())
+                add_member(tar, f"{key}.json", json.dumps({"label": i, "src": "synthetic"}).encode())
+            add_member(tar, "orphan.txt", b"no image here")
     t = sources.list_images(sources.InputSpec(str(tmp_path / "shard-{0..1}.tar")))
     assert t.num_rows == 6
     rows = t.to_pylist()
@@ -123,8 +118,8 @@ def test_read_texts(tmp_path):
 def test_mixed_type_json_metadata_becomes_strings(tmp_path):
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
         for i, v in enumerate([1, "two"]):
-            _add(tar, f"{i}.jpg", _jpeg_bytes((i * 90, 0, 0)))
-            _add(tar, f"{i}.json", json.dumps({"v": v}).encode())
+            add_member(tar, f"{i}.jpg", _jpeg_bytes((i * 90, 0, 0)))
+            add_member(tar, f"{i}.json", json.dumps({"v": v}).encode())
     t = sources.list_images(sources.InputSpec(str(tmp_path / "s.tar")))
     assert t.column("v").to_pylist() == ["1", "two"]
     assert np.array(t.column("nbytes").to_pylist()).min() > 0

@@ -138,6 +138,7 @@ def test_pickles_small_and_equal(tok):
     assert torch.equal(again(["a photo of a cat"], context_length=9), tok(["a photo of a cat"], context_length=9))
 
 
+@pytest.mark.slow
 def test_nothing_built_at_import():
     code = (
         "import clipforge.model.tokenizer as t\n"

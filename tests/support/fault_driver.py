@@ -1,7 +1,10 @@
 """Run ``clipforge train`` and SIGKILL it at a chosen point: the fault injector of the
 reliability tests and of benchmarks/faults/run_faults.py.
 
-    python fault_driver.py PHASE STEP -- train --data ... --out ...
+    python tests/support/fault_driver.py PHASE STEP -- train --data ... --out ...
+
+``run_forked`` does the same in a forked copy of the calling process (a test). The module imports
+only clipforge and the standard library, so it also runs as a script from any directory.
 
 The process kills itself with SIGKILL (no handler, no cleanup: as the kernel's OOM killer or a
 lost node would) at PHASE of step STEP:
