@@ -22,7 +22,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    model: Path
+    model: str  # a checkpoint path or a pretrained name (see `clipforge pretrained`)
     to: str
     out: Path
     arch: str | None = None
@@ -33,7 +33,8 @@ class ConvertConfig:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between formats", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="checkpoint file or directory to read")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file or directory to read, or a pretrained name (clipforge pretrained)")
     p.add_argument("--to", required=True, choices=FORMATS, help="format to write")
     p.add_argument("--out", required=True, type=Path, help="output directory (or file, see above)")
     p.add_argument("--arch", default=None,
@@ -56,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
 def convert(cfg: ConvertConfig) -> Path:
     import torch
 
-    from clipforge.model import checkpoints
+    from clipforge.model import checkpoints, pretrained
 
-    if cfg.out.resolve() == cfg.model.resolve():
+    if cfg.out.resolve() == Path(cfg.model).resolve():
         from clipforge.cli import CliError
 
         raise CliError("--out must differ from --model")
-    model = checkpoints.load_any(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu)
+    model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     return checkpoints.export(model.to(dtype).eval(), cfg.to, cfg.out)
