@@ -16,7 +16,7 @@ import os
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed images or texts into resumable .npy + Parquet parts",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--model", required=True, help="checkpoint: anything clipforge.load accepts")
+    p.add_argument("--model", required=True, help="checkpoint path or pretrained name: anything clipforge.load accepts")
     p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="image folder (recursive), .csv/.tsv/.parquet of paths, .tar shard(s) or "

@@ -14,7 +14,7 @@ from typing import Any
 
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
-        p.add_argument("--model", required=True, help="checkpoint: anything clipforge.load accepts")
+        p.add_argument("--model", required=True, help="checkpoint path or pretrained name: anything clipforge.load accepts")
         p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
     p.add_argument("--out", required=True, type=Path, help="result JSON file")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve text/image search, zero-shot classification and a web page",
                        description=__doc__)  # fmt: skip
     p.add_argument("--index", required=True, help="index directory from clipforge index")
-    p.add_argument("--model", required=True, help="checkpoint the embeddings were made with")
+    p.add_argument("--model", required=True,
+                   help="the model the embeddings were made with: a checkpoint path or a pretrained name")
     p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -46,8 +47,18 @@ def _cap_malloc_arenas(arenas: int = 2) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _cap_malloc_arenas()
-    import torch
     import uvicorn
+
+    app, settings = build_app(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can query it")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def build_app(args: argparse.Namespace):
+    """The FastAPI app and its settings, from the command's flags (loads the model)."""
+    import torch
 
     import clipforge
     from clipforge.search.service import ServeSettings, create_app
@@ -60,8 +71,4 @@ def run(args: argparse.Namespace) -> int:
         max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
     )  # fmt: skip
     model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch)
-    app = create_app(args.index, model, preprocess, settings)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can query it")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    return create_app(args.index, model, preprocess, settings), settings

