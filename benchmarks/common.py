@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: the run's environment, JSON records, and
-alternating A/B timing with medians (the method of ../shared/BENCHMARKS.md).
+alternating A/B timing with medians (the method in README.md beside this file).
 
     from common import alternate, summarize, write_record
     times = alternate({"clipforge": step_a, "open_clip": step_b}, reps=7, warmup=2)
