@@ -19,9 +19,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class VisionConfig:
     """Image tower. ``arch='vit'`` uses ``layers`` (int) and ``patch_size``;
-    ``arch='resnet'`` uses ``resnet_layers`` (blocks per stage) and ``width`` as stem width."""
+    ``arch='resnet'`` uses ``resnet_layers`` (blocks per stage) and ``width`` as stem width;
+    ``arch='timm'`` builds ``timm_model_name`` with timm and reads only the ``timm_*`` fields,
+    ``image_size`` and ``patch_dropout`` (``model.timm_vision``)."""
 
-    arch: Literal["vit", "resnet"] = "vit"
+    arch: Literal["vit", "resnet", "timm", "siglip"] = "vit"  # siglip: model.siglip_vision
     image_size: int = 224
     width: int = 768
     layers: int = 12
@@ -36,16 +38,48 @@ class VisionConfig:
     # The conv stem's first activation. "abs" rectifies with |x| (Jarrett et al. 2009), so shape
     # features learned on bright objects carry over to dark ones. Later stages keep ReLU.
     stem_act: Literal["relu", "abs"] = "relu"
+    # A timm image tower, as OpenCLIP's vision_cfg names and means these fields (its TimmModel),
+    # so OpenCLIP's state dicts load 1:1. timm_pool: the trunk's global pooling ('avg', 'token',
+    # 'map', '' for the trunk's default, ...) or an attention pool on the feature map ('abs_attn',
+    # 'rot_attn'). timm_proj: a head after the trunk ('linear', 'mlp': hidden 2 x embed_dim), 'none'
+    # (trunk features are the embedding), or None (the trunk's own classifier maps to embed_dim).
+    timm_model_name: str | None = None
+    # Never True here: ImageNet weights would be downloaded at every build, and CLIP weights replace
+    # them anyway; the field exists so OpenCLIP configs (which always set it) map one to one.
+    timm_model_pretrained: bool = False
+    timm_pool: str = "avg"
+    timm_proj: Literal["linear", "mlp", "none"] | None = "linear"
+    timm_proj_bias: bool = False
+    timm_drop: float = 0.0  # dropout before the head's projection (training only)
+    timm_drop_path: float | None = None  # stochastic depth in the trunk; None: the timm model's default
+    # The ViT's pooled output: the class token ("cls", CLIP) or the mean of the patch tokens ("avg",
+    # CLIPA), with ln_post before pooling (CLIP) or after it (``final_ln_after_pool``, CLIPA), and
+    # with or without ln_pre (CLIPA has none). OpenCLIP's pool_type 'tok' / 'avg', no_ln_pre.
+    pool: Literal["cls", "avg"] = "cls"
+    final_ln_after_pool: bool = False
+    ln_pre: bool = True
+    # Fraction of patch tokens a timm ViT drops while training (FLIP), fixed in the config as OpenCLIP
+    # does; clipforge's own ViT takes it from TrainConfig.patch_dropout instead.
+    patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.arch not in ("vit", "resnet"):
-            raise ValueError(f"VisionConfig.arch must be 'vit' or 'resnet', got {self.arch!r}")
-        if self.arch == "vit" and self.image_size % self.patch_size:
+        if self.arch not in ("vit", "resnet", "timm", "siglip"):
+            raise ValueError(f"VisionConfig.arch must be 'vit', 'resnet', 'timm' or 'siglip', got {self.arch!r}")
+        if self.arch == "timm":
+            self._check_timm()
+        elif self.patch_dropout:
+            raise ValueError("VisionConfig.patch_dropout applies to timm towers; clipforge's ViT takes "
+                             "TrainConfig.patch_dropout")
+        if self.arch in ("vit", "siglip") and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"VisionConfig.stem must be 'patch' or 'conv', got {self.stem!r}")
         if self.stem == "conv" and (self.arch != "vit" or self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError("a conv stem needs a ViT whose patch_size is a power of two >= 2")
+        if self.pool not in ("cls", "avg"):
+            raise ValueError(f"VisionConfig.pool must be 'cls' or 'avg', got {self.pool!r}")
+        if (self.pool != "cls" or self.final_ln_after_pool or not self.ln_pre) and self.arch != "vit":
+            raise ValueError("VisionConfig.pool, final_ln_after_pool and ln_pre apply to the ViT (arch='vit')")
         if self.stem_act not in ("relu", "abs"):
             raise ValueError(f"VisionConfig.stem_act must be 'relu' or 'abs', got {self.stem_act!r}")
         if self.stem_act != "relu" and self.stem != "conv":
@@ -53,6 +87,19 @@ class VisionConfig:
         if self.arch == "resnet" and self.image_size % 32:
             raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
         object.__setattr__(self, "resnet_layers", tuple(self.resnet_layers))
+
+    def _check_timm(self) -> None:
+        if not self.timm_model_name:
+            raise ValueError("VisionConfig.arch='timm' needs timm_model_name")
+        if self.timm_model_pretrained:
+            raise ValueError("VisionConfig.timm_model_pretrained must be False: clipforge does not download "
+                             "timm's ImageNet weights; load CLIP weights with clipforge.load")
+        if self.timm_proj == "":  # OpenCLIP treats '' as None (the trunk's classifier projects)
+            object.__setattr__(self, "timm_proj", None)
+        if self.timm_proj not in ("linear", "mlp", "none", None):
+            raise ValueError(f"VisionConfig.timm_proj must be 'linear', 'mlp', 'none' or None, got {self.timm_proj!r}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"VisionConfig.patch_dropout must lie in [0, 1), got {self.patch_dropout}")
 
     @property
     def num_heads(self) -> int:
@@ -87,13 +134,44 @@ class TextConfig:
     # token embedding, projected (the text encoder of the CLIP paper's efficiency study, Fig. 2).
     # It ignores word order but learns a small world's attribute words faster than a
     # transformer from scratch (benchmarks/demo/RESULTS.md).
-    pool: Literal["eot", "mean"] = "eot"
+    pool: Literal["eot", "mean", "first", "last"] = "eot"
+    # OpenCLIP's text variants (its text_cfg names in brackets). "first"/"last" pool at a fixed
+    # position (CLIPA and SigLIP: "last", the final position, padding included); "eot" is OpenCLIP's
+    # "argmax" when eot_token_id is the top id, else its "eos" (no end token in a row: position 0).
+    causal_mask: bool = True  # [not no_causal_mask]: SigLIP and CLIPA attend both ways
+    proj_bias: bool = False  # [proj_bias]: text_projection is an nn.Linear with a bias (SigLIP)
+    proj_type: Literal["linear", "none"] = "linear"  # [proj_type]: "none" needs width == embed_dim
+    norm_eps: float = 1e-5  # [norm_kwargs.eps]: SigLIP's LayerNorms use 1e-6
+    gelu_approximate: Literal["none", "tanh"] = "none"  # [act_kwargs.approximate]: SigLIP 2's tanh GELU
+    ls_init_value: float | None = None  # [ls_init_value]: LayerScale on both residual branches
+    # The tokenizer, for clipforge's own transformer: CLIP's BPE when unset, else a Hugging Face
+    # tokenizer ([hf_tokenizer_name]: a local directory or a hub name), its input cleaned as
+    # OpenCLIP's HFTokenizer does ([tokenizer_kwargs.clean]; "none": as given, as transformers'
+    # own tokenizer classes read it) and, for BERT's CLIPA models, [SEP] turned into padding
+    # ([tokenizer_kwargs.strip_sep_token]). A relative directory in a saved config.json is read
+    # relative to that file.
+    hf_tokenizer_name: str | None = None
+    tokenizer_clean: Literal["whitespace", "lower", "canonicalize", "none"] = "whitespace"
+    tokenizer_strip_sep: bool = False
 
     def __post_init__(self) -> None:
         if self.hf_pooling not in ("mean", "cls"):
             raise ValueError(f"TextConfig.hf_pooling must be 'mean' or 'cls', got {self.hf_pooling!r}")
-        if self.pool not in ("eot", "mean"):
-            raise ValueError(f"TextConfig.pool must be 'eot' or 'mean', got {self.pool!r}")
+        if self.pool not in ("eot", "mean", "first", "last"):
+            raise ValueError(f"TextConfig.pool must be 'eot', 'mean', 'first' or 'last', got {self.pool!r}")
+        if self.pool == "mean" and not self.causal_mask:
+            raise ValueError("TextConfig.pool='mean' averages up to the end token of a causal model; "
+                             "it needs causal_mask=True")
+        if self.proj_type not in ("linear", "none"):
+            raise ValueError(f"TextConfig.proj_type must be 'linear' or 'none', got {self.proj_type!r}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"TextConfig.gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
+        if self.tokenizer_clean not in ("whitespace", "lower", "canonicalize", "none"):
+            raise ValueError("TextConfig.tokenizer_clean must be 'whitespace', 'lower', 'canonicalize' or 'none', "
+                             f"got {self.tokenizer_clean!r}")
+        if self.hf_model is not None and self.hf_tokenizer_name is not None:
+            raise ValueError("TextConfig.hf_tokenizer_name is for clipforge's own transformer; a Hugging Face "
+                             "text tower (hf_model) reads its own tokenizer")
         if self.hf_model is None and (self.layers < 0 or (self.layers == 0 and self.pool != "mean")):
             raise ValueError(f"TextConfig.layers must be >= 1, or 0 with pool='mean' (a bag of words); "
                              f"got layers={self.layers}, pool={self.pool!r}")
@@ -160,15 +238,16 @@ class ClipConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "ClipConfig":
-        """From JSON text or a file; a file's relative ``text.hf_model`` directory is read as
-        relative to the file, so a saved model directory can be moved or copied whole."""
+        """From JSON text or a file; a file's relative ``text.hf_model`` (or ``text.hf_tokenizer_name``)
+        directory is read as relative to the file, so a saved model directory can be moved or copied whole."""
         if str(path_or_text).lstrip().startswith("{"):
             return cls.from_dict(json.loads(str(path_or_text)))
         p = Path(path_or_text)
         cfg = cls.from_dict(json.loads(p.read_text()))
-        hf = cfg.text.hf_model
-        if hf is not None and not Path(hf).is_absolute() and (p.parent / hf).is_dir():
-            cfg = cfg.replace(text=dataclasses.replace(cfg.text, hf_model=str((p.parent / hf).resolve())))
+        for key in ("hf_model", "hf_tokenizer_name"):
+            rel = getattr(cfg.text, key)
+            if rel is not None and not Path(rel).is_absolute() and (p.parent / rel).is_dir():
+                cfg = cfg.replace(text=dataclasses.replace(cfg.text, **{key: str((p.parent / rel).resolve())}))
         return cfg
 
     def replace(self, **changes: Any) -> "ClipConfig":

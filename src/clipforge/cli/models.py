@@ -1,4 +1,9 @@
-"""``clipforge models``: list the registered architectures with their sizes."""
+"""``clipforge models``: list the registered architectures with their sizes.
+
+    clipforge models                 # every architecture
+    clipforge models siglip          # names containing 'siglip' (case-insensitive)
+    clipforge models --params        # also count the parameters of timm towers (builds each: slower)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("models", help="list registered architectures", description=__doc__)
+    parser = sub.add_parser("models", help="list registered architectures", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("filter", nargs="?", default=None, help="only names containing this text")
+    parser.add_argument("--params", action="store_true",
+                        help="count the parameters of timm image towers too (timm builds each one: ~20 s for all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -14,45 +23,72 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
-    from clipforge.errors import ClipforgeError
-    from clipforge.model.clip import CLIP
     from clipforge.model.registry import get_config, list_models
 
-    rows = []
-    for name in list_models():
-        cfg = get_config(name)
-        try:
-            with torch.device("meta"):  # counts parameters without allocating them
-                params: float | None = round(CLIP(cfg).num_params() / 1e6, 2)
-            note = ""
-        except ClipforgeError as e:  # a Hugging Face text tower whose package is not installed
-            params, note = None, str(e)
-        tower = f"ViT/{cfg.vision.patch_size} x{cfg.vision.layers}" if cfg.vision.arch == "vit" else (
-            "ResNet " + "-".join(map(str, cfg.vision.resnet_layers)))
-        if cfg.vision.arch == "vit" and cfg.vision.stem == "conv":
-            tower += " conv stem" + (" |x|" if cfg.vision.stem_act == "abs" else "")
-        rows.append({"name": name, "image_tower": tower, "text_tower": _text_tower(cfg.text),
-                     "image_size": cfg.vision.image_size, "embed_dim": cfg.embed_dim, "params_m": params,
-                     "quick_gelu": cfg.quick_gelu, **({"unavailable": note} if note else {})})
+    names = [n for n in list_models() if args.filter is None or args.filter.lower() in n.lower()]
+    if not names:
+        from clipforge.cli import CliError
+
+        raise CliError(f"no registered architecture contains {args.filter!r}")
+    rows = [_row(name, get_config(name), args.params) for name in names]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<14}{'image tower':<22}{'px':>5}{'embed':>7}{'params (M)':>12}  activation  text tower")
+    width = max(len(r["name"]) for r in rows) + 2
+    tower_width = max(len(r["image_tower"]) for r in rows) + 2
+    print(f"{'name':<{width}}{'image tower':<{tower_width}}{'px':>5}{'embed':>7}{'params (M)':>12}  "
+          "activation  text tower")
     for r in rows:
         act = "QuickGELU" if r["quick_gelu"] else "GELU"
         params = f"{r['params_m']:.2f}" if r["params_m"] is not None else "-"
         text = r["text_tower"] + (f" (unavailable: {r['unavailable']})" if "unavailable" in r else "")
-        print(f"{r['name']:<14}{r['image_tower']:<22}{r['image_size']:>5}{r['embed_dim']:>7}{params:>12}  "
-              f"{act:<10}  {text}")
+        print(f"{r['name']:<{width}}{r['image_tower']:<{tower_width}}{r['image_size']:>5}{r['embed_dim']:>7}"
+              f"{params:>12}  {act:<10}  {text}")
     return 0
 
 
+def _row(name: str, cfg, count_timm: bool) -> dict:
+    import torch
+
+    from clipforge.errors import ClipforgeError
+    from clipforge.model.clip import CLIP
+
+    params: float | None = None
+    note = ""
+    if cfg.vision.arch != "timm" or count_timm:  # timm initialises its trunks even on the meta device
+        try:
+            with torch.device("meta"):  # counts parameters without allocating them
+                params = round(CLIP(cfg).num_params() / 1e6, 2)
+        except ClipforgeError as e:  # a Hugging Face text tower whose package is not installed
+            note = str(e)
+        except ImportError as e:  # timm not installed
+            note = f"needs {e.name or 'timm'}"
+    row = {"name": name, "image_tower": _image_tower(cfg.vision), "text_tower": _text_tower(cfg.text),
+           "image_size": cfg.vision.image_size, "embed_dim": cfg.embed_dim, "params_m": params,
+           "quick_gelu": cfg.quick_gelu}
+    return {**row, "unavailable": note} if note else row
+
+
+def _image_tower(v) -> str:
+    """'ViT/32 x12', 'ViT/16 x12 conv stem |x|', 'ResNet 3-4-6-3', 'SigLIP ViT/16 x12', 'timm convnext_base'."""
+    if v.arch == "timm":
+        return f"timm {v.timm_model_name}"
+    if v.arch == "resnet":
+        return "ResNet " + "-".join(map(str, v.resnet_layers))
+    tower = f"{'SigLIP ' if v.arch == 'siglip' else ''}ViT/{v.patch_size} x{v.layers}"
+    if v.arch == "vit" and v.stem == "conv":
+        tower += " conv stem" + (" |x|" if v.stem_act == "abs" else "")
+    if v.arch == "vit" and v.pool == "avg":
+        tower += " avg"
+    return tower
+
+
 def _text_tower(text) -> str:
-    """'clip x12' (CLIP's transformer, end-token pooled), 'clip x2 mean', 'bag of words', or the HF encoder."""
+    """'clip x12' (CLIP's transformer, end-token pooled), 'clip x2 mean', 'bag of words', 'bidirectional
+    x12 last' (SigLIP), or the HF encoder."""
     if text.hf_model:
         return text.hf_model
     if text.layers == 0:
         return "bag of words"
-    return f"clip x{text.layers}" + (" mean" if text.pool == "mean" else "")
+    kind = "clip" if text.causal_mask else "bidirectional"
+    return f"{kind} x{text.layers}" + (f" {text.pool}" if text.pool != "eot" else "")

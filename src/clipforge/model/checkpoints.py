@@ -22,6 +22,7 @@ loading: every adapter maps names and shapes one to one and fails on anything le
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pickle
@@ -36,7 +37,8 @@ from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower
-from clipforge.model.interop import hf, openai, torchscript
+from clipforge.model.hf_tokenizer import with_local_tokenizer
+from clipforge.model.interop import hf, hf_siglip, openai, torchscript
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -77,14 +79,36 @@ def is_own_format(path: Path) -> bool:
 
 
 def load_own(path: Path) -> CLIP:
-    cfg = ClipConfig.from_json(path / CONFIG_NAME)
-    model = CLIP(cfg)
-    load_state_strict(model, _read_safetensors(path / WEIGHTS_NAME), source=str(path))
+    return build_with_state(ClipConfig.from_json(path / CONFIG_NAME), _read_safetensors(path / WEIGHTS_NAME),
+                            source=str(path))
+
+
+def build_with_state(cfg: ClipConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
+    """``CLIP(cfg)`` holding ``state``, checked strictly. The model is built on the meta device and
+    takes the checkpoint's tensors as its own (no random init, no second copy: a memory-mapped
+    file stays mapped); a model with tensors the checkpoint does not hold (non-persistent
+    buffers) is built normally and the state copied in."""
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    check_state(model, state, source)
+    own = model.state_dict()
+    # As a copy would: the model's dtype (e.g. fp32 from OpenAI's fp16 files), dense parameters.
+    state = {k: v.to(own[k].dtype).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = CLIP(cfg)
+        model.load_state_dict(state, strict=True)
     return model
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model``, failing loudly on missing, unexpected or mis-shaped tensors."""
+    check_state(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """A one-line CheckpointError unless ``state`` has exactly ``model``'s names and shapes."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -99,7 +123,6 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
         raise CheckpointError(f"{source}: weights do not match the architecture: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -117,6 +140,8 @@ def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | No
             return load_own(path)
         cfg = _read_json(path / CONFIG_NAME, quiet=True) if (path / CONFIG_NAME).is_file() else None
         hf_weights = _first(path, HF_WEIGHTS)
+        if hf_siglip.is_siglip(cfg) and hf_weights:  # SiglipModel / Siglip2Model
+            return load_hf_siglip_dir(path, hf_weights, cfg)
         if cfg is not None and ("vision_config" in cfg or cfg.get("model_type") == "clip") and hf_weights:
             return load_hf_dir(path, hf_weights, quick_gelu=quick_gelu)
         oc_weights = _first(path, OPENCLIP_WEIGHTS)
@@ -149,9 +174,7 @@ def load_state_file(path: Path, arch: str | None = None, quick_gelu: bool | None
     _fill_bn_counters(state)
     cfg = _resolve_config(path, state, arch, quick_gelu, origin)
     openai.check_meta(meta, cfg, source)
-    model = CLIP(cfg)
-    load_state_strict(model, state, source)
-    return model
+    return build_with_state(cfg, state, source)
 
 
 def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str]:
@@ -180,6 +203,7 @@ def _resolve_config(path: Path, state: dict[str, torch.Tensor], arch: str | None
             raise CheckpointError(str(e.args[0])) from None
     elif path.name in OPENCLIP_WEIGHTS and oc_cfg_path.is_file():
         cfg = openai.config_from_openclip(_read_json(oc_cfg_path), str(oc_cfg_path))
+        cfg = with_local_tokenizer(cfg, path.parent)  # its tokenizer files, when saved beside the weights
         cfg = cfg.replace(name=_registry_name(cfg, default=path.parent.name))
     else:
         if quick_gelu is None:
@@ -205,18 +229,30 @@ def load_hf_dir(path: Path, weights: Path | None = None, quick_gelu: bool | None
     cfg = cfg.replace(name=_registry_name(cfg, default=path.name))
     if quick_gelu is not None:
         cfg = cfg.replace(quick_gelu=quick_gelu)
-    if weights.name.endswith(".index.json"):  # sharded: {"weight_map": {name: shard file}}
-        shards = sorted(set(_read_json(weights).get("weight_map", {}).values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if Path(shard).name != shard:
-                raise CheckpointError(f"{weights}: shard name {shard!r} points outside the directory")
-            state.update(_unwrap(_read_weights_file(path / shard), str(path / shard)))
-    else:
-        state = _unwrap(_read_weights_file(weights), str(weights))
-    model = CLIP(cfg)
-    load_state_strict(model, hf.from_hf(state, str(weights)), str(path))
+    state = read_hf_weights(path, weights)
+    model = build_with_state(cfg, hf.from_hf(state, str(weights)), str(path))
     return model
+
+
+def load_hf_siglip_dir(path: Path, weights: Path, config: dict[str, Any]) -> CLIP:
+    """A Hugging Face SiglipModel / Siglip2Model directory (``config`` its config.json)."""
+    pre_path = path / "preprocessor_config.json"
+    cfg, state = hf_siglip.convert(path, config, _read_json(pre_path) if pre_path.is_file() else None,
+                                   read_hf_weights(path, weights), str(weights))
+    return build_with_state(cfg, state, str(path))
+
+
+def read_hf_weights(path: Path, weights: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face directory's tensors: one file, or the shards an ``.index.json`` lists."""
+    if not weights.name.endswith(".index.json"):
+        return _unwrap(_read_weights_file(weights), str(weights))
+    shards = sorted(set(_read_json(weights).get("weight_map", {}).values()))  # {"weight_map": {name: shard}}
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{weights}: shard name {shard!r} points outside the directory")
+        state.update(_unwrap(_read_weights_file(path / shard), str(path / shard)))
+    return state
 
 
 # -- reading files without unpickling code ----------------------------------------------------------
@@ -317,17 +353,22 @@ def export(model: CLIP, fmt: ExportFormat, out: str | Path) -> Path:
     if fmt != "clipforge" and model.config.vision.stem != "patch":
         raise CheckpointError(f"cannot export to {fmt}: its ViT has a single-conv patch embedding, this model a "
                               f"{model.config.vision.stem} stem; save it in clipforge's format")
-    if fmt != "clipforge" and model.config.text.pool != "eot":
+    pool = model.config.text.pool
+    if fmt != "clipforge" and (pool == "mean" or pool != "eot" and fmt == "openai"):
         raise CheckpointError(f"cannot export to {fmt}: its text tower pools at the end-of-text token, this model "
-                              f"takes the {model.config.text.pool}; save it in clipforge's format")
+                              f"takes the {pool}; save it in clipforge's format")
     return writers[fmt](model, Path(out))
 
 
 def save_hf(model: CLIP, out_dir: str | Path) -> Path:
     """``config.json`` + ``model.safetensors`` (+ ``preprocessor_config.json``) for
-    ``transformers.CLIPModel.from_pretrained``."""
-    config, pre = hf.config_to_hf(model.config)
-    state = hf.to_hf(model.state_dict())
+    ``transformers.CLIPModel.from_pretrained`` (``SiglipModel`` for a SigLIP image tower)."""
+    if model.config.vision.arch == "siglip":
+        config, pre = hf_siglip.config_to_hf_siglip(model.config)
+        state = hf_siglip.to_hf_siglip(model.state_dict())
+    else:
+        config, pre = hf.config_to_hf(model.config)
+        state = hf.to_hf(model.state_dict())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_safetensors(state, out / WEIGHTS_NAME, {"format": "pt"})  # transformers requires format=pt

@@ -13,7 +13,9 @@ from torch import nn
 
 from clipforge.config import ClipConfig
 from clipforge.model.hf_text import HFTextTower
+from clipforge.model.siglip_vision import SiglipVisionTower
 from clipforge.model.text import TextTransformer
+from clipforge.model.timm_vision import TimmVisionTower
 from clipforge.model.vision import ModifiedResNet, VisionTransformer
 
 
@@ -30,6 +32,10 @@ class CLIP(nn.Module):
         self.config = cfg
         if cfg.vision.arch == "vit":
             self.visual: nn.Module = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.quick_gelu)
+        elif cfg.vision.arch == "timm":  # timm's network; quick_gelu concerns only the text tower, as in OpenCLIP
+            self.visual = TimmVisionTower(cfg.vision, cfg.embed_dim)
+        elif cfg.vision.arch == "siglip":  # Hugging Face SigLIP's ViT with attention pooling
+            self.visual = SiglipVisionTower(cfg.vision, cfg.embed_dim)
         else:
             self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
         if cfg.text.hf_model is not None:  # a Hugging Face encoder, random weights until filled
@@ -60,8 +66,10 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at 100 as in the paper (the raw parameter is untouched)."""
-        return self.logit_scale.exp().clamp(max=100.0)
+        """exp(logit_scale), clamped at 100 as in the CLIP paper (the raw parameter is untouched).
+        A model with a logit bias (SigLIP) is not clamped: its scale is learned past 100."""
+        scale = self.logit_scale.exp()
+        return scale if self.logit_bias is not None else scale.clamp(max=100.0)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> ClipOutput:
         return ClipOutput(
@@ -73,9 +81,12 @@ class CLIP(nn.Module):
 
     @torch.no_grad()
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits_per_image [B_img, B_txt], logits_per_text), as openai/CLIP's forward returns."""
+        """(logits_per_image [B_img, B_txt], logits_per_text), as openai/CLIP's forward returns
+        (plus the logit bias of a SigLIP model, as its sigmoid is applied to)."""
         out = self.forward(image, text)
         logits_per_image = out.logit_scale * out.image_features @ out.text_features.t()
+        if out.logit_bias is not None:
+            logits_per_image = logits_per_image + out.logit_bias
         return logits_per_image, logits_per_image.t()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -90,8 +90,10 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
 def tokenizer_for(model_or_config: CLIP | ClipConfig) -> Callable[[Sequence[str]], torch.Tensor]:
     """The tokenizer a model's text tower reads: texts -> LongTensor [N, context_length].
 
-    CLIP's BPE (``tokenize``) for clipforge's text transformer; the encoder's own tokenizer for a
-    Hugging Face text tower. The result can be pickled (DataLoader workers)."""
+    CLIP's BPE (``tokenize``) for clipforge's text transformer, or the Hugging Face tokenizer its
+    family was trained with (``TextConfig.hf_tokenizer_name``: SigLIP's SentencePiece, SigLIP 2's
+    Gemma, CLIPA's BERT ...; ``hf_tokenizer``), at the family's context length; the encoder's own
+    tokenizer for a Hugging Face text tower. The result can be pickled (DataLoader workers)."""
     if isinstance(model_or_config, ClipConfig):
         cfg = model_or_config
     else:  # a CLIP model, also compiled (whose attributes forward to the original)
@@ -103,6 +105,10 @@ def tokenizer_for(model_or_config: CLIP | ClipConfig) -> Callable[[Sequence[str]
             return HFTokenizer(tower.tokenizer, tower.context_length)
     if cfg.text.hf_model is not None:
         return HFTokenizer.from_config(cfg.text)
+    if cfg.text.hf_tokenizer_name is not None:
+        from clipforge.model.hf_tokenizer import FamilyTokenizer
+
+        return FamilyTokenizer.from_text_config(cfg.text)
     from clipforge.model.tokenizer import tokenize as _tokenize
 
     return functools.partial(_tokenize, context_length=cfg.text.context_length)

@@ -181,42 +181,63 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int, quick_gelu: bool) -> None:
+    def __init__(self, width: int, hidden: int, quick_gelu: bool, gelu_approximate: str = "none") -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
+        # SigLIP's towers were trained with GELU's tanh approximation (OpenCLIP's act_kwargs).
+        self.gelu = QuickGELU() if quick_gelu else nn.GELU(approximate=gelu_approximate)
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_of(self.gelu, self.c_fc(x), self.c_proj)  # keeps c_fc's output, not gelu's
 
 
-class ResidualBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class LayerScale(nn.Module):
+    """A learned per-channel gain on a residual branch (Touvron et al. 2021, CaiT); OpenCLIP's
+    ``ls_init_value`` and its parameter name ``gamma``."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool) -> None:
+    def __init__(self, width: int, init_value: float) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.gamma = nn.Parameter(torch.full((width,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); with ``ls_init_value``
+    each branch is scaled by a LayerScale (``ls_1``, ``ls_2``)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool, *,
+                 ls_init_value: float | None = None, norm_eps: float = 1e-5, gelu_approximate: str = "none") -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = LayerNorm(width)
-        self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu)
+        self.ln_2 = LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu, gelu_approximate)
+        # Identity keeps the state dict of the plain block (no ls_* tensors), as OpenCLIP's does.
+        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
         """[B, N, D] -> [B, N, D]; with ``rows`` the block's output at those positions only, [B, 1, D]."""
         h = self.ln_1(x)
-        x = (x if rows is None else take_rows(x, rows)) + self.attn(h, causal=causal, rows=rows)
-        return x + self.mlp(self.ln_2(x))
+        x = (x if rows is None else take_rows(x, rows)) + self.ls_1(self.attn(h, causal=causal, rows=rows))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
     """A stack of residual blocks on batch-first tensors [B, N, D]."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool) -> None:
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool, *,
+                 ls_init_value: float | None = None, norm_eps: float = 1e-5, gelu_approximate: str = "none") -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.resblocks = nn.ModuleList(
-            ResidualBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)
+            ResidualBlock(width, heads, mlp_ratio, quick_gelu, ls_init_value=ls_init_value, norm_eps=norm_eps,
+                          gelu_approximate=gelu_approximate)
+            for _ in range(layers)
         )
         self.grad_checkpointing = False
         # With ``rows``, run the last block at the pooled position only (off: every position,

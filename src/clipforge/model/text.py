@@ -1,4 +1,11 @@
-"""Causal text transformer, pooled at the end-of-text token (CLIP) or averaged up to it."""
+"""Text transformer: CLIP's causal model pooled at the end-of-text token, averaged up to it, or
+OpenCLIP's other variants (``TextConfig``): bidirectional attention, pooling at the first or last
+position, a projection with a bias or none, LayerNorm eps, tanh GELU and LayerScale.
+
+Parameter names are OpenCLIP's ``TextTransformer``'s for every variant (``text_projection`` is a
+matrix, or an ``nn.Linear`` with ``proj_bias``; ``ls_1.gamma``/``ls_2.gamma`` with LayerScale), so
+its state dicts load one to one.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,16 @@ from clipforge.config import TextConfig
 from clipforge.model.layers import LayerNorm, Transformer
 
 
-def eot_positions(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
-    """Index of the first end-of-text token in each row; rows without one fall back to the
-    highest id (OpenAI's argmax rule, which is the same thing for its tokenizer)."""
+def eot_positions(tokens: torch.Tensor, eot_token_id: int, fallback_argmax: bool = True) -> torch.Tensor:
+    """Index of the first end-of-text token in each row. A row without one falls back to its
+    highest id (OpenAI's argmax rule, the same thing for its tokenizer, where the end token is the
+    top id) or, with ``fallback_argmax=False``, to position 0 (OpenCLIP's and transformers' rule
+    for an end token that is not the top id)."""
     is_eot = tokens == eot_token_id
-    return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.argmax(dim=1))
+    first = is_eot.int().argmax(dim=1)  # 0 where the row has none
+    if not fallback_argmax:
+        return first
+    return torch.where(is_eot.any(dim=1), first, tokens.argmax(dim=1))
 
 
 class TextTransformer(nn.Module):
@@ -23,12 +35,24 @@ class TextTransformer(nn.Module):
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu)
-        self.ln_final = LayerNorm(cfg.width)
-        self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
-        # A causal model's pooled output cannot see positions after the end token, so the
-        # batch is encoded only up to its longest sequence. Off under torch.compile/CUDA
-        # graphs, which prefer static shapes (the .item() below is a host sync).
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu,
+                                       ls_init_value=cfg.ls_init_value, norm_eps=cfg.norm_eps,
+                                       gelu_approximate=cfg.gelu_approximate)
+        self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.text_projection: nn.Module | nn.Parameter | None
+        if cfg.proj_type == "none":
+            if output_dim != cfg.width:
+                raise ValueError(f"a text tower without projection outputs its width {cfg.width}, "
+                                 f"but the embedding size is {output_dim}")
+            self.text_projection = None
+        elif cfg.proj_bias:
+            self.text_projection = nn.Linear(cfg.width, output_dim)
+        else:
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
+        # A causal model's pooled output cannot see positions after the pooled one, so the batch
+        # is encoded only up to the furthest of them. Off under torch.compile/CUDA graphs, which
+        # prefer static shapes (the .item() below is a host sync). A bidirectional model, or one
+        # pooled at the last position, always runs the full context: padding is attended to.
         self.trim_padding = True
         self.init_weights()
 
@@ -39,15 +63,31 @@ class TextTransformer(nn.Module):
         self.transformer.init_weights(
             proj_std=width**-0.5 * (2 * max(layers, 1)) ** -0.5, attn_std=width**-0.5, fc_std=(2 * width) ** -0.5
         )
-        nn.init.normal_(self.text_projection, std=width**-0.5)
+        if isinstance(self.text_projection, nn.Linear):
+            nn.init.normal_(self.text_projection.weight, std=width**-0.5)
+            nn.init.zeros_(self.text_projection.bias)
+        elif self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def pooled_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The position each row is pooled at (for "mean": the last one averaged), LongTensor [B]."""
+        b, n = tokens.shape
+        pool = self.cfg.pool
+        if pool == "first":
+            return torch.zeros(b, dtype=torch.long, device=tokens.device)
+        if pool == "last":
+            return torch.full((b,), n - 1, dtype=torch.long, device=tokens.device)
+        cfg = self.cfg
+        return eot_positions(tokens, cfg.eot_token_id, fallback_argmax=cfg.eot_token_id == cfg.vocab_size - 1)
 
     def forward(self, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"expected token ids of shape [batch, <= {self.context_length}], got {tuple(tokens.shape)}"
             )
-        pos = eot_positions(tokens, self.cfg.eot_token_id)  # [B]
-        if self.trim_padding:
+        causal = self.cfg.causal_mask
+        pos = self.pooled_positions(tokens)  # [B]
+        if self.trim_padding and causal:
             tokens = tokens[:, : int(pos.max()) + 1]
         n = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
@@ -56,9 +96,16 @@ class TextTransformer(nn.Module):
             upto_eot = (torch.arange(n, device=x.device)[None, :] <= pos[:, None]).to(x.dtype).unsqueeze(-1)
             x = (x * upto_eot).sum(dim=1) / upto_eot.sum(dim=1)  # [B, W]; padding after the end token ignored
         else:
-            x = self.transformer(x, causal=True, rows=pos)  # [B, W]: output at each end token (only it is used)
+            # The output at each pooled position only (the last block computes just that row).
+            # OpenCLIP normalises every position and then pools; LayerNorm acts per position,
+            # so pooling first is the same.
+            x = self.transformer(x, causal=causal, rows=pos)  # [B, W]
         pooled = self.ln_final(x)  # [B, W]
-        return pooled @ self.text_projection if project else pooled
+        if not project or self.text_projection is None:
+            return pooled
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

@@ -56,7 +56,8 @@ class VisionTransformer(nn.Module):
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
-        self.ln_pre = LayerNorm(width)
+        self.ln_pre = LayerNorm(width) if cfg.ln_pre else nn.Identity()
+        self.pool, self.final_ln_after_pool = cfg.pool, cfg.final_ln_after_pool
         self.transformer = Transformer(width, cfg.layers, cfg.num_heads, cfg.mlp_ratio, quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -84,8 +85,13 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
         x = self.ln_pre(x)
-        x = self.transformer(x, rows=0)  # [B, W]: the class token's output (the last block computes only it)
-        pooled = self.ln_post(x)  # [B, W]
+        if self.pool == "cls":  # LayerNorm is per token: before or after pooling is the same here
+            x = self.transformer(x, rows=0)  # [B, W]: the class token's output (the last block computes only it)
+            pooled = self.ln_post(x)  # [B, W]
+        elif self.final_ln_after_pool:
+            pooled = self.ln_post(self.transformer(x)[:, 1:].mean(dim=1))  # [B, W]
+        else:
+            pooled = self.ln_post(self.transformer(x))[:, 1:].mean(dim=1)  # [B, W]
         return pooled @ self.proj if project else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

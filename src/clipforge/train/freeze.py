@@ -18,7 +18,9 @@ from torch import nn
 
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower
+from clipforge.model.siglip_vision import SiglipVisionTower
 from clipforge.model.text import TextTransformer
+from clipforge.model.timm_vision import TimmVisionTower
 from clipforge.model.vision import ModifiedResNet, VisionTransformer
 
 
@@ -29,13 +31,19 @@ def _blocks_and_head(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Module]
         return list(tower.transformer.resblocks), [tower.ln_final]
     if isinstance(tower, ModifiedResNet):
         return [tower.layer1, tower.layer2, tower.layer3, tower.layer4], [tower.attnpool]
+    if isinstance(tower, SiglipVisionTower):
+        return list(tower.transformer.resblocks), [tower.ln_post, tower.attn_pool]
+    if isinstance(tower, TimmVisionTower):  # timm's own layer groups; the head maps into the shared space
+        return tower.blocks(), [tower.head]
     if isinstance(tower, HFTextTower):
         return tower.blocks(), []
     raise TypeError(f"cannot lock a tower of type {type(tower).__name__}")
 
 
+# Parameters outside any block that stay trainable with unlocked layers (absent ones are skipped:
+# a text tower without projection, proj_type 'none').
 _HEAD_PARAMS = {VisionTransformer: ("proj",), TextTransformer: ("text_projection",), ModifiedResNet: (),
-                HFTextTower: ("text_projection",)}
+                HFTextTower: ("text_projection",), SiglipVisionTower: (), TimmVisionTower: ()}
 
 
 def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Module]:
@@ -60,7 +68,9 @@ def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Mod
         for p in m.parameters():
             p.requires_grad_(True)
     for name in _HEAD_PARAMS[type(module)]:
-        getattr(module, name).requires_grad_(True)
+        part = getattr(module, name, None)
+        if part is not None:
+            part.requires_grad_(True)
     return [b for b in blocks[: len(blocks) - unlocked_layers]]
 
 

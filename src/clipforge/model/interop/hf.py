@@ -208,7 +208,13 @@ def config_to_hf(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     v, t = cfg.vision, cfg.text
     problems = []
     if v.arch != "vit":
-        problems.append("Hugging Face CLIPModel has no ResNet image tower")
+        kind = {"resnet": "ResNet", "timm": f"timm ({v.timm_model_name})"}.get(v.arch, v.arch)
+        problems.append(f"Hugging Face CLIPModel builds only its own ViT, not this model's {kind} image tower")
+    elif v.pool != "cls" or v.final_ln_after_pool or not v.ln_pre:
+        problems.append("its ViT pools or normalises differently from CLIPModel's (pool, final_ln_after_pool, ln_pre)")
+    if (t.pool != "eot" or not t.causal_mask or t.proj_bias or t.proj_type != "linear"
+            or t.ls_init_value is not None or t.gelu_approximate != "none"):
+        problems.append("its text tower is not CLIPModel's (pooling, attention mask, projection, LayerScale or GELU)")
     if cfg.init_logit_bias is not None:
         problems.append("Hugging Face CLIPModel has no logit bias")
     if t.eot_token_id == 2:

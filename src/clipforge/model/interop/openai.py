@@ -16,6 +16,7 @@ import torch
 
 from clipforge.config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.model.interop.openclip_text import text_from_openclip, text_to_openclip
 
 # Top-level names of OpenAI's text tower; they live under ``text.`` in our layout.
 _TEXT_TOP = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -123,6 +124,10 @@ def _infer(s: dict[str, torch.Tensor], quick_gelu: bool, source: str) -> ClipCon
         stages = tuple(_count(s, f"visual.layer{i}.") for i in (1, 2, 3, 4))
         vision = VisionConfig(arch="resnet", image_size=grid * 32, width=width, resnet_layers=stages)
         embed_dim = s["visual.attnpool.c_proj.weight"].shape[0]
+    elif any(k.startswith("visual.trunk.") for k in s):  # OpenCLIP's timm adapter: the shapes do not name the model
+        raise CheckpointError(f"{source}: the image tower is a timm model (visual.trunk.*), which its tensors do not "
+                              "name: put OpenCLIP's open_clip_config.json beside the weights, or pass arch= with a "
+                              "registered architecture (clipforge models)")
     else:
         raise CheckpointError(f"{source}: no image tower found (neither visual.proj nor visual.attnpool)")
     twidth = s["text.ln_final.weight"].shape[0]
@@ -145,13 +150,12 @@ def _infer(s: dict[str, torch.Tensor], quick_gelu: bool, source: str) -> ClipCon
 
 # Options we implement, and the values of every other option that leave the model unchanged.
 # (None: any value is fine, e.g. patch_dropout acts only in training.) Unlisted options must be falsy.
-_VISION_NEUTRAL = {"pool_type": "tok", "pos_embed_type": "learnable", "attn_pooler_queries": 256,
+_VISION_NEUTRAL = { "pos_embed_type": "learnable", "attn_pooler_queries": 256,
                    "attn_pooler_heads": 8, "timm_pool": "avg", "timm_proj": "linear", "patch_dropout": None,
                    "block_type": "default"}
-_TEXT_NEUTRAL = {"proj_type": "linear", "pad_id": None, "eos_id": None,
-                 "hf_tokenizer_name": None, "tokenizer_mode": None, "tokenizer_kwargs": None}
-_VISION_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
-_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pool_type"}
+_VISION_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "pool_type",
+                "final_ln_after_pool", "no_ln_pre"}
+_VISION_POOLS = {"tok": "cls", "avg": "avg"}
 
 
 def _unsupported(cfg: dict[str, Any], known: set[str], neutral: dict[str, Any]) -> list[str]:
@@ -168,10 +172,16 @@ def _unsupported(cfg: dict[str, Any], known: set[str], neutral: dict[str, Any]) 
 def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
     m = d.get("model_cfg", d)
     v, t = dict(m.get("vision_cfg", {})), dict(m.get("text_cfg", {}))
-    bad = _unsupported(v, _VISION_KEYS, _VISION_NEUTRAL) + _unsupported(t, _TEXT_KEYS, _TEXT_NEUTRAL)
+    timm_vision = _timm_vision(v, source) if v.get("timm_model_name") else None
+    if timm_vision is not None:  # OpenCLIP reads no other vision option of a timm tower
+        v = {"image_size": v.get("image_size", 224)}
+    text, text_bad = text_from_openclip(t)
+    bad = _unsupported(v, _VISION_KEYS, _VISION_NEUTRAL) + text_bad
+    if v.get("pool_type", "tok") not in _VISION_POOLS:
+        bad.append(f"vision pool_type={v['pool_type']!r}")
+    if isinstance(v.get("layers"), (list, tuple)) and any(v.get(k) for k in ("final_ln_after_pool", "no_ln_pre")):
+        bad += [f"{k} with a ResNet" for k in ("final_ln_after_pool", "no_ln_pre") if v.get(k)]
     bad += [f"{k}={m[k]!r}" for k in ("cast_dtype",) if m.get(k)]
-    if t.get("pool_type", "argmax") not in ("argmax", "eos"):
-        bad.append(f"text pool_type={t['pool_type']!r}")
     if bad:
         raise CheckpointError(f"{source}: OpenCLIP options not supported by clipforge: {', '.join(bad)}")
     image = v.get("image_size", 224)
@@ -179,19 +189,19 @@ def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
     layers = v.get("layers", 12)
     width = v.get("width", 768)
     head_width = v.get("head_width", 64)
-    if isinstance(layers, (list, tuple)):
+    if timm_vision is not None:
+        vision = timm_vision
+    elif isinstance(layers, (list, tuple)):
         vision = VisionConfig(arch="resnet", image_size=image, width=width, resnet_layers=tuple(layers),
                               heads=None if head_width == 64 else width * 32 // head_width)
     else:
         vision = VisionConfig(arch="vit", image_size=image, width=width, layers=layers,
                               patch_size=v.get("patch_size", 16),
                               heads=None if head_width == 64 else width // head_width,
-                              mlp_ratio=v.get("mlp_ratio", 4.0))
-    vocab = t.get("vocab_size", 49408)
-    eot = t.get("eos_id", 2) if t.get("pool_type") == "eos" else vocab - 1
-    text = TextConfig(context_length=t.get("context_length", 77), vocab_size=vocab, width=t.get("width", 512),
-                      heads=t.get("heads", 8), layers=t.get("layers", 12), mlp_ratio=t.get("mlp_ratio", 4.0),
-                      eot_token_id=eot, pad_token_id=t.get("pad_id", 0))
+                              mlp_ratio=v.get("mlp_ratio", 4.0),
+                              pool=_VISION_POOLS.get(v.get("pool_type", "tok"), "cls"),
+                              final_ln_after_pool=bool(v.get("final_ln_after_pool", False)),
+                              ln_pre=not v.get("no_ln_pre", False))
     p = d.get("preprocess_cfg", {})
     if p.get("resize_mode", "shortest") not in ("shortest", "squash"):
         raise CheckpointError(f"{source}: preprocessing resize_mode={p['resize_mode']!r} is not supported")
@@ -202,21 +212,42 @@ def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
                            resize_mode=p.get("resize_mode", "shortest"))
     return ClipConfig(embed_dim=m.get("embed_dim", 512), vision=vision, text=text,
                       quick_gelu=bool(m.get("quick_gelu", False)), init_logit_bias=m.get("init_logit_bias"),
+                      init_logit_scale=float(m.get("init_logit_scale", ClipConfig.init_logit_scale)),
                       preprocess=pre)
+
+
+_TIMM_OPTIONS = ("timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path")
+
+
+def _timm_vision(v: dict[str, Any], source: str) -> VisionConfig:
+    """A timm tower's vision_cfg: OpenCLIP builds it from the timm_* options, image_size and
+    patch_dropout only (layers, width, ... are ignored there, so here too)."""
+    image = v.get("image_size", 224)
+    image = image[0] if isinstance(image, (list, tuple)) and image[0] == image[-1] else image
+    # timm_model_pretrained only chose timm's ImageNet start; the CLIP weights beside it replace that.
+    try:
+        return VisionConfig(arch="timm", image_size=image, patch_dropout=float(v.get("patch_dropout") or 0.0),
+                            **{k: v[k] for k in _TIMM_OPTIONS if k in v})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: vision_cfg of a timm tower: {e}") from None
 
 
 def config_to_openclip(cfg: ClipConfig) -> dict[str, Any]:
     v, t = cfg.vision, cfg.text
-    if v.arch == "resnet":
-        vision: dict[str, Any] = {"image_size": v.image_size, "layers": list(v.resnet_layers), "width": v.width,
-                                  "head_width": v.width * 32 // v.num_heads}
+    if v.arch == "timm":  # the inverse of _timm_vision
+        vision: dict[str, Any] = {"image_size": v.image_size, "timm_model_pretrained": False,
+                                  **{k: getattr(v, k) for k in _TIMM_OPTIONS}, "patch_dropout": v.patch_dropout}
+    elif v.arch == "resnet":
+        vision = {"image_size": v.image_size, "layers": list(v.resnet_layers), "width": v.width,
+                  "head_width": v.width * 32 // v.num_heads}
     else:
         vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
                   "head_width": v.width // v.num_heads, "mlp_ratio": v.mlp_ratio}
-    text: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
-                            "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
-    if t.eot_token_id != t.vocab_size - 1:  # argmax pooling finds the end token only when it is the top id
-        text.update(pool_type="eos", eos_id=t.eot_token_id)
+        if v.pool != "cls":
+            vision["pool_type"] = {val: key for key, val in _VISION_POOLS.items()}[v.pool]
+        vision.update({"final_ln_after_pool": True} if v.final_ln_after_pool else {})
+        vision.update({"no_ln_pre": True} if not v.ln_pre else {})
+    text = text_to_openclip(t)
     model: dict[str, Any] = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
                              "vision_cfg": vision, "text_cfg": text}
     if cfg.init_logit_bias is not None:
@@ -232,6 +263,10 @@ def check_openai_compatible(cfg: ClipConfig) -> None:
     pooling; a state dict that needs anything else would load there and silently compute garbage."""
     v, t = cfg.vision, cfg.text
     problems = []
+    if v.arch not in ("vit", "resnet"):
+        problems.append(f"its image tower ({v.arch}) is not one OpenAI's code builds")
+    if v.arch == "vit" and (v.pool != "cls" or v.final_ln_after_pool or not v.ln_pre):
+        problems.append("its ViT pools or normalises differently (pool, final_ln_after_pool, ln_pre)")
     if not cfg.quick_gelu:
         problems.append("uses GELU (OpenAI's code always runs QuickGELU)")
     vheads = v.width // 64 if v.arch == "vit" else v.width * 32 // 64
@@ -241,8 +276,11 @@ def check_openai_compatible(cfg: ClipConfig) -> None:
         problems.append(f"text tower has {t.heads} heads, OpenAI's code would use {t.width // 64}")
     if v.arch == "vit" and v.mlp_ratio != 4.0 or t.mlp_ratio != 4.0:
         problems.append("MLP ratio is not 4")
-    if t.eot_token_id != t.vocab_size - 1:
-        problems.append("end-of-text id is not the last vocabulary id (OpenAI pools at argmax)")
+    if t.eot_token_id != t.vocab_size - 1 or t.pool != "eot":
+        problems.append("text is not pooled at the last vocabulary id (OpenAI pools at argmax)")
+    if (not t.causal_mask or t.proj_bias or t.proj_type != "linear" or t.norm_eps != 1e-5
+            or t.gelu_approximate != "none" or t.ls_init_value is not None):
+        problems.append("text tower is not OpenAI's (attention mask, projection, LayerNorm eps, GELU or LayerScale)")
     if cfg.init_logit_bias is not None:
         problems.append("has a logit bias")
     if problems:
