@@ -1,6 +1,6 @@
 """The package's layers import one way, and no module imports itself back through others.
 
-    config, errors, utils, version, shards  <-  model  <-  {data, eval}  <-  train  <-  {demo, experiments}  <-  cli
+    config, errors, utils, version, shards, imageio  <-  model  <-  {data, eval}  <-  train  <-  {demo, experiments}  <-  cli
     search  <-  model, eval
 
 Nothing below the CLI imports the front door (``clipforge/__init__.py``, ``api.py``). Imports
@@ -17,7 +17,7 @@ import pytest
 PACKAGE = "clipforge"
 SRC = Path(__file__).resolve().parents[2] / "src" / PACKAGE
 
-BASE = {"config", "errors", "utils", "version", "shards"}
+BASE = {"config", "errors", "utils", "version", "shards", "imageio"}
 FRONT = {"<root>", "api"}  # the front door: clipforge/__init__.py, api.py
 # What each layer may import, besides itself and the base modules.
 ALLOWED: dict[str, set[str]] = {

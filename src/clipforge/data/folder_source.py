@@ -8,6 +8,7 @@ from clipforge.data.config import IMAGE_SUFFIXES, DataConfig
 from clipforge.data.csv_source import PackedStrings
 from clipforge.data.skips import RawSample
 from clipforge.errors import DataError
+from clipforge.imageio import walk_files
 
 
 class FolderIndex:
@@ -33,13 +34,12 @@ class FolderIndex:
 
 
 def read_folder(cfg: DataConfig) -> FolderIndex:
+    """Every image under ``cfg.path`` (hidden files and folders left out). Links are followed, but
+    no folder is walked twice and no linked image listed twice (``imageio.walk_files``): a link
+    to ``.`` or a parent adds nothing, two links to one folder list its images once."""
     root = cfg.path
-    rel: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                rel.append(os.path.relpath(os.path.join(dirpath, name), root))
+    found = walk_files(root, lambda name: os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES, skip_hidden=True)
+    rel = [os.path.relpath(p, root) for p in found]
     if not rel:
         raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     rel.sort()

@@ -12,19 +12,25 @@ import warnings
 from collections import Counter
 from typing import NamedTuple
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from clipforge.imageio import RefusedFile, as_rgb, read_limited, to_rgb, upright
+
+__all__ = ["SKIP_KINDS", "Skip", "RawSample", "note_skip", "read_file", "decode_caption", "decode_image", "to_rgb",
+           "upright", "load_sample"]
 
 log = logging.getLogger("clipforge.data")
 
 SKIP_KINDS = {
     "missing_file": "image file (or tar member) not found",
-    "unreadable_file": "image file exists but could not be read (permissions, a directory, I/O error)",
+    "unreadable_file": "image file exists but could not be read (permissions, a directory, a pipe or device, I/O "
+                       "error)",
     "empty_file": "zero-byte image file",
     "not_an_image": "not a recognised image format (e.g. a text file named .jpg)",
     "corrupt_image": "image header parsed but pixels failed to decode (truncated JPEG, bad data)",
     "too_small": "shorter side below min_image_side (e.g. 1x1 pixels)",
-    "too_large": "more pixels than max_image_pixels (refused before decoding)",
+    "too_large": "more pixels than max_image_pixels, or a file or tar member of more than 256 / 64 MiB (refused "
+                 "from its header or size, before decoding or reading)",
     "missing_caption": "no caption (.txt sidecar or tar member missing)",
     "empty_caption": "caption empty or only whitespace",
     "bad_caption_encoding": "caption bytes are not valid UTF-8",
@@ -32,6 +38,8 @@ SKIP_KINDS = {
     "malformed_row": "a CSV row with the wrong number of fields or broken quoting",
     "truncated_tar": "a shard ended early or was corrupt (its last, partial sample is dropped)",
     "unreadable_shard": "a shard file missing or not a tar archive",
+    "sparse_member": "a sparse tar member (GNU/PAX sparse: a few bytes that expand to any size), refused unread; "
+                     "its whole sample is dropped",
 }
 __doc__ += "".join(f"\n- ``{k}``: {v}" for k, v in SKIP_KINDS.items())
 
@@ -54,9 +62,12 @@ def note_skip(skip: Skip, counts: Counter) -> None:
 
 
 def read_file(path: str) -> bytes | Skip:
+    """The file's bytes; a pipe, device or directory ('unreadable_file') and a file over
+    ``imageio.MAX_FILE_BYTES`` ('too_large') are refused without reading (a FIFO never blocks)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_limited(path)
+    except RefusedFile as e:
+        return Skip(e.kind, str(e))
     except FileNotFoundError:
         return Skip("missing_file", path)
     except OSError as e:
@@ -77,7 +88,8 @@ def decode_caption(raw: bytes | str | None, where: str = "") -> str | Skip:
 
 
 def decode_image(data: bytes, min_side: int, max_pixels: int, where: str = "") -> Image.Image | Skip:
-    """An RGB image: EXIF rotation applied, first frame of animations, CMYK/16-bit/alpha converted.
+    """An RGB image, decoded by ``clipforge.imageio.as_rgb`` as evaluation, embedding and the
+    service decode it: EXIF rotation applied, first frame of animations, CMYK/16-bit/alpha converted.
 
     The size is checked from the header, before any pixel is decoded, so a decompression bomb
     costs nothing; Pillow's own bomb guard is turned into the same 'too_large' skip.
@@ -100,35 +112,9 @@ def decode_image(data: bytes, min_side: int, max_pixels: int, where: str = "") -
     if min(w, h) < min_side:
         return Skip("too_small", f"{where}: {w}x{h}, shorter side < {min_side}")
     try:
-        img.load()  # first frame of an animated GIF/WebP/APNG
-        img = _exif_upright(img)
-        return to_rgb(img)
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data
+        return as_rgb(img)  # the decoding every reader shares (clipforge.imageio): first frame, EXIF, RGB
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data (or out of memory for it)
         return Skip("corrupt_image", f"{where}: {type(e).__name__}: {e}")
-
-
-def _exif_upright(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to lose the pixels
-        return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB. 16/32-bit greys are rescaled (Pillow's convert would clip them to white);
-    transparency is composited onto white rather than exposing whatever colour hides under it."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
-        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 class RawSample(NamedTuple):

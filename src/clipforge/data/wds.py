@@ -20,6 +20,9 @@ from clipforge.shards import expand_braces
 
 log = logging.getLogger("clipforge.data")
 T = TypeVar("T")
+# A tar member declaring more bytes is refused from its header, unread ('too_large'): no image or
+# caption in a training shard comes near it, and reading one means holding it whole in memory.
+MAX_MEMBER_BYTES = 64 * 2**20
 
 
 def list_shards(cfg: DataConfig) -> list[str]:
@@ -48,12 +51,27 @@ def _split_key(name: str) -> tuple[str, str] | None:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def iter_tar(path: str, counts: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+def refuse_member(member: tarfile.TarInfo, limit: int = MAX_MEMBER_BYTES) -> Skip | None:
+    """Why a tar member must not be read, judged from its header alone: sparse (GNU or PAX
+    sparse: a few stored bytes that extract to any size, 'sparse_member'), or declaring more than
+    ``limit`` bytes ('too_large'). None for an ordinary member."""
+    if member.issparse():
+        return Skip("sparse_member", f"{member.name}: sparse member of {member.size} bytes, refused unread")
+    if member.size > limit:
+        return Skip("too_large", f"{member.name}: member of {member.size} bytes > {limit}, refused unread")
+    return None
+
+
+def iter_tar(path: str, counts: Counter, max_member_bytes: int = MAX_MEMBER_BYTES
+             ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, streamed member by member.
 
     A shard that cannot be opened counts one 'unreadable_shard'. A shard that ends without
     its end-of-archive block, or breaks mid-way, counts one 'truncated_tar': the samples
     before the break are kept, the one being assembled is dropped (it may be incomplete).
+    A sparse member, or one declaring more than ``max_member_bytes``, is refused from its
+    header before anything is read (``refuse_member``): its sample is dropped whole and counted
+    once ('sparse_member' / 'too_large'); the shard reads on.
     """
     try:
         f = open(path, "rb")
@@ -66,7 +84,7 @@ def iter_tar(path: str, counts: Counter) -> Iterator[tuple[str, dict[str, bytes]
         except (tarfile.TarError, OSError, EOFError) as e:
             note_skip(Skip("unreadable_shard", f"{path}: {e}"), counts)
             return
-        key, cur = None, {}
+        key, cur, refused = None, {}, None
         try:
             while True:
                 member = tf.next()
@@ -78,7 +96,14 @@ def iter_tar(path: str, counts: Counter) -> Iterator[tuple[str, dict[str, bytes]
                 if split[0] != key:  # the previous sample is complete: hand it out before reading on
                     if cur:
                         yield key, cur
-                    key, cur = split[0], {}
+                    key, cur, refused = split[0], {}, None
+                if refused is not None:
+                    continue  # the rest of a refused sample: not read either
+                skip = refuse_member(member, max_member_bytes)
+                if skip is not None:
+                    note_skip(Skip(skip.kind, f"{path}: {skip.detail}"), counts)
+                    cur, refused = {}, key
+                    continue
                 data = tf.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError("short member")
@@ -87,8 +112,8 @@ def iter_tar(path: str, counts: Counter) -> Iterator[tuple[str, dict[str, bytes]
             end = f.read(tarfile.BLOCKSIZE)  # tarfile stops quietly at EOF or garbage: check why it stopped
             clean = len(end) == tarfile.BLOCKSIZE and end.count(0) == tarfile.BLOCKSIZE
             error = "no end-of-archive block"
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            clean, error = False, str(e)
+        except (tarfile.TarError, OSError, EOFError, ValueError, MemoryError) as e:
+            clean, error = False, f"{type(e).__name__}: {e}" if isinstance(e, MemoryError) else str(e)
         if not clean:
             note_skip(Skip("truncated_tar", f"{path}: {error}"), counts)
             return

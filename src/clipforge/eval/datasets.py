@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from clipforge.errors import DataError
+from clipforge.imageio import as_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -232,8 +233,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            with Image.open(self.paths[i]) as im:
-                return i, self.transform(im.convert("RGB")), None
+            with Image.open(self.paths[i]) as im:  # decoded as training and embedding decode (clipforge.imageio)
+                return i, self.transform(as_rgb(im)), None
         except Exception as e:  # PIL raises many types for missing, truncated or foreign files
             return i, None, f"{type(e).__name__}: {e}"
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
 from clipforge.model.clip import CLIP
-from clipforge.model.hf_text import HFTextTower
+from clipforge.model.hf_text import HFTextTower, check_saved_source
 from clipforge.model.hf_tokenizer import with_local_tokenizer
 from clipforge.model.interop import hf, hf_siglip, openai, torchscript
 
@@ -79,8 +79,9 @@ def is_own_format(path: Path) -> bool:
 
 
 def load_own(path: Path) -> CLIP:
-    return build_with_state(ClipConfig.from_json(path / CONFIG_NAME), _read_safetensors(path / WEIGHTS_NAME),
-                            source=str(path))
+    cfg = ClipConfig.from_json(path / CONFIG_NAME)
+    check_saved_source(cfg.text.hf_model, path)  # before any weight is read or code is imported
+    return build_with_state(cfg, _read_safetensors(path / WEIGHTS_NAME), source=str(path))
 
 
 def build_with_state(cfg: ClipConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:

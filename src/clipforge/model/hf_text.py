@@ -57,7 +57,53 @@ def resolve_source(name_or_path: str) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"text model {name_or_path!r}: {path} is not a Hugging Face model directory (no "
                               f"config.json); give a local directory or one of: {', '.join(ALIASES)}")
+    refuse_custom_code(path, name_or_path)
     return path
+
+
+# Files through which transformers would import Python code from the folder (``auto_map``).
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+def refuse_custom_code(path: Path, name: str) -> None:
+    """A CheckpointError for a text model folder that asks for its own Python code (``auto_map``
+    in its config or tokenizer config): that code would run with the user's rights. Checked
+    before transformers sees the folder; every load also passes ``trust_remote_code=False``, so
+    transformers neither runs such code nor prompts for it on stdin."""
+    for fname in _CODE_CONFIGS:
+        f = path / fname
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"text model {name!r}: cannot read {f} ({' '.join(str(e).split())})") from None
+        if isinstance(cfg, dict) and "auto_map" in cfg:
+            raise CheckpointError(f"text model {name!r}: {f} names custom code (auto_map: "
+                                  f"{', '.join(map(str, cfg['auto_map']))}); refusing to load it, as custom "
+                                  "code would run. Use a model transformers implements")
+
+
+def check_saved_source(hf_model: str | None, model_dir: str | Path) -> None:
+    """A saved model's Hugging Face text tower must be a known alias or a folder inside the model
+    directory (``text_model/``, as ``checkpoints.write_config`` saves it); a config.json that
+    points anywhere else (another folder on the machine, possibly with custom code) is refused.
+    ``hf_model`` is the config's value after ``ClipConfig.from_json`` (resolved, links followed).
+    The folder's custom-code check (``refuse_custom_code``) is made too, so a loader calling this
+    before it reads any weight refuses such a model at once."""
+    if hf_model is None:
+        return
+    if hf_model in ALIASES:
+        resolve_source(hf_model)
+        return
+    root = Path(model_dir).resolve()
+    where = Path(hf_model).expanduser()
+    where = (where if where.is_absolute() else root / where).resolve()
+    if not where.is_relative_to(root):
+        raise CheckpointError(f"{root / 'config.json'}: its text tower (text.hf_model = {hf_model}) is outside the "
+                              f"model directory and not a known alias ({', '.join(ALIASES)}); a saved model keeps "
+                              "its text model in text_model/ beside config.json")
+    refuse_custom_code(where, hf_model)
 
 
 def hf_text_config(name_or_path: str, pooling: str = "mean", context_length: int = 77) -> TextConfig:
@@ -108,7 +154,19 @@ def _quiet(transformers: Any) -> Iterator[None]:
 def load_hf_tokenizer(source: Path) -> Any:
     transformers = _transformers()
     with _quiet(transformers):
-        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+        with _load_errors(source):
+            return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+
+
+@contextlib.contextmanager
+def _load_errors(source: Path) -> Iterator[None]:
+    """What transformers raises for a folder it cannot load (an unknown model type, a broken or
+    missing file) as one CheckpointError line naming the folder."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"text model {source}: transformers cannot load it ({first})") from None
 
 
 class HFTextTower(nn.Module):
@@ -123,12 +181,16 @@ class HFTextTower(nn.Module):
         self.context_length = cfg.context_length
         self.source = resolve_source(cfg.hf_model)
         with _quiet(transformers):
-            hf_config = transformers.AutoConfig.from_pretrained(self.source, local_files_only=True)
+            with _load_errors(self.source):
+                hf_config = transformers.AutoConfig.from_pretrained(self.source, local_files_only=True,
+                                                                    trust_remote_code=False)
             if getattr(hf_config, "use_cache", False):
                 hf_config.use_cache = False  # an encoder: no key/value cache (and none under checkpointing)
             # Kept with the tower: saving writes it out, so the source directory may disappear later.
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.source, local_files_only=True)
-            self.model = transformers.AutoModel.from_config(hf_config)
+            with _load_errors(self.source):
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.source, local_files_only=True,
+                                                                            trust_remote_code=False)
+                self.model = transformers.AutoModel.from_config(hf_config, trust_remote_code=False)
         max_positions = getattr(hf_config, "max_position_embeddings", None)
         if max_positions is not None and cfg.context_length > max_positions:
             raise ValueError(f"context_length {cfg.context_length} exceeds the {max_positions} positions of "
@@ -152,7 +214,9 @@ class HFTextTower(nn.Module):
             return False
         transformers = _transformers()
         with _quiet(transformers):
-            pretrained = transformers.AutoModel.from_pretrained(self.source, local_files_only=True)
+            with _load_errors(self.source):
+                pretrained = transformers.AutoModel.from_pretrained(self.source, local_files_only=True,
+                                                                    trust_remote_code=False)
         state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:

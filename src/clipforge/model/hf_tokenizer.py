@@ -78,8 +78,9 @@ def _load(name: str) -> Any:
             if local.is_dir():
                 if tokenizer_dir(local) is None:
                     raise OSError(f"{local} holds none of {', '.join(TOKENIZER_FILES)}")
-                return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
-            return transformers.AutoTokenizer.from_pretrained(name)  # a hub name: its cache, HF_HUB_OFFLINE
+                return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True,
+                                                                trust_remote_code=False)
+            return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=False)  # a hub name: its cache, HF_HUB_OFFLINE
         except (OSError, ValueError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"tokenizer {name!r}: cannot load it ({first}); give a directory with its "

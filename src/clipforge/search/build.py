@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -36,6 +37,9 @@ def _collect(emb_dirs: list[str]) -> tuple[list[Part], dict]:
             raise DataError(f"{d!r} holds embeddings of another model or kind ({ident}) than {emb_dirs[0]!r} ({model})")
         model = ident
         parts += p
+    odd = next((p for p in parts if p.dim != parts[0].dim), None)
+    if odd is not None:
+        raise DataError(f"{odd.npy}: {odd.dim}-dimensional vectors, but {parts[0].npy} has {parts[0].dim}")
     return parts, model or {}
 
 
@@ -103,7 +107,7 @@ def _add_parts(index, kind: str, store: Store, parts: list[Part], cfg: IndexConf
     held_vecs, held_ids, start = [], [], 0
     bar = tqdm(total=sum(p.rows for p in parts), unit="vec", desc="index", disable=not cfg.progress)
     for part in parts:
-        rows = pq.read_table(part.meta).to_pylist()
+        rows = _read_meta(part)
         if len(rows) != part.rows:
             raise DataError(f"{part.meta} has {len(rows)} rows but {part.npy} has {part.rows} vectors")
         old = store.live_ids_for_paths(r["path"] for r in rows if "path" in r)
@@ -132,6 +136,14 @@ def _add_parts(index, kind: str, store: Store, parts: list[Part], cfg: IndexConf
     dim = index.d
     vecs = np.concatenate(held_vecs) if held_vecs else np.zeros((0, dim), np.float32)
     return added, removed, vecs, np.concatenate(held_ids) if held_ids else np.zeros(0, np.int64)
+
+
+def _read_meta(part: Part) -> list[dict]:
+    try:
+        return pq.read_table(part.meta).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:  # a damaged or vanished metadata file
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{part.meta}: cannot read embedding metadata ({why})") from None
 
 
 def _drop(index, kind: str, store: Store, ids: list[int], duplicates: bool = False) -> int:
@@ -224,7 +236,11 @@ def _update(emb_dirs: list[str], out: Path, cfg: IndexConfig) -> Report:
         report.notes.append("no new embedding parts: index unchanged")
         store.close()
         return report
-    report.added, report.removed, _, _ = _add_parts(index, plan.kind, store, new, cfg)
+    try:
+        report.added, report.removed, _, _ = _add_parts(index, plan.kind, store, new, cfg)
+    except BaseException:
+        store.close()  # uncommitted: the index on disk stays as it was (a damaged part is named in the error)
+        raise
     report.total = store.count()
     # Recall on held-out queries from the new rows, against exact search over everything indexed.
     all_parts = _store_parts(store, model.get("kind"), index.d)

@@ -1,13 +1,15 @@
 """Image decoding for batch embedding.
 
-Two paths, both producing exactly the model's eval preprocessing (resize, center crop, RGB),
-as uint8 so that worker -> main process transfers are 4x smaller than float tensors:
+Two paths, both producing exactly the model's eval preprocessing (RGB decoded as training and
+evaluation decode it, ``clipforge.imageio.as_rgb``; resize; center crop), as uint8 so that
+worker -> main process transfers are 4x smaller than float tensors:
 
 - ``pil``: DataLoader workers decode with Pillow. A JPEG much larger than the target is
   decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 inside the DCT, nearly for free,
   keeping both sides >= the target so the following bicubic resize still only shrinks.
 - ``torch``: workers only read bytes and parse headers; JPEGs are decoded in batches by
-  torchvision on the embedding device (nvJPEG on CUDA). Other formats fall back to Pillow.
+  torchvision on the embedding device (nvJPEG on CUDA). Other formats, CMYK JPEGs and JPEGs
+  with an EXIF orientation (which the device decoder would not turn) fall back to Pillow.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from clipforge.config import PreprocessConfig
+from clipforge.imageio import MAX_FILE_BYTES, RefusedFile, as_rgb, orientation, read_limited, shown_size
 
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
@@ -32,12 +35,23 @@ class UnreadableImage(Exception):
     """An input that cannot be embedded; recorded in the skip file, never fatal."""
 
 
+MAX_MEMBER_BYTES = 64 * 2**20  # as sources.MAX_MEMBER_BYTES (and training's data/wds.py)
+
+
 def read_bytes(path: str, tar_offset: int | None = None, nbytes: int | None = None) -> bytes:
-    """The file's bytes, or a WebDataset member's bytes read straight from its offset."""
+    """The file's bytes, or a WebDataset member's bytes read straight from its offset. A pipe,
+    device or directory, a file over ``imageio.MAX_FILE_BYTES``, a member over ``MAX_MEMBER_BYTES``
+    and a sparse member (listed with ``nbytes`` -1) are refused before anything is read."""
     try:
         if tar_offset is None:
-            with open(path, "rb") as f:
-                return f.read()
+            try:
+                return read_limited(path, MAX_FILE_BYTES)
+            except RefusedFile as e:
+                raise UnreadableImage(str(e).removeprefix(f"{path}: ")) from None
+        if nbytes is not None and nbytes < 0:
+            raise UnreadableImage("sparse tar member (expands to any size): refused unread")
+        if nbytes is not None and nbytes > MAX_MEMBER_BYTES:
+            raise UnreadableImage(f"tar member of {nbytes} bytes > {MAX_MEMBER_BYTES}: refused unread")
         shard = path[: path.index(".tar/") + 4]
         with open(shard, "rb") as f:
             f.seek(tar_offset)
@@ -55,7 +69,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         im = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise UnreadableImage("not an image (unrecognised format)") from None
-    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError, MemoryError) as e:
         raise UnreadableImage(f"not an image: {e}") from None
     w, h = im.size
     if w <= 0 or h <= 0:
@@ -65,17 +79,31 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+def prepare(im: Image.Image, draft_size: int | None = None) -> Image.Image:
+    """A header-parsed image (``open_image``) decoded to RGB exactly as training and evaluation
+    decode it (``clipforge.imageio.as_rgb``: EXIF orientation, 16-bit rescaled, transparency on
+    white, palette/CMYK converted). With ``draft_size``, a large JPEG is first decoded at a reduced
+    scale (libjpeg's DCT scaling, both sides kept >= draft_size): the fast path, for the embedder
+    and the service's uploads. Raises ``UnreadableImage`` for pixels that fail to decode."""
+    try:
+        if draft_size and im.format == "JPEG":
+            # Keeps both sides >= size, so the result is still a downscale of a sharp image.
+            im.draft("RGB", (draft_size, draft_size))
+        return as_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as e:
+        raise UnreadableImage(f"cannot decode: {e}") from None
+
+
 def pil_resize_crop(im: Image.Image, cfg: PreprocessConfig, draft: bool = True) -> Image.Image:
-    """The eval transform up to (not including) normalisation, in the same order as
-    ``clipforge.model.transforms.eval_transform``: resize, center crop, then RGB.
+    """The eval transform up to (not including) normalisation: the image decoded to RGB as every
+    reader decodes it (``prepare``), then ``clipforge.model.transforms.eval_transform``'s resize
+    and center crop.
 
     ``draft=False`` gives exactly the eval transform's pixels. ``draft=True`` (the fast path)
     decodes a JPEG at a reduced scale and resamples only the center crop (``_crop_resize``):
     pixels within a few levels of the exact path, embeddings within float16 rounding of it."""
     size = cfg.image_size
-    if draft and im.format == "JPEG":
-        # Keeps both sides >= size, so the result is still a downscale of a sharp image.
-        im.draft("RGB", (size, size))
+    im = prepare(im, size if draft else None)
     try:
         if cfg.resize_mode == "squash":
             im = TF.resize(im, [size, size], interpolation=_INTERP[cfg.interpolation])
@@ -83,8 +111,8 @@ def pil_resize_crop(im: Image.Image, cfg: PreprocessConfig, draft: bool = True) 
             im = _crop_resize(im, size, _PIL_FILTER[cfg.interpolation])
         else:
             im = T.CenterCrop(size)(TF.resize(im, size, interpolation=_INTERP[cfg.interpolation]))
-        return im.convert("RGB") if im.mode != "RGB" else im
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return im
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as e:
         raise UnreadableImage(f"cannot decode: {e}") from None
 
 
@@ -149,8 +177,9 @@ class ImageDataset(torch.utils.data.Dataset):
             data = read_bytes(self.paths[position], off, n)
             out.nbytes = len(data)
             im = open_image(data, self.max_pixels)
-            out.width, out.height = im.size
-            if self.mode == "torch" and im.format == "JPEG" and im.mode in ("RGB", "L"):
+            out.width, out.height = shown_size(im)  # as shown: EXIF rotation applied
+            # The device decoder neither turns by EXIF nor knows CMYK: those stay on the CPU path.
+            if self.mode == "torch" and im.format == "JPEG" and im.mode in ("RGB", "L") and orientation(im) == 1:
                 out.jpeg = data
             else:
                 out.pixels = TF.pil_to_tensor(pil_resize_crop(im, self.cfg, self.draft))  # [3, S, S] uint8

@@ -87,7 +87,17 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     _atomic_write(path, json.dumps(manifest, indent=2).encode())
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
+    """Write to a temporary name, fsync it, rename it into place, fsync the folder: after a crash
+    (power loss included) the file is whole under its name or absent, never empty or cut."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +105,12 @@ def _atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
             data(tmp)
         else:
             tmp.write_bytes(data)
+        _fsync(tmp)  # the data on disk before the name points at it
         os.replace(tmp, path)
+        try:
+            _fsync(path.parent, directory=True)  # the rename itself
+        except OSError:
+            pass  # some file systems cannot sync a directory; the data is synced
     except OSError as e:  # a full disk, a read-only or vanished directory: say which file, keep the rest
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write {path}: {e.strerror or e}; finished parts are kept, run the same "

@@ -142,20 +142,72 @@ def scan_embeddings(emb_dir: str | Path) -> tuple[list[Part], dict]:
     manifest_path = root / "embeddings.json"
     if not manifest_path.is_file():
         raise DataError(f"{str(emb_dir)!r} is not an embeddings directory (no embeddings.json); run clipforge embed")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != EMB_FORMAT:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{manifest_path}: cannot read the manifest ({' '.join(str(e).split())})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EMB_FORMAT:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise DataError(f"{str(emb_dir)!r}: unknown embeddings format {manifest.get('format')!r}")
     kind = "text_emb" if manifest.get("kind") == "text" else "img_emb"
+    dim = manifest.get("embed_dim")
     parts = []
     for k in finished_parts(root):
         npy = root / kind / f"{kind}_{k:05d}.npy"
-        arr = np.load(npy, mmap_mode="r")
+        arr = open_part(npy, dim if isinstance(dim, int) else None)
         parts.append(Part(str(root), f"{k:05d}", npy, root / "metadata" / f"metadata_{k:05d}.parquet", *arr.shape))
+    dims = {p.dim for p in parts}
+    if len(dims) > 1:
+        first = next(p for p in parts if p.dim != parts[0].dim)
+        raise DataError(f"{first.npy}: {first.dim}-dimensional vectors, but {parts[0].npy} has {parts[0].dim}")
     return parts, manifest
 
 
+PART_DTYPES = (np.float16, np.float32)  # what clipforge embed writes (float16) or a user may bring
+
+
+def open_part(npy: Path, dim: int | None = None) -> np.ndarray:
+    """An embedding part, memory-mapped, its header checked against its file: a 2-D float16 or
+    float32 array of ``dim`` columns (the manifest's ``embed_dim``) whose data the file holds
+    whole. Any defect is a one-line ``DataError`` naming the file; the values are checked
+    (finite) when they are read (``read_part``, ``_gather``)."""
+    try:
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{npy}: embedding part missing (its metadata file exists); re-run clipforge embed") from None
+    except (ValueError, OSError, EOFError) as e:  # truncated, not a .npy, an object array
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{npy}: damaged embedding part ({why}); delete it and its metadata file and re-run "
+                        "clipforge embed") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+        raise DataError(f"{npy}: expected a 2-D array [rows, dim] of vectors, found shape "
+                        f"{getattr(arr, 'shape', None)}")
+    if arr.dtype not in PART_DTYPES:
+        raise DataError(f"{npy}: expected float16 or float32 vectors, found {arr.dtype}")
+    if dim is not None and arr.shape[1] != dim:
+        raise DataError(f"{npy}: {arr.shape[1]}-dimensional vectors, but the manifest (embeddings.json) says "
+                        f"embed_dim {dim}")
+    return arr
+
+
+def _finite(vecs: np.ndarray, npy: Path, row0: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
+    """``vecs`` unchanged when every value is finite; else a one-line DataError naming the row."""
+    bad = ~np.isfinite(vecs).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        row = int(rows[i]) if rows is not None else row0 + i
+        raise DataError(f"{npy}: vector {row} is not finite (rows with NaN or inf: {int(bad.sum())}); "
+                        "re-embed that part or drop it")
+    return vecs
+
+
 def read_part(part: Part) -> np.ndarray:
-    return np.ascontiguousarray(np.load(part.npy), dtype=np.float32)  # [rows, d]
+    """A part's vectors as float32 [rows, d], checked: shape, dtype, dimension, finite."""
+    arr = open_part(part.npy, part.dim)
+    if arr.shape[0] != part.rows:
+        raise DataError(f"{part.npy}: {arr.shape[0]} vectors, {part.rows} expected (the file changed since it "
+                        "was indexed?)")
+    return _finite(np.ascontiguousarray(arr, dtype=np.float32), part.npy)  # [rows, d]
 
 
 def _gather(parts: list[Part], positions: np.ndarray) -> np.ndarray:
@@ -165,7 +217,8 @@ def _gather(parts: list[Part], positions: np.ndarray) -> np.ndarray:
     which = np.searchsorted(starts, positions, side="right") - 1
     for j in np.unique(which):
         sel = np.nonzero(which == j)[0]
-        out[sel] = np.load(parts[j].npy, mmap_mode="r")[positions[sel] - starts[j]]
+        rows = positions[sel] - starts[j]
+        out[sel] = _finite(open_part(parts[j].npy, parts[j].dim)[rows].astype(np.float32), parts[j].npy, rows=rows)
     return out
 
 

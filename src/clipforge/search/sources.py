@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from clipforge.errors import DataError
+from clipforge.imageio import RefusedFile, read_limited, walk_files
 from clipforge.shards import expand_braces
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -28,6 +29,13 @@ CAPTION_COLUMNS = ("caption", "text", "title", "alt", "description")
 TABLE_EXTS = (".csv", ".tsv", ".parquet")
 # Columns the embedder writes itself; same-named extra columns of a source are dropped.
 RESERVED = {"path", "caption", "width", "height", "nbytes", "position", "tar_offset"}
+# Tar members are judged by their header before any byte is read (as training's data/wds.py does):
+# a sparse member (a few stored bytes expanding to any size) or one declaring more than this is
+# never read. An image member is still listed, so that embedding reports it in skipped.tsv
+# (``nbytes`` = -1 marks a sparse one); a caption or JSON member is taken as absent.
+MAX_MEMBER_BYTES = 64 * 2**20
+MAX_SIDECAR_BYTES = 2**20  # a caption .txt beside an image: the first MiB is kept
+SPARSE = -1
 
 
 @dataclass(frozen=True)
@@ -70,10 +78,8 @@ def input_fingerprint(table: pa.Table) -> str:
 
 
 def _list_folder(root: Path) -> pa.Table:
-    paths: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTS))
+    # Links are followed, but no folder is walked twice (no cycles) and no file listed twice.
+    paths = walk_files(str(root), lambda name: name.lower().endswith(IMAGE_EXTS))
     paths = sorted(os.path.abspath(p) for p in paths)
     # Same-stem .txt files are captions (the folder+sidecar dataset layout).
     captions = [_read_sidecar(p) for p in paths]
@@ -84,11 +90,15 @@ def _list_folder(root: Path) -> pa.Table:
 
 
 def _read_sidecar(path: str) -> str | None:
+    """The same-stem .txt caption (its first MiB), or None when there is none or it cannot be read."""
     txt = os.path.splitext(path)[0] + ".txt"
     if not os.path.isfile(txt):
         return None
-    with open(txt, encoding="utf-8", errors="replace") as f:
-        return f.read().strip()
+    try:
+        data = read_limited(txt, MAX_SIDECAR_BYTES, truncate=True)
+    except (OSError, RefusedFile):
+        return None
+    return data.decode("utf-8", errors="replace").strip()
 
 
 def _read_table(p: Path) -> pa.Table:
@@ -101,7 +111,7 @@ def _read_table(p: Path) -> pa.Table:
 
         delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
         return pcsv.read_csv(p, parse_options=pcsv.ParseOptions(delimiter=delimiter))
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(f"cannot read table {str(p)!r}: {e}") from None
 
 
@@ -162,7 +172,7 @@ def _list_shards(shards: list[str]) -> pa.Table:
                     continue
                 paths.append(f"{shard}/{img.name}")
                 offsets.append(img.offset_data)
-                sizes.append(img.size)
+                sizes.append(SPARSE if img.issparse() else img.size)  # read_bytes refuses both kinds
                 captions.append(_member_text(f, members.get("txt")))
                 extras.append(_flat_json(_member_text(f, members.get("json"))))
     if not paths:
@@ -190,6 +200,7 @@ def _samples(shard: str):
     """(key, {ext: TarInfo}) groups in shard order; the key is the name up to the basename's first dot."""
     try:
         with tarfile.open(shard, "r:") as tar:  # uncompressed only: workers seek to members
+            # Only headers are read here (each member's data is skipped by a seek), sparse maps included.
             current, members = None, {}
             for m in tar:
                 if not m.isfile():
@@ -204,12 +215,13 @@ def _samples(shard: str):
                 members[ext.lower()] = m
             if members:
                 yield current, members
-    except tarfile.ReadError as e:
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise DataError(f"cannot read shard {shard!r} as an uncompressed tar: {e}") from None
 
 
 def _member_text(f, info: tarfile.TarInfo | None) -> str | None:
-    if info is None:
+    """A caption or JSON member's text; None for a missing, sparse or oversized member (unread)."""
+    if info is None or info.issparse() or info.size > MAX_MEMBER_BYTES:
         return None
     f.seek(info.offset_data)
     return f.read(info.size).decode("utf-8", errors="replace").strip()

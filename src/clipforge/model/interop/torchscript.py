@@ -95,17 +95,46 @@ class _SafeUnpickler(pickle.Unpickler):
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(f"{self.source}: unexpected storage type {dtype!r}")
         if key not in self.storages:
+            name = f"{self.prefix}data/{key}"
             try:
-                raw = self.archive.read(f"{self.prefix}data/{key}")
+                info = self.archive.getinfo(name)
             except KeyError:
                 raise CheckpointError(f"{self.source}: TorchScript archive lacks tensor data {key!r}") from None
             itemsize = torch.empty((), dtype=dtype).element_size()
+            if not isinstance(numel, int) or numel < 0:
+                raise CheckpointError(f"{self.source}: tensor data {key!r} has a bad element count {numel!r}")
+            # Judged from the zip directory before a byte is inflated: a deflated entry of a few
+            # kilobytes can declare gigabytes. Then at most the expected bytes are inflated, whatever
+            # the entry really holds (_read_entry), and its CRC is checked.
+            if info.file_size != numel * itemsize:
+                raise CheckpointError(f"{self.source}: tensor data {key!r} declares {info.file_size} bytes, "
+                                      f"expected {numel * itemsize} (damaged or crafted archive); not decompressed")
+            raw = _read_entry(self.archive, info, numel * itemsize)
             if len(raw) != numel * itemsize:
                 raise CheckpointError(f"{self.source}: tensor data {key!r} has {len(raw)} bytes, "
                                       f"expected {numel * itemsize} (truncated archive?)")
             flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
             self.storages[key] = flat.view(dtype)  # [numel]
         return self.storages[key]
+
+
+MAX_PICKLE_BYTES = 64 * 2**20  # the module tree's pickle (names and tensor references): ~100 KB in OpenAI's
+
+
+def _read_entry(z: zipfile.ZipFile, info: zipfile.ZipInfo, n: int) -> bytes:
+    """At most ``n`` bytes of an entry. ``ZipFile.read`` would inflate a deflated entry in one call
+    of up to 2 GiB whatever size it declares; reading ``n`` bytes inflates ~4 KiB past them at most."""
+    with z.open(info) as f:
+        return f.read(n)
+
+
+def _small(z: zipfile.ZipFile, name: str, limit: int, source: str) -> bytes:
+    """An entry that is never large, refused from its declared size before it is inflated."""
+    info = z.getinfo(name)
+    if info.file_size > limit:
+        raise CheckpointError(f"{source}: {name} declares {info.file_size} bytes (at most {limit} expected); "
+                              "not decompressed")
+    return _read_entry(z, info, info.file_size)
 
 
 def _prefix(names: list[str]) -> str | None:
@@ -141,13 +170,14 @@ def read_torchscript_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[st
             if prefix is None:
                 raise CheckpointError(f"{source}: zip archive has no data.pkl; not a TorchScript archive")
             has_order = prefix + "byteorder" in z.namelist()
-            byteorder = z.read(prefix + "byteorder").decode().strip() if has_order else "little"
+            byteorder = _small(z, prefix + "byteorder", 64, source).decode().strip() if has_order else "little"
             if byteorder != "little":
                 raise CheckpointError(f"{source}: {byteorder}-endian TorchScript archives are not supported")
-            root = _SafeUnpickler(z.read(prefix + "data.pkl"), z, prefix, source).load()
+            root = _SafeUnpickler(_small(z, prefix + "data.pkl", MAX_PICKLE_BYTES, source), z, prefix, source).load()
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, OSError, ValueError, RuntimeError) as e:
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError,
+            TypeError, IndexError, AttributeError, UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{source}: damaged TorchScript archive ({type(e).__name__}: {e})") from e
     if not isinstance(root, _ScriptObject):
         raise CheckpointError(f"{source}: TorchScript archive does not hold a module")
