@@ -26,6 +26,7 @@ from torch import nn
 
 from clipforge.config import OPENAI_MEAN, OPENAI_STD
 from clipforge.experiments.config import ExperimentConfig, Scale
+from clipforge.imageio import as_rgb
 
 # -- the world ------------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ def load_split(world: Path, split: str, limit: int | None = None) -> SplitData:
     if cache.is_file():
         arr = np.load(cache)
     else:
-        arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).transpose(0, 3, 1, 2)
+        arr = np.stack([np.asarray(as_rgb(Image.open(p))) for p in paths]).transpose(0, 3, 1, 2)
         tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, arr)
         tmp.replace(cache)
