@@ -55,3 +55,15 @@ def test_python_dash_m_entry_point():
     done = subprocess.run([sys.executable, "-m", "clipforge", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert "models" in done.stdout
+
+
+def test_out_of_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import clipforge.cli.models as models
+
+    def explode(args):
+        raise MemoryError
+
+    monkeypatch.setattr(models, "run", explode)
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err

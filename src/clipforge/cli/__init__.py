@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         # a summary): the machine's state, not a bug. Checkpoints and finished parts stay intact.
         print(f"clipforge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        # An input larger than this machine's memory is the input's size, not a bug: one line.
+        print(f"clipforge {args.command}: error: out of memory (an input larger than this machine can hold; "
+              "lower the batch size or the input's size)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
