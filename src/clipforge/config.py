@@ -58,6 +58,8 @@ class VisionConfig:
     pool: Literal["cls", "avg"] = "cls"
     final_ln_after_pool: bool = False
     ln_pre: bool = True
+    # LayerScale in the ViT's blocks (OpenCLIP's ls_init_value, e.g. ViT-M-16-alt); None: none.
+    ls_init_value: float | None = None
     # Fraction of patch tokens a timm ViT drops while training (FLIP), fixed in the config as OpenCLIP
     # does; clipforge's own ViT takes it from TrainConfig.patch_dropout instead.
     patch_dropout: float = 0.0
@@ -78,8 +80,10 @@ class VisionConfig:
             raise ValueError("a conv stem needs a ViT whose patch_size is a power of two >= 2")
         if self.pool not in ("cls", "avg"):
             raise ValueError(f"VisionConfig.pool must be 'cls' or 'avg', got {self.pool!r}")
-        if (self.pool != "cls" or self.final_ln_after_pool or not self.ln_pre) and self.arch != "vit":
-            raise ValueError("VisionConfig.pool, final_ln_after_pool and ln_pre apply to the ViT (arch='vit')")
+        if (self.pool != "cls" or self.final_ln_after_pool or not self.ln_pre or self.ls_init_value is not None) \
+                and self.arch != "vit":
+            raise ValueError("VisionConfig.pool, final_ln_after_pool, ln_pre and ls_init_value apply to the ViT "
+                             "(arch='vit')")
         if self.stem_act not in ("relu", "abs"):
             raise ValueError(f"VisionConfig.stem_act must be 'relu' or 'abs', got {self.stem_act!r}")
         if self.stem_act != "relu" and self.stem != "conv":

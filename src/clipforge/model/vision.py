@@ -58,7 +58,8 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
         self.ln_pre = LayerNorm(width) if cfg.ln_pre else nn.Identity()
         self.pool, self.final_ln_after_pool = cfg.pool, cfg.final_ln_after_pool
-        self.transformer = Transformer(width, cfg.layers, cfg.num_heads, cfg.mlp_ratio, quick_gelu)
+        self.transformer = Transformer(width, cfg.layers, cfg.num_heads, cfg.mlp_ratio, quick_gelu,
+                                       ls_init_value=cfg.ls_init_value)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         # FLIP-style patch dropout: fraction of patch tokens dropped while training.

@@ -210,7 +210,7 @@ def config_to_hf(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if v.arch != "vit":
         kind = {"resnet": "ResNet", "timm": f"timm ({v.timm_model_name})"}.get(v.arch, v.arch)
         problems.append(f"Hugging Face CLIPModel builds only its own ViT, not this model's {kind} image tower")
-    elif v.pool != "cls" or v.final_ln_after_pool or not v.ln_pre:
+    elif v.pool != "cls" or v.final_ln_after_pool or not v.ln_pre or v.ls_init_value is not None:
         problems.append("its ViT pools or normalises differently from CLIPModel's (pool, final_ln_after_pool, ln_pre)")
     if (t.pool != "eot" or not t.causal_mask or t.proj_bias or t.proj_type != "linear"
             or t.ls_init_value is not None or t.gelu_approximate != "none"):

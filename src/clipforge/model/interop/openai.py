@@ -154,7 +154,7 @@ _VISION_NEUTRAL = { "pos_embed_type": "learnable", "attn_pooler_queries": 256,
                    "attn_pooler_heads": 8, "timm_pool": "avg", "timm_proj": "linear", "patch_dropout": None,
                    "block_type": "default"}
 _VISION_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "pool_type",
-                "final_ln_after_pool", "no_ln_pre"}
+                "final_ln_after_pool", "no_ln_pre", "ls_init_value"}
 _VISION_POOLS = {"tok": "cls", "avg": "avg"}
 
 
@@ -201,7 +201,7 @@ def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
                               mlp_ratio=v.get("mlp_ratio", 4.0),
                               pool=_VISION_POOLS.get(v.get("pool_type", "tok"), "cls"),
                               final_ln_after_pool=bool(v.get("final_ln_after_pool", False)),
-                              ln_pre=not v.get("no_ln_pre", False))
+                              ln_pre=not v.get("no_ln_pre", False), ls_init_value=v.get("ls_init_value"))
     p = d.get("preprocess_cfg", {})
     if p.get("resize_mode", "shortest") not in ("shortest", "squash"):
         raise CheckpointError(f"{source}: preprocessing resize_mode={p['resize_mode']!r} is not supported")
@@ -247,6 +247,7 @@ def config_to_openclip(cfg: ClipConfig) -> dict[str, Any]:
             vision["pool_type"] = {val: key for key, val in _VISION_POOLS.items()}[v.pool]
         vision.update({"final_ln_after_pool": True} if v.final_ln_after_pool else {})
         vision.update({"no_ln_pre": True} if not v.ln_pre else {})
+        vision.update({"ls_init_value": v.ls_init_value} if v.ls_init_value is not None else {})
     text = text_to_openclip(t)
     model: dict[str, Any] = {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
                              "vision_cfg": vision, "text_cfg": text}
@@ -265,7 +266,7 @@ def check_openai_compatible(cfg: ClipConfig) -> None:
     problems = []
     if v.arch not in ("vit", "resnet"):
         problems.append(f"its image tower ({v.arch}) is not one OpenAI's code builds")
-    if v.arch == "vit" and (v.pool != "cls" or v.final_ln_after_pool or not v.ln_pre):
+    if v.arch == "vit" and (v.pool != "cls" or v.final_ln_after_pool or not v.ln_pre or v.ls_init_value is not None):
         problems.append("its ViT pools or normalises differently (pool, final_ln_after_pool, ln_pre)")
     if not cfg.quick_gelu:
         problems.append("uses GELU (OpenAI's code always runs QuickGELU)")
