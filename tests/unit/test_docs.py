@@ -294,3 +294,23 @@ def skeleton(name: str) -> str:
 
 if __name__ == "__main__":
     print(skeleton(" ".join(sys.argv[1:])))
+
+
+def test_readme_family_table_matches_the_registry():
+    """README's "Model families" table covers every registered name, and each of its name patterns
+    matches at least one registered architecture."""
+    import fnmatch
+
+    from clipforge.model.registry import list_models
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Model families"):]
+    section = section[: section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+    patterns = [p for row in rows for p in re.findall(r"`([^`]+)`", row.rsplit("|", 2)[-2])]
+    names = list_models()
+    assert patterns
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    assert not unmatched, f"README patterns that match no registered architecture: {unmatched}"
+    uncovered = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    assert not uncovered, f"registered architectures missing from README's family table: {uncovered}"
