@@ -192,7 +192,8 @@ def test_api_key(world):
     assert keyed.post("/classify", files=_image(jpegs["cat"]), data={"labels": "a,b"},
                       headers={"Authorization": "Bearer s3cret"}).status_code == 200  # fmt: skip
     assert keyed.get("/thumbnail/0").status_code == 401
-    assert keyed.get("/thumbnail/0?key=s3cret").status_code == 200
+    assert keyed.get("/thumbnail/0?key=s3cret").status_code == 401  # never in a URL (access logs)
+    assert keyed.get("/thumbnail/0", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
 def test_page_and_static_files_fetch_nothing_external(world):

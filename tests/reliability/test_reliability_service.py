@@ -31,7 +31,8 @@ from support.images import encode, odd_valid_images, png_claiming_size
 from support.search import write_synthetic_embeddings
 
 # Mangled TIFFs make Pillow warn, 1e308-sized vectors make numpy warn on overflow: expected noise here.
-pytestmark = pytest.mark.filterwarnings("ignore:Truncated File Read", "ignore:overflow encountered")
+pytestmark = pytest.mark.filterwarnings("ignore:Truncated File Read", "ignore:overflow encountered",
+                                      "ignore:Corrupt EXIF data")
 
 SETTINGS = ServeSettings(max_k=50, max_labels=20, max_templates=8, max_request_bytes=200_000,
                          max_image_pixels=1_000_000)

@@ -1,7 +1,9 @@
 """``clipforge serve``: the search service (HTTP API + web page) over an index and a model.
 
-OpenAPI schema at /docs and /openapi.json. Binds to 127.0.0.1 unless --host says otherwise;
---api-key (or CLIPFORGE_API_KEY) protects every endpoint except /health and the page itself.
+OpenAPI schema at /openapi.json, listed by a local page at /docs. Binds to 127.0.0.1 unless
+--host says otherwise; --api-key (or CLIPFORGE_API_KEY) protects every endpoint except /health and
+the pages themselves. Requests must name this server in their Host header (localhost names, the
+address they came to, or a --trusted-host name), which stops DNS rebinding.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-k", type=int, default=200, help="largest k a request may ask for")
     p.add_argument("--max-labels", type=int, default=100, help="most labels per /classify request")
     p.add_argument("--max-request-mb", type=float, default=16, help="largest request body in MiB")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="larger uploads are refused unread")
+    p.add_argument("--max-image-pixels", type=int, default=2**24, help="larger uploads are refused unread")
+    p.add_argument("--trusted-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header is NAME (repeatable; '*': any name). Localhost "
+                        "names and the address a request came to are always served")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run)
 
@@ -56,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trusted_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    """--trusted-host names, and --host when it names one address (a wildcard names none)."""
+    names = list(getattr(args, "trusted_host", None) or ())
+    if args.host not in ("0.0.0.0", "::", ""):
+        names.append(args.host)
+    return tuple(names)
+
+
 def build_app(args: argparse.Namespace):
     """The FastAPI app and its settings, from the command's flags (loads the model)."""
     import torch
@@ -69,6 +82,7 @@ def build_app(args: argparse.Namespace):
     settings = ServeSettings(
         max_request_bytes=int(args.max_request_mb * 2**20), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
+        trusted_hosts=_trusted_hosts(args),
     )  # fmt: skip
     model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch)
     return create_app(args.index, model, preprocess, settings), settings

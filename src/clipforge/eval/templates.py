@@ -1,8 +1,10 @@
 """Class names and prompt templates: built-in sets (``imagenet``, ``cifar10``, ``cifar100``) or files.
 
 A classes file holds one class name per line; a templates file one template per line, with
-``{}`` where the class name goes. Blank lines are ignored. The built-in sets are the paper's
-(see ``clipforge/assets/templates/README.md``).
+exactly one ``{}`` where the class name goes (other braces, e.g. a task's ``{a}`` fields, are
+kept as they are). Blank lines are ignored. A filled prompt is at most ``MAX_PROMPT_CHARS``
+characters: a text encoder reads 77 tokens at most, and a longer prompt only costs tokenizing.
+The built-in sets are the paper's (see ``clipforge/assets/templates/README.md``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,25 @@ from pathlib import Path
 from clipforge.errors import DataError
 
 __all__ = [
-    "BUILTIN_SETS", "DEFAULT_TEMPLATES", "list_builtin", "load_classnames", "load_templates", "load_task", "fill",
+    "BUILTIN_SETS", "DEFAULT_TEMPLATES", "MAX_PROMPT_CHARS", "list_builtin", "load_classnames", "load_templates",
+    "load_task", "fill", "check_template",
 ]
 
 BUILTIN_SETS = ("imagenet", "cifar10", "cifar100")
 # A single plain prompt, used when no templates are given.
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# Longest filled prompt (characters). 77 tokens of English are ~300-400 characters; the limit is
+# generous for any real class name and template, and bounds the work one prompt can cause.
+MAX_PROMPT_CHARS = 2000
+
+
+def check_template(template: str) -> str:
+    """The template, if it has exactly one ``{}``; else a ``DataError`` naming it."""
+    n = template.count("{}")
+    if n != 1:
+        what = "no {} placeholder" if n == 0 else f"{n} {{}} placeholders"
+        raise DataError(f"template needs exactly one {{}} for the class name, it has {what}: {template[:80]!r}")
+    return template
 
 
 def list_builtin() -> list[str]:
@@ -49,17 +64,21 @@ def load_classnames(source: str | Path) -> list[str]:
 def load_templates(source: str | Path) -> list[str]:
     """Prompt templates from a built-in set's name or a file with one template per line."""
     templates = _read_lines(source, "templates")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise DataError(f"{source}: template without a {{}} placeholder for the class name: {bad[0]!r}")
+    for t in templates:
+        try:
+            check_template(t)
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from None
     return templates
 
 
-def fill(template: str, classname: str) -> str:
-    """The prompt for one class. Only ``{}`` is replaced, so other braces in a template are kept."""
-    if "{}" not in template:
-        raise DataError(f"template without a {{}} placeholder for the class name: {template!r}")
-    return template.replace("{}", classname)
+def fill(template: str, classname: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """The prompt for one class. Only ``{}`` is replaced (exactly one), so other braces in a
+    template are kept. A prompt over ``max_chars`` characters is a ``DataError``."""
+    prompt = check_template(template).replace("{}", classname)
+    if len(prompt) > max_chars:
+        raise DataError(f"prompt of {len(prompt)} characters, over the limit of {max_chars}: {prompt[:60]!r}...")
+    return prompt
 
 
 def load_task(path: str | Path) -> dict:
@@ -80,7 +99,9 @@ def load_task(path: str | Path) -> dict:
         raise DataError(f"{path}: not a task file (no {', '.join(missing)})")
     if task.get("fields"):
         raise DataError(f"{path}: prompts need per-image fields {sorted(task['fields'])}; not supported here")
-    bad = [t for t in task["templates"] if "{}" not in t]
-    if bad:
-        raise DataError(f"{path}: template without a {{}} placeholder for the class name: {bad[0]!r}")
+    for t in task["templates"]:
+        try:
+            check_template(t)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
     return task

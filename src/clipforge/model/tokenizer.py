@@ -15,6 +15,22 @@ to printable symbols -> BPE merges by rank -> ids. Speed comes from three exact 
   repeated words cost one dict lookup.
 * BPE works on integer ids and, after each merge, re-ranks only the two pairs next to it; the
   output tensor is filled in one vectorised numpy assignment.
+
+Bounded work per text (issue 19). BPE of one piece is quadratic in its length (a word of 16,000
+letters took 3 s), and a text only keeps ``context_length - 2`` ids. So ``tok(texts)`` stops
+encoding a text once it has the ids it can keep, and a piece too long to matter in full is cut
+before merging: only its first bytes are merged, without the end-of-word mark, and only the
+tokens that end at least ``_Tables.lookahead`` bytes before the cut are kept (the prefix grows
+until they are as many as the text still needs). Those are the
+full piece's own tokens: a cut changes a merge only where a chain of pairs, each merged
+earlier than the one to its left, reaches back from the cut, and the longest such chain in the
+vocabulary spans 146 bytes for OpenAI's (computed from the merges: ``_Tables.lookahead``, which
+adds one token's length as a margin; the longest chain, written out, changes ids 141 bytes back).
+A piece is cut only when it is longer than ~6 bytes per id the text still needs, plus the
+lookahead: a text whose ids fit in the context is encoded exactly as before (its pieces are
+either short or give the ids it needs), and a truncated one keeps exactly the ids the uncut
+encoding keeps. So a text costs at most a few merges of ~600 bytes (77 ids), however long its
+words. ``encode`` (no truncation) never cuts.
 """
 
 from __future__ import annotations
@@ -103,6 +119,39 @@ class _Tables:
         decoder = {i: s for s, i in encoder.items()}
         self.id_bytes = [bytes(byte_of[c] for c in decoder[i]) for i in range(len(vocab))]
         self.pattern = regex.compile(_PIECE_PATTERN, regex.IGNORECASE)
+        # Bytes of a piece each id covers (the end-of-word mark not counted).
+        self.id_len = [len(b) - 4 if b.endswith(b"</w>") else len(b) for b in self.id_bytes]
+        self.max_token_bytes = max(self.id_len[: len(vocab) - len(SPECIAL_TOKENS)])
+
+    @functools.cached_property
+    def lookahead(self) -> int | None:
+        """How far (bytes) back from the end of a piece's prefix its merges can differ from the
+        whole piece's; ``None`` if the merges are not in creation order (then pieces are never cut).
+
+        Every merge's parts are bytes or symbols of earlier merges (BPE learns merges in that
+        order), so merging by rank is merging rank 0, 1, 2, ... in turn, each left to right.
+        Cutting a piece after byte L changes what the symbol ``y`` ending at L merges with; the
+        symbol ``x`` left of it then merges differently only if the pair (x, y') is merged after
+        the change to ``y'`` (y itself, y merged with its right neighbour, or a symbol built on
+        y): a lower-ranked change would have been undone first. So a difference spreads left
+        only along a chain of pairs ... (a, b), (b, c), (c, d) ... whose ranks fall from left to
+        right, or through a symbol built by a lower-ranked merge; the longest such chain, in
+        bytes, bounds how far back a cut reaches. One pass over the merges in rank order."""
+        producer = {m: r for r, m in enumerate(self.merged_id)}
+        order = sorted(self.rank.items(), key=lambda kv: kv[1])
+        n = self.id_len
+        reach_right: dict[int, int] = {}  # symbol -> longest chain (bytes from its start) of a pair it starts
+        reach_built: dict[int, int] = {}  # merged symbol -> the chain of the pair that built it
+        longest = 0
+        for (x, y), r in order:
+            if producer.get(x, -1) >= r or producer.get(y, -1) >= r:
+                return None  # a merge uses a symbol made by a later merge: no creation order
+            f = n[x] + max(n[y], reach_right.get(y, 0), reach_built.get(y, 0))
+            if f > reach_right.get(x, 0):
+                reach_right[x] = f
+            reach_built[self.merged_id[r]] = f
+            longest = max(longest, f)
+        return longest + self.max_token_bytes  # one token's length more, as a margin
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,12 +201,12 @@ class Tokenizer:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def _bpe(self, piece: str) -> list[int]:
-        """Ids of one regex piece: its UTF-8 bytes merged pair by pair, lowest rank first."""
+    def _bpe(self, raw: bytes, end: bool = True) -> list[int]:
+        """Ids of one regex piece's UTF-8 bytes, merged pair by pair, lowest rank first. ``end``:
+        the last byte ends the word (``</w>``); not so for a prefix of a cut piece."""
         t = self._t
-        raw = piece.encode("utf-8")
         word = [t.byte_id[b] for b in raw[:-1]]
-        word.append(t.byte_end_id[raw[-1]])
+        word.append((t.byte_end_id if end else t.byte_id)[raw[-1]])
         rank_get = t.rank.get
         # ranks[i] is the merge rank of (word[i], word[i+1]); distinct pairs have distinct ranks.
         ranks = list(map(rank_get, zip(word, word[1:]), repeat(_NO_MERGE)))
@@ -178,24 +227,66 @@ class Tokenizer:
                 ranks[j] = rank_get((merged, word[j + 1]), _NO_MERGE)
         return word
 
-    def _encode_chunk(self, chunk: str) -> list[int]:
+    def _encode_chunk(self, chunk: str, need: int = sys.maxsize) -> tuple[list[int], bool]:
+        """Ids of a space-free chunk, and whether they are all of its ids: encoding stops once
+        ``need`` ids are reached (the rest would be cut off), and a long piece may be cut."""
         ids: list[int] = []
         cache, special = self._piece_cache, self._t.special
-        for piece in self._t.pattern.findall(chunk):
+        pieces = self._t.pattern.findall(chunk)
+        for n, piece in enumerate(pieces, 1):
             if piece in special:  # only an exact special-token string is special
                 ids.append(special[piece])
-                continue
-            got = cache.get(piece)
-            if got is None:
-                got = self._bpe(piece)
-                if len(cache) >= self.max_cache:
-                    cache.clear()
-                cache[piece] = got
-            ids.extend(got)
-        return ids
+            else:
+                got = cache.get(piece)
+                if got is None:
+                    raw = piece.encode("utf-8")
+                    if len(raw) > self._first_cut(need - len(ids)):
+                        got, whole = self._bpe_first(raw, need - len(ids))
+                        if not whole:  # the first ids of a piece that gives more than needed
+                            ids += got
+                            return ids, False
+                    else:
+                        got = self._bpe(raw)
+                    if len(cache) >= self.max_cache:
+                        cache.clear()
+                    cache[piece] = got
+                ids.extend(got)
+            if len(ids) >= need:
+                return ids, n == len(pieces)
+        return ids, True
+
+    def _first_cut(self, need: int) -> int:
+        """Pieces longer than this many bytes are cut (``_bpe_first``): a first guess of ~6 bytes
+        per id still needed, plus the lookahead; no cut at all without a lookahead."""
+        reach = self._t.lookahead
+        return sys.maxsize if reach is None or need >= sys.maxsize // 8 else 6 * need + reach
+
+    def _bpe_first(self, raw: bytes, need: int) -> tuple[list[int], bool]:
+        """The first ``need`` ids of a long piece, from merging a prefix of it (see module doc):
+        the ids that end ``lookahead`` bytes or more before the prefix's end. The prefix doubles
+        while it holds fewer; ``need * max_token_bytes + lookahead`` bytes always hold enough (no
+        id covers more than ``max_token_bytes``), so the work is bounded by that length. Returns
+        ``(ids, whole)``: ``whole`` when the prefix grew to the whole piece, whose ids (all of
+        them, perhaps fewer than ``need``) are then returned."""
+        t = self._t
+        reach, lengths = t.lookahead, t.id_len
+        size = self._first_cut(need)
+        while size < len(raw):
+            word = self._bpe(raw[:size], end=False)
+            kept, end = [], 0
+            for i in word:
+                end += lengths[i]
+                if end > size - reach or len(kept) == need:
+                    break
+                kept.append(i)
+            if len(kept) == need:
+                return kept, False
+            size *= 2
+        return self._bpe(raw), True
 
     def _encode(self, text: str, limit: int = sys.maxsize) -> list[int]:
-        """Ids of ``text`` without start/end tokens; stops early once ``limit`` ids are reached."""
+        """Ids of ``text`` without start/end tokens; stops early once ``limit`` ids are reached
+        (then only the first ``limit`` ids are exact: the text's end may be cut)."""
         if not isinstance(text, str):
             raise TypeError(f"expected a str to tokenize, got {type(text).__name__}")
         ids: list[int] = []
@@ -204,10 +295,11 @@ class Tokenizer:
         for chunk in clean_text(text).split(" "):
             got = cache_get(chunk)
             if got is None:
-                got = self._encode_chunk(chunk)
-                if len(cache) >= self.max_cache:
-                    cache.clear()
-                cache[chunk] = got
+                got, whole = self._encode_chunk(chunk, limit - len(ids))
+                if whole:
+                    if len(cache) >= self.max_cache:
+                        cache.clear()
+                    cache[chunk] = got
             ids += got
             if len(ids) >= limit:  # the rest would be cut off anyway
                 break

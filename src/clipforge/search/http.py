@@ -1,9 +1,10 @@
-"""Request/response models, body-size limit and OpenAPI bodies of the search service."""
+"""Request/response models, body-size limit, Host/Origin guard and OpenAPI bodies of the search service."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -172,10 +173,94 @@ class BodyLimit:
                 await self._reject(send)
 
     async def _reject(self, send) -> None:
-        body = json.dumps({"detail": f"request body over the limit of {self.limit} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _reply(send, 413, f"request body over the limit of {self.limit} bytes")
+
+
+async def _reply(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_DEFAULT_PORT = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """A Host header's name (lowercase, IPv6 without brackets) and port: '[::1]:80' -> ('::1', 80)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        name, port = value.split(":")
+    else:
+        name, port = value, ""
+    return name.rstrip("."), int(port) if port.isdigit() else None
+
+
+class HostGuard:
+    """ASGI middleware against DNS rebinding and cross-site requests.
+
+    Host: a request is served only when its ``Host`` names this server: a localhost name
+    (``localhost``, ``*.localhost``, ``127.0.0.1``, ``::1``), the address the connection came to
+    (the bound address; the ASGI ``server``), or one of ``trusted`` (``"*"``: any name). A web
+    page on an attacker's name that resolves to this machine (DNS rebinding) gets a 400.
+
+    Origin: on every path but ``open_paths``/``open_prefixes`` (the page and its static files), a
+    request whose ``Origin`` is not this server's own (scheme, name and port of the Host) gets a
+    403, and so does one a browser marks ``Sec-Fetch-Site: cross-site`` or ``same-site`` (another
+    port of localhost is same-site). Clients that are not browsers send neither header."""
+
+    def __init__(self, app, trusted: tuple[str, ...] = (), open_paths: tuple[str, ...] = ("/",),
+                 open_prefixes: tuple[str, ...] = ("/static/",)) -> None:  # fmt: skip
+        self.app = app
+        self.any_host = "*" in trusted
+        self.trusted = frozenset(split_host(t)[0] for t in trusted if t != "*")
+        self.open_paths, self.open_prefixes = frozenset(open_paths), tuple(open_prefixes)
+
+    def host_trusted(self, name: str, scope) -> bool:
+        if self.any_host or name in LOCAL_NAMES or name.endswith(".localhost") or name in self.trusted:
+            return True
+        server = scope.get("server")
+        return bool(server) and name == str(server[0]).lower().strip("[]")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        raw_host = headers.get(b"host")
+        if raw_host is not None:
+            host = raw_host.decode("latin-1")
+            name, _ = split_host(host)
+            if not self.host_trusted(name, scope):
+                detail = (f"Host {host[:100]!r} is not a name of this server "
+                          f"(start it with --trusted-host {name[:100]} to serve that name)")  # fmt: skip
+                return await _reply(send, 400, detail)
+        path = scope.get("path", "")
+        if path not in self.open_paths and not path.startswith(self.open_prefixes):
+            origin = headers.get(b"origin")
+            if origin is not None and not self._same_origin(origin.decode("latin-1"), raw_host, scope):
+                shown = origin.decode("latin-1")[:100]
+                return await _reply(send, 403, f"cross-origin request refused (Origin {shown!r} is not this server)")
+            site = headers.get(b"sec-fetch-site")
+            if site in (b"cross-site", b"same-site"):
+                return await _reply(send, 403, f"cross-origin request refused (Sec-Fetch-Site: {site.decode()})")
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _same_origin(origin: str, raw_host: bytes | None, scope) -> bool:
+        if raw_host is None or origin.strip().lower() == "null":
+            return False
+        scheme = scope.get("scheme", "http")
+        try:
+            o = urlsplit(origin.strip().lower())
+            o_port = o.port or _DEFAULT_PORT.get(o.scheme)
+        except ValueError:
+            return False
+        name, port = split_host(raw_host.decode("latin-1"))
+        return (o.scheme, (o.hostname or "").rstrip("."), o_port) == (scheme, name, port or _DEFAULT_PORT.get(scheme))
 
 
 def _multipart(props: dict, required: list[str]) -> dict:

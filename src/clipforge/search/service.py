@@ -6,10 +6,23 @@
     POST /embed/text          JSON {"texts": [...]} -> unit embeddings
     POST /embed/image         multipart image -> unit embedding
     GET  /thumbnail/{id}      JPEG thumbnail of an indexed image (only ids in the index)
+    GET  /openapi.json        the OpenAPI document (behind the key when one is set)
+    GET  /docs                a local page listing the endpoints from it (no external fetches)
     GET  /                    the web page (static/, no external fetches)
 
-Every limit (request bytes, image pixels, labels, templates, k, text length) is in
+Every limit (request bytes, image pixels, labels, templates, prompt and text length, k) is in
 ``ServeSettings``; a request over one, or malformed, gets a 4xx whose ``detail`` names it.
+
+Hostile clients (issue 19). No single request holds the model for long: text is tokenized
+outside the model lock, a classifier's prompts go through the model in batches of
+``_TEXT_BATCH``, and the lock is granted first come first served, so a ``/search`` waits for one
+batch at most. Uploaded images over ``max_image_pixels`` (by their header) are refused unread;
+at most ``max_decodes`` images (uploads and thumbnails) are decoded at once, the others wait in
+the event loop, not in a thread; a large image is decoded at a reduced scale (JPEG ``draft``)
+or reduced (``Image.reduce``) before it is converted and resized. Uploads are decoded to RGB as
+every reader decodes (``clipforge.imageio``), so a query image gives its indexed embedding. The
+API key is read from headers only (a URL lands in access logs). ``HostGuard`` (http.py) refuses
+Host names that are not this server's (DNS rebinding) and cross-origin requests to data routes.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +47,17 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 
+from clipforge import imageio
 from clipforge.errors import ClipforgeError
+from clipforge.eval.templates import fill
+from clipforge.eval.zeroshot import ensemble_prompts
 from clipforge.model.factory import tokenizer_for
 from clipforge.search import decode
 from clipforge.search.layout import model_fingerprint
 from clipforge.search.http import (
-    BodyLimit, ClassifyResponse, EmbeddingsResponse, EmbedTextRequest, Health, SearchOptions, SearchRequest,
-    SearchResponse, classify_body_schema, form_list, image_body_schema, search_body_schema, validation_message,
+    BodyLimit, ClassifyResponse, EmbeddingsResponse, EmbedTextRequest, Health, HostGuard, SearchOptions,
+    SearchRequest, SearchResponse, classify_body_schema, form_list, image_body_schema, search_body_schema,
+    validation_message,
 )  # fmt: skip
 from clipforge.search.searcher import SearchIndex
 
@@ -50,31 +68,46 @@ DEFAULT_TEMPLATES = (
 )  # fmt: skip
 
 
+_TEXT_BATCH = 32  # prompts per model pass while a classifier is built; others' requests go between
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     max_request_bytes: int = 16 * 2**20
-    max_image_pixels: int = 40_000_000  # larger uploads are refused before decoding (decompression bombs)
+    # Uploads with more pixels (by their header) are refused before decoding: 4096 x 4096, 64 MiB
+    # decoded as RGBA (a 154 KB PNG can claim 40 M pixels: 300 MB to decode and resize).
+    max_image_pixels: int = 2**24
+    max_thumbnail_pixels: int = 2**25  # indexed images larger than this get no thumbnail (404)
+    max_decodes: int = 2  # images decoded at once (uploads and thumbnails); the others wait
+    decode_wait_s: float = 30.0  # ... at most this long, then 503
     max_k: int = 200
     max_labels: int = 100
     max_templates: int = 32
     max_text_chars: int = 1000
+    max_prompt_chars: int = 300  # a filled /classify prompt (template + label); 77 tokens are ~300 characters
     max_texts: int = 64  # per /embed/text request
     api_key: str | None = None  # required on every endpoint but /health and the page's static files
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     thumbnail_size: int = 256
+    # Host names served besides localhost names and the address a request came to ("*": any).
+    trusted_hosts: tuple[str, ...] = ()
 
 
 def create_app(
     index_dir: str | Path, model: torch.nn.Module, preprocess: Callable[[Any], torch.Tensor], settings: ServeSettings
 ) -> FastAPI:
     engine = _Engine(SearchIndex(index_dir), model, preprocess, settings)
+    _large_image_blocks()
     app = FastAPI(
         title="clipforge search",
         version="1",
         description="Text and image search over a CLIP embedding index, zero-shot classification, embeddings.",
-    )
+        openapi_url=None, docs_url=None, redoc_url=None,  # served below: behind the key, no CDN
+    )  # fmt: skip
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(HostGuard, trusted=settings.trusted_hosts, open_paths=("/", "/docs"),
+                       open_prefixes=("/static/",))  # fmt: skip
     auth = _auth_dependency(settings.api_key)
 
     @app.exception_handler(RequestValidationError)
@@ -100,8 +133,8 @@ def create_app(
             raw = {"k": form.get("k") or 10, "filter": _json_field(form.get("filter"), "filter")}
             if isinstance(image, UploadFile):
                 req = SearchOptions.checked(raw, settings)
-                data = await image.read()
-                return {"results": await run_in_threadpool(engine.search_image, data, req.k, req.filter)}
+                pixels = await engine.decoded(await image.read())
+                return {"results": await run_in_threadpool(engine.search_pixels, pixels, req.k, req.filter)}
             if text is None:
                 raise HTTPException(422, "multipart search needs an 'image' file (or a 'text' field)")
             req = SearchRequest.checked({**raw, "text": text}, settings)
@@ -124,8 +157,8 @@ def create_app(
         labels = form_list(form.getlist("labels"))
         templates = form_list(form.getlist("templates")) or list(settings.templates)
         _check_labels(labels, templates, settings)
-        data = await image.read()
-        return await run_in_threadpool(engine.classify, data, labels, templates)
+        pixels = await engine.decoded(await image.read())
+        return await run_in_threadpool(engine.classify, pixels, labels, templates)
 
     @app.post("/embed/text", response_model=EmbeddingsResponse, dependencies=[Depends(auth)])
     def embed_text(body: EmbedTextRequest) -> dict:
@@ -141,14 +174,24 @@ def create_app(
         image = form.get("image")
         if not isinstance(image, UploadFile):
             raise HTTPException(422, "embed/image needs an 'image' file")
-        vec = await run_in_threadpool(engine.image_vector, await image.read())
+        pixels = await engine.decoded(await image.read())
+        vec = await run_in_threadpool(engine.pixels_vector, pixels)
         return {"embeddings": [vec.tolist()], "dim": engine.dim}
 
     @app.get("/thumbnail/{item_id}", dependencies=[Depends(auth)], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}})  # fmt: skip
-    def thumbnail(item_id: int) -> Response:
-        data = engine.thumbnail(item_id)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+    async def thumbnail(item_id: int) -> Response:
+        data = await engine.thumbnail(item_id)
+        headers = {"Cache-Control": "private, max-age=3600", "Vary": "X-API-Key, Authorization"}
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(auth)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        return FileResponse(STATIC / "docs.html", media_type="text/html")
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -156,6 +199,19 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+_IMAGE_BLOCK_BYTES = 64 * 2**20
+
+
+def _large_image_blocks() -> None:
+    """Pillow allocates an image's pixels in blocks of 16 MiB by default; once glibc has seen such
+    blocks freed, it serves the next ones from its heap and keeps them resident: after four
+    concurrent 4096 x 4096 RGBA uploads, 40-230 MiB stayed (benchmarks/faults/hostile_service.py).
+    Blocks of 64 MiB are above glibc's largest mmap threshold (32 MiB), so they always go back to
+    the system when freed (8 MiB stayed). A process-wide Pillow setting; only ever raised."""
+    if Image.core.get_block_size() < _IMAGE_BLOCK_BYTES:
+        Image.core.set_block_size(_IMAGE_BLOCK_BYTES)
 
 
 async def _form(request: Request):
@@ -195,9 +251,13 @@ def _check_labels(labels: list[str], templates: list[str], s: ServeSettings) -> 
     for t in labels + templates:
         if len(t) > s.max_text_chars:
             raise HTTPException(422, f"labels/templates: each at most {s.max_text_chars} characters")
-    bad = [t for t in templates if "{}" not in t]
+    bad = [t for t in templates if t.count("{}") != 1]
     if bad:
-        raise HTTPException(422, f"templates: each needs a {{}} where the label goes; got {bad[0]!r}")
+        raise HTTPException(422, f"templates: each needs a {{}} where the label goes, exactly one; got {bad[0][:80]!r}")
+    longest = max(len(t) - 2 for t in templates) + max(len(label) for label in labels)
+    if longest > s.max_prompt_chars:
+        raise HTTPException(422, f"labels/templates: a filled prompt would have {longest} characters, "
+                                 f"over the limit of {s.max_prompt_chars}")  # fmt: skip
 
 
 def _auth_dependency(key: str | None):
@@ -206,25 +266,50 @@ def _auth_dependency(key: str | None):
     def check(request: Request) -> None:
         if key is None:
             return
-        given = request.headers.get("x-api-key") or request.query_params.get("key") or ""
+        given = request.headers.get("x-api-key") or ""
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             given = auth[7:].strip()
         if not secrets.compare_digest(given.encode(), key.encode()):
-            raise HTTPException(401, "missing or wrong API key (X-API-Key header, Bearer token or ?key=)")
+            if not given and "key" in request.query_params:
+                raise HTTPException(401, "the API key goes in the X-API-Key header (or a Bearer token), "
+                                         "not in the URL, where access logs keep it")  # fmt: skip
+            raise HTTPException(401, "missing or wrong API key (X-API-Key header or Bearer token)")
 
     return check
 
 
+class _FairLock:
+    """A lock granted in the order it was asked for (a ticket lock): a request that waits for the
+    model goes before the next batch of a long job that asked after it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 class _Engine:
-    """The model-side work, run in worker threads; one forward pass at a time."""
+    """The model-side work, run in worker threads: one model pass at a time, in arrival order."""
 
     def __init__(self, index: SearchIndex, model, preprocess, settings: ServeSettings) -> None:
         self.index, self.model, self.preprocess, self.settings = index, model.eval(), preprocess, settings
         self.device = next(model.parameters()).device
         self.dim = index.dim
         self.image_size = model.config.preprocess.image_size
-        self._lock = threading.Lock()
+        self._lock = _FairLock()  # the model
+        self._cache_lock = threading.Lock()  # the two caches below
+        self._decodes = threading.BoundedSemaphore(max(1, settings.max_decodes))
         self.tokenizer = tokenizer_for(model)  # CLIP's BPE, or a Hugging Face text tower's own
         self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -240,34 +325,59 @@ class _Engine:
             "auth": self.settings.api_key is not None, "limits": _limits(self.settings),
         }  # fmt: skip
 
-    # -- encoders ------------------------------------------------------------------------------
+    # -- decoding ------------------------------------------------------------------------------
+    async def _decode_slot(self, fn, *args):
+        """``fn(*args)`` in a worker thread once one of the ``max_decodes`` slots is free. Waiting
+        happens here in the event loop (polling), not in a thread: queued uploads hold no worker
+        thread that a ``/search`` would need. The slot is released only when ``fn`` has returned
+        (a cancelled request still waits for its thread)."""
+        import anyio
+
+        deadline = time.monotonic() + self.settings.decode_wait_s
+        while not self._decodes.acquire(blocking=False):
+            if time.monotonic() > deadline:
+                raise HTTPException(503, f"busy: {self.settings.max_decodes} images are being decoded; try again")
+            await anyio.sleep(0.005)
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self._decodes.release()
+
+    async def decoded(self, data: bytes) -> torch.Tensor:
+        """An uploaded image as the model's input [3, S, S], decoded in a decode slot."""
+        return await self._decode_slot(self._pixels, data)
+
+    def _pixels(self, data: bytes) -> torch.Tensor:
+        return self.preprocess(self._open(data))  # [3, S, S]
+
     def _open(self, data: bytes) -> Image.Image:
         if not data:
             raise HTTPException(422, "image: the uploaded file is empty")
         try:
-            im = decode.open_image(data, self.settings.max_image_pixels)
-            im.draft("RGB", (self.image_size, self.image_size))  # as the embedder decodes (decode.py)
-            im.load()
-            return im
+            return _decode_rgb(decode.open_image(data, self.settings.max_image_pixels), self.image_size)
         except decode.UnreadableImage as e:
             code = 413 if "too many pixels" in str(e) else 422
             raise HTTPException(code, f"image: {e}") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as e:
             raise HTTPException(422, f"image: cannot decode ({e})") from None
 
+    # -- encoders ------------------------------------------------------------------------------
     @torch.no_grad()
-    def image_vector(self, data: bytes) -> np.ndarray:
-        x = self.preprocess(self._open(data)).unsqueeze(0).to(self.device)  # [1, 3, S, S]
+    def pixels_vector(self, pixels: torch.Tensor) -> np.ndarray:
+        x = pixels.unsqueeze(0).to(self.device)  # [1, 3, S, S]
         with self._lock:
             feats = self.model.encode_image(x)  # [1, E]
         return F.normalize(feats.float(), dim=-1)[0].cpu().numpy()
 
     @torch.no_grad()
     def text_vectors(self, texts: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(texts).to(self.device)  # [N, context_length]
-        with self._lock:
-            feats = self.model.encode_text(tokens)  # [N, E]
-        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+        """Unit embeddings [N, E], ``_TEXT_BATCH`` texts per model pass, tokenized outside the lock."""
+        feats = []
+        for s in range(0, len(texts), _TEXT_BATCH):
+            tokens = self.tokenizer(texts[s : s + _TEXT_BATCH]).to(self.device)  # [B, context_length]
+            with self._lock:
+                feats.append(self.model.encode_text(tokens).float())  # [B, E]
+        return F.normalize(torch.cat(feats), dim=-1).cpu().numpy()
 
     # -- endpoints' work -----------------------------------------------------------------------
     def search_vector(self, vec, k: int, flt: dict | None) -> list[dict]:
@@ -282,61 +392,99 @@ class _Engine:
     def search_text(self, text: str, k: int, flt: dict | None) -> list[dict]:
         return self.search_vector(self.text_vectors([text])[0], k, flt)
 
-    def search_image(self, data: bytes, k: int, flt: dict | None) -> list[dict]:
-        return self.search_vector(self.image_vector(data), k, flt)
+    def search_pixels(self, pixels: torch.Tensor, k: int, flt: dict | None) -> list[dict]:
+        return self.search_vector(self.pixels_vector(pixels), k, flt)
 
     @torch.no_grad()
-    def classify(self, data: bytes, labels: list[str], templates: list[str]) -> dict:
-        from clipforge.eval.zeroshot import build_zeroshot_classifier
-
-        img = torch.from_numpy(self.image_vector(data))  # [E]
+    def classifier(self, labels: list[str], templates: list[str]) -> torch.Tensor:
+        """Zero-shot weights [E, C] (unit columns, float32, CPU), as ``build_zeroshot_classifier``
+        computes them, but in batches of ``_TEXT_BATCH`` prompts, each tokenized outside the
+        model lock and encoded holding it: other requests get the model between two batches."""
         key = (tuple(labels), tuple(templates))
-        with self._lock:
-            weights = self._classifiers.get(key)
-            if weights is None:
-                weights = build_zeroshot_classifier(self.model, labels, templates, device=self.device)  # [E, C]
-                self._classifiers[key] = weights
-                if len(self._classifiers) > 64:
-                    self._classifiers.popitem(last=False)
-            self._classifiers.move_to_end(key)
-            scale = float(self.model.scale())
+        with self._cache_lock:
+            if key in self._classifiers:
+                self._classifiers.move_to_end(key)
+                return self._classifiers[key]
+        prompts = [fill(t, c) for t in templates for c in labels]  # template-major
+        feats = []
+        for s in range(0, len(prompts), _TEXT_BATCH):
+            tokens = self.tokenizer(prompts[s : s + _TEXT_BATCH]).to(self.device)  # [B, L]
+            with self._lock:
+                feats.append(self.model.encode_text(tokens).float().cpu())  # [B, E]
+        emb = F.normalize(torch.cat(feats), dim=-1).reshape(len(templates), len(labels), -1)  # [T, C, E]
+        weights = ensemble_prompts(emb)  # [E, C]
+        with self._cache_lock:
+            self._classifiers[key] = weights
+            if len(self._classifiers) > 64:
+                self._classifiers.popitem(last=False)
+        return weights
+
+    @torch.no_grad()
+    def classify(self, pixels: torch.Tensor, labels: list[str], templates: list[str]) -> dict:
+        img = torch.from_numpy(self.pixels_vector(pixels))  # [E]
+        weights = self.classifier(labels, templates)  # [E, C]
+        scale = float(self.model.scale())
         cos = img @ weights.float().cpu()  # [C]
         probs = torch.softmax(scale * cos, dim=-1)  # [C]
         order = torch.argsort(probs, descending=True).tolist()
         results = [{"label": labels[i], "probability": float(probs[i]), "score": float(cos[i])} for i in order]
         return {"results": results, "templates": templates}
 
-    def thumbnail(self, item_id: int) -> bytes:
+    async def thumbnail(self, item_id: int) -> bytes:
         if not 0 <= item_id < 2**63:  # ids are SQLite integers; larger ones cannot even be looked up
             raise HTTPException(404, f"no indexed item with id {item_id}")
         size = self.settings.thumbnail_size
-        with self._lock:
+        with self._cache_lock:
             cached = self._thumbs.get((item_id, size))
         if cached is not None:
             return cached
-        items = self.index.items([item_id])
+        items = await run_in_threadpool(self.index.items, [item_id])
         if item_id not in items:
             raise HTTPException(404, f"no indexed item with id {item_id}")
-        item = items[item_id]
-        try:
-            data = decode.read_bytes(item["path"], item.get("tar_offset"), item.get("nbytes"))
-            im = decode.open_image(data, 2**27)
-            im.draft("RGB", (size, size))
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, "JPEG", quality=85)
-        except (decode.UnreadableImage, OSError, ValueError) as e:
-            raise HTTPException(404, f"image of item {item_id} is not readable: {e}") from None
-        out = buf.getvalue()
-        with self._lock:
+        out = await self._decode_slot(self._thumbnail, item_id, items[item_id], size)
+        with self._cache_lock:
             self._thumbs[(item_id, size)] = out
             if len(self._thumbs) > 512:
                 self._thumbs.popitem(last=False)
         return out
+
+    def _thumbnail(self, item_id: int, item: dict, size: int) -> bytes:
+        try:
+            data = decode.read_bytes(item["path"], item.get("tar_offset"), item.get("nbytes"))
+            im = _decode_rgb(decode.open_image(data, self.settings.max_thumbnail_pixels), size)
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+        except (decode.UnreadableImage, OSError, ValueError, SyntaxError, MemoryError) as e:
+            raise HTTPException(404, f"image of item {item_id} is not readable: {e}") from None
+        return buf.getvalue()
+
+
+def _decode_rgb(im: Image.Image, size: int) -> Image.Image:
+    """A header-parsed image decoded to RGB as the embedder decodes it (``decode.prepare``: a
+    large JPEG in draft mode, scaled by 1/2..1/8 while decoding with both sides kept >= ``size``;
+    then ``clipforge.imageio.as_rgb``: the first frame, EXIF orientation, ``to_rgb``). An image
+    whose short side is still 4x ``size`` or more is first reduced (box filter) to at least 2x
+    it, between the orientation and ``to_rgb``, so neither ``to_rgb`` nor the resize runs at
+    full size. Only where averaging first gives what ``to_rgb`` then gives at full size (up to
+    rounding): 8-bit modes without a colour key (transparency is averaged premultiplied, so
+    compositing on white after is the same). Palette indices cannot be averaged and 16/32-bit
+    greys are rescaled by their maximum, which averaging would change: those go at full size."""
+    if im.format == "JPEG":
+        im.draft("RGB", (size, size))  # as decode.prepare does (a second draft would undo it)
+    factor = min(im.size) // (2 * size)
+    if factor < 2 or im.mode not in _REDUCIBLE or "transparency" in im.info:
+        return decode.prepare(im)
+    im.load()
+    return imageio.to_rgb(imageio.upright(im).reduce(factor))
+
+
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 
 
 def _limits(s: ServeSettings) -> dict:
     return {
         "max_request_bytes": s.max_request_bytes, "max_image_pixels": s.max_image_pixels, "max_k": s.max_k,
         "max_labels": s.max_labels, "max_templates": s.max_templates, "max_text_chars": s.max_text_chars,
+        "max_prompt_chars": s.max_prompt_chars,
     }  # fmt: skip

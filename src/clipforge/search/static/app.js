@@ -1,4 +1,7 @@
 // clipforge search page: no dependencies, no external requests; talks to this server only.
+// The API key (when the server asks for one) is sent in the X-API-Key header only, never in a
+// URL (URLs land in access logs and browser history): thumbnails are fetched with the header
+// and shown from blob: URLs.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -30,14 +33,23 @@ function filterValue() {
   try { return JSON.parse(raw); } catch (_) { throw new Error("the filter is not valid JSON"); }
 }
 
-function thumbUrl(id) {
-  const k = apiKey();
-  return `thumbnail/${encodeURIComponent(id)}` + (k ? `?key=${encodeURIComponent(k)}` : "");
+let thumbGeneration = 0;  // a newer search abandons the thumbnails still loading for an older one
+
+async function loadThumb(img, id, generation) {
+  try {
+    const res = await fetch(`thumbnail/${encodeURIComponent(id)}`, { headers: authHeaders() });
+    if (!res.ok || generation !== thumbGeneration) return;
+    const url = URL.createObjectURL(await res.blob());
+    img.addEventListener("load", () => URL.revokeObjectURL(url), { once: true });
+    img.addEventListener("error", () => URL.revokeObjectURL(url), { once: true });
+    img.src = url;
+  } catch (_) { /* no thumbnail: the card still shows the score and name */ }
 }
 
 function render(results) {
   const grid = $("results");
   grid.replaceChildren();
+  const generation = ++thumbGeneration;
   for (const r of results) {
     const card = document.createElement("figure");
     card.className = "result";
@@ -45,9 +57,8 @@ function render(results) {
     card.dataset.path = r.path;
     card.dataset.score = r.score;
     const img = document.createElement("img");
-    img.src = thumbUrl(r.id);
     img.alt = r.caption || r.path;
-    img.loading = "lazy";
+    loadThumb(img, r.id, generation);
     const meta = document.createElement("figcaption");
     meta.className = "meta";
     const score = document.createElement("div");
@@ -166,7 +177,7 @@ async function classify() {
 }
 
 async function init() {
-  $("key").value = params.get("key") || localStorage.getItem("clipforge-key") || "";
+  $("key").value = localStorage.getItem("clipforge-key") || "";
   $("key").addEventListener("change", () => localStorage.setItem("clipforge-key", apiKey()));
   if (params.get("k")) $("k").value = params.get("k");
   $("search-form").addEventListener("submit", (e) => {
