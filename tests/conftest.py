@@ -11,6 +11,8 @@ demo, the browser, full-width models) carry ``@pytest.mark.slow``; ``make test-f
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -48,3 +50,13 @@ def nano():
 
     return clipforge.create_model("nano", seed=0).eval()
 
+
+@pytest.fixture(scope="module")
+def quiet_logs():
+    """Only errors from the root logger for a module (open_clip logs a warning for every model it
+    builds without pretrained weights)."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)

@@ -45,13 +45,13 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import print_table, write_record  # noqa: E402
 from harness import REPO, free_port  # noqa: E402  (also puts tests/ on sys.path)
+from support.images import solid_png  # noqa: E402
 from support.search import write_synthetic_embeddings  # noqa: E402
 
 KEY = "bench-key"
@@ -60,20 +60,6 @@ ATTACKS = ["tokenize-16k-word", "classify-audit-request", "classify-worst-accept
            "upload-4x-6300px-rgba", "upload-4x-4096px-rgba", "thumbnail-36mpx", "key-in-url", "foreign-host",
            "foreign-origin", "docs-and-schema"]  # fmt: skip
 KEYED = {"key-in-url", "docs-and-schema"}
-
-
-def solid_png(w: int, h: int, mode: str = "RGBA") -> bytes:
-    """A w x h PNG of one colour, written row by row (never w x h pixels in memory)."""
-    channels, ctype = {"RGB": (3, 2), "RGBA": (4, 6)}[mode]
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    row = b"\x00" + bytes([200, 30, 30, 255][:channels]) * w
-    z = zlib.compressobj(9)
-    body = b"".join(z.compress(row) for _ in range(h)) + z.flush()
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, ctype, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def words(rng: random.Random, n: int, length: int) -> list[str]:

@@ -12,7 +12,6 @@ reads from OpenCLIP's own model config.
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 import pytest
@@ -51,17 +50,7 @@ FAMILIES = {
 # random initialisation dominates, and forwards at full resolution); the others take 1.5-3 s.
 SLOW = {"convnext", "eva", "mobileclip-vit", "siglip", "siglip2", "swin", "vit-relpos"}
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_open_clip():
-    """open_clip logs a warning for every model built without pretrained weights."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("quiet_logs")]
 
 
 def openclip_timm_names() -> list[str]:

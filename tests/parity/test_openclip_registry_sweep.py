@@ -16,7 +16,6 @@ MetaCLIP 2 worldwide on shrunk configs in test_openclip_text_variants.py.
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 import pytest
@@ -59,17 +58,7 @@ LARGEST = ("ViT-bigG-14", "ViT-e-14", "ViT-bigG-14-CLIPA", "ViT-bigG-14-worldwid
 # 1.4-2.8 s each on 2 shared cores: three builds (ViT-B-32-256: 150M parameters) and forwards.
 PARITY = ("ViT-S-32", "ViT-M-32-alt", "ViT-B-32-256", "ViT-M-16-alt")
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_open_clip():
-    """open_clip logs a warning for every model built without pretrained weights."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("quiet_logs")]
 
 
 def test_every_openclip_name_is_registered_or_unsupported():

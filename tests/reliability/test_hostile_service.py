@@ -26,7 +26,6 @@ import random
 import statistics
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -35,6 +34,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from support.images import encode, solid_png
+from support.runs import free_port
+from support.search import write_synthetic_embeddings
 
 import clipforge
 from clipforge.errors import DataError
@@ -44,30 +46,11 @@ from clipforge.search.build import build_or_update
 from clipforge.search.index import IndexConfig
 from clipforge.search.layout import model_fingerprint
 from clipforge.search.service import STATIC, ServeSettings, create_app
-from support.images import encode
-from support.runs import free_port
-from support.search import write_synthetic_embeddings
 
 KEY = "s3cret-key"
 
 
 # -- builders ------------------------------------------------------------------------------------
-def solid_png(w: int, h: int, mode: str = "RGBA") -> bytes:
-    """A valid w x h PNG of one colour, written row by row (never w x h pixels in memory):
-    154 KB for 6300 x 6300 RGBA, as in the issue."""
-    channels = {"RGB": 3, "RGBA": 4}[mode]
-    ctype = {"RGB": 2, "RGBA": 6}[mode]
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    row = b"\x00" + bytes([200, 30, 30, 255][:channels]) * w
-    z = zlib.compressobj(9)
-    body = b"".join(z.compress(row) for _ in range(h)) + z.flush()
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, ctype, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
-
-
 def _index(root: Path, name: str, model, paths: list[str]) -> Path:
     """An index over synthetic vectors whose items are the given image files (for thumbnails)."""
     import pyarrow.parquet as pq

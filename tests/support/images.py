@@ -89,3 +89,19 @@ def odd_valid_images() -> dict[str, bytes]:
         "alpha.png": transparent_png(24),
         "palette.png": encode(Image.new("P", (24, 24), 3), "PNG", transparency=0),
     }
+
+
+def solid_png(w: int, h: int, mode: str = "RGBA") -> bytes:
+    """A valid w x h PNG of one colour, written row by row (never w x h pixels in memory):
+    154 KB for 6300 x 6300 RGBA, as in the issue."""
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    ctype = {"RGB": 2, "RGBA": 6}[mode]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    row = b"\x00" + bytes([200, 30, 30, 255][:channels]) * w
+    z = zlib.compressobj(9)
+    body = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, ctype, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
