@@ -22,7 +22,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import hostile
+from support.hostile import MiB
+from support.images import png
 
+import clipforge
 from clipforge.config import PreprocessConfig
 from clipforge.data import skips
 from clipforge.data.config import DataConfig
@@ -34,9 +38,6 @@ from clipforge.model.transforms import eval_transform
 from clipforge.search import build, decode, embed
 from clipforge.search.index import IndexConfig
 from clipforge.search.sources import InputSpec, list_images
-from support import hostile
-from support.hostile import MiB
-from support.images import png
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -388,3 +389,39 @@ def test_embedding_files_are_fsynced_before_they_are_renamed_into_place(tmp_path
         assert ("fsync", tmp) in events[:i], f"{tmp} renamed before it was synced: {events}"
         final_dir = str(Path(tmp).parent)
         assert ("fsync", final_dir) in events[i + 1:], f"{final_dir} not synced after the rename: {events}"
+
+
+def test_serving_with_another_model_than_the_index_is_refused_unless_allowed(tmp_path, caplog):
+    """Issue 19 row 11: a model other than the index's only flipped a flag in /health."""
+    from support.search import write_synthetic_embeddings
+
+    from clipforge.errors import ClipforgeError
+    from clipforge.search.build import build_or_update
+    from clipforge.search.index import IndexConfig
+    from clipforge.search.service import ServeSettings, create_app
+
+    other = clipforge.create_model("nano", seed=1)
+    write_synthetic_embeddings(tmp_path / "emb", rows=20, part_size=20, fingerprint="the-model-it-was-built-with")
+    build_or_update([str(tmp_path / "emb")], tmp_path / "index", IndexConfig())
+    with pytest.raises(ClipforgeError, match="not those the index was built with"):
+        create_app(tmp_path / "index", other, None, ServeSettings())
+    with caplog.at_level("WARNING", logger="clipforge.search"):
+        app = create_app(tmp_path / "index", other, None, ServeSettings(allow_model_mismatch=True))
+    assert app.state.engine.model_matches is False
+    assert "serving anyway" in caplog.text
+
+
+def test_a_config_asking_for_an_enormous_model_is_refused_before_allocating(tmp_path):
+    """Issue 19 row 6: the model is built on the meta device and compared with the weights first,
+    so a 696-byte config that asks for ~144 GiB costs nothing."""
+    import resource
+
+    saved = clipforge.save(clipforge.create_model("nano", seed=0), tmp_path / "m")
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["vision"].update(width=24576, layers=48)
+    cfg["text"].update(width=24576, layers=48, heads=384)
+    (saved / "config.json").write_text(json.dumps(cfg))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="do not match the architecture"):
+        clipforge.load(saved)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trusted-host", action="append", default=[], metavar="NAME",
                    help="also serve requests whose Host header is NAME (repeatable; '*': any name). Localhost "
                         "names and the address a request came to are always served")  # fmt: skip
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="serve even when the model's weights are not those the index was built with (logged)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run)
 
@@ -82,7 +84,7 @@ def build_app(args: argparse.Namespace):
     settings = ServeSettings(
         max_request_bytes=int(args.max_request_mb * 2**20), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
-        trusted_hosts=_trusted_hosts(args),
+        trusted_hosts=_trusted_hosts(args), allow_model_mismatch=args.allow_model_mismatch,
     )  # fmt: skip
     model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch)
     return create_app(args.index, model, preprocess, settings), settings

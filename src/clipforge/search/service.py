@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -53,13 +54,26 @@ from clipforge.eval.templates import fill
 from clipforge.eval.zeroshot import ensemble_prompts
 from clipforge.model.factory import tokenizer_for
 from clipforge.search import decode
-from clipforge.search.layout import model_fingerprint
 from clipforge.search.http import (
-    BodyLimit, ClassifyResponse, EmbeddingsResponse, EmbedTextRequest, Health, HostGuard, SearchOptions,
-    SearchRequest, SearchResponse, classify_body_schema, form_list, image_body_schema, search_body_schema,
+    BodyLimit,
+    ClassifyResponse,
+    EmbeddingsResponse,
+    EmbedTextRequest,
+    Health,
+    HostGuard,
+    SearchOptions,
+    SearchRequest,
+    SearchResponse,
+    classify_body_schema,
+    form_list,
+    image_body_schema,
+    search_body_schema,
     validation_message,
 )  # fmt: skip
+from clipforge.search.layout import model_fingerprint
 from clipforge.search.searcher import SearchIndex
+
+log = logging.getLogger("clipforge.search")
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_TEMPLATES = (
@@ -91,6 +105,9 @@ class ServeSettings:
     thumbnail_size: int = 256
     # Host names served besides localhost names and the address a request came to ("*": any).
     trusted_hosts: tuple[str, ...] = ()
+    # Serve with a model whose weights differ from the index's (its results then mean little):
+    # refused unless asked for, and logged when it is.
+    allow_model_mismatch: bool = False
 
 
 def create_app(
@@ -315,6 +332,13 @@ class _Engine:
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         expected = index.info.get("model", {}).get("model_fingerprint")
         self.model_matches = expected is None or expected == model_fingerprint(model)
+        if not self.model_matches:
+            what = (f"the model's weights (fingerprint {model_fingerprint(model)}) are not those the index was "
+                    f"built with ({expected})")
+            if not settings.allow_model_mismatch:
+                raise ClipforgeError(f"{what}: its query embeddings would not match the indexed ones; serve the "
+                                     "model the embeddings were made with, or allow the mismatch explicitly")
+            log.warning("%s; serving anyway (allow_model_mismatch)", what)
         if model.config.embed_dim != index.dim:
             raise ClipforgeError(f"the model embeds into {model.config.embed_dim} dims but the index holds {index.dim}")
 
