@@ -48,7 +48,8 @@ FAMILIES = {
 }
 # Parity runs over ~3 s each on 2 shared cores (3.5-10 s: three builds of 90-375M parameters, whose
 # random initialisation dominates, and forwards at full resolution); the others take 1.5-3 s.
-SLOW = {"convnext", "eva", "mobileclip-vit", "siglip", "siglip2", "swin", "vit-relpos"}
+SLOW = {"convnext", "eva", "mobileclip-vit", "siglip", "siglip2", "swin", "vit-relpos", "pe-core", "vit-gap",
+        "mobileclip-fastvit"}  # make test-fast keeps ViTamin, the quickest
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("quiet_logs")]
 
@@ -145,6 +146,7 @@ def test_head_variants_match_openclip_timm_adapter(trunk, pool, proj, bias):
         assert out.shape == (2, embed) and ours(images, project=False).shape == (2, ours.width)
 
 
+@pytest.mark.slow
 def test_export_to_openclip_directory_round_trips(tmp_path):
     """clipforge's OpenCLIP export of a timm-tower model: open_clip builds and loads it from the
     directory alone and computes the same features; clipforge reads it back unchanged."""
@@ -206,6 +208,7 @@ def test_models_command_lists_the_families(capsys):
     assert row["name"] == "convnext_tiny" and row["params_m"] == pytest.approx(92.30, abs=0.01)
 
 
+@pytest.mark.slow
 def test_forward_backward_and_grad_checkpointing():
     """Training through clipforge's CLIP: every parameter of a timm tower gets a finite gradient,
     the same with gradient checkpointing on."""

@@ -41,6 +41,7 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # builds every native architecture on the meta device: ~4 s
 def test_models_lists_registry(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
