@@ -259,7 +259,7 @@ def _decode_zoo() -> str:
     from clipforge.data import skips
     from clipforge.eval.datasets import ImageDataset as EvalImages
     from clipforge.model.transforms import eval_transform
-    from clipforge.search import decode, service
+    from clipforge.search import decode, engine
 
     from support.hostile import odd_zoo  # the zoo the regression test uses
 
@@ -282,7 +282,7 @@ def _decode_zoo() -> str:
         if ev is None or not torch.equal(ev, tf(trained)):
             differ["evaluation"].append(name)
         fake = types.SimpleNamespace(settings=types.SimpleNamespace(max_image_pixels=10**9), image_size=16)
-        served = tf(service._Engine._open(fake, data))
+        served = tf(engine.Engine._open(fake, data))
         if not torch.equal(served, tf(trained)):
             differ["service"].append(name)
     return "; ".join(f"{k} differs from training on {len(v)}/{len(ZOO)}" + (f" ({', '.join(v)})" if v else "")
