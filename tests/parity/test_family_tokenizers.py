@@ -14,12 +14,18 @@ pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
 import transformers  # noqa: E402
+from support.tokenizers import (  # noqa: E402
+    TEXTS,
+    gemma_dir,
+    sentencepiece_dir,
+    unigram_dir,
+    wordpiece_dir,
+)
 
 import clipforge  # noqa: E402
 from clipforge.config import ClipConfig, TextConfig  # noqa: E402
 from clipforge.errors import CheckpointError  # noqa: E402
 from clipforge.model.interop.openclip_text import text_from_openclip  # noqa: E402
-from support.tokenizers import TEXTS, gemma_dir, sentencepiece_dir, unigram_dir, wordpiece_dir  # noqa: E402
 
 CTX = 64
 

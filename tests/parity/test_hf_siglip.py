@@ -13,9 +13,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from support.tokenizers import TEXTS, gemma_dir, sentencepiece_dir  # noqa: E402
+
 import clipforge  # noqa: E402
 from clipforge.errors import CheckpointError  # noqa: E402
-from support.tokenizers import TEXTS, gemma_dir, sentencepiece_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-4

@@ -22,6 +22,7 @@ open_clip = pytest.importorskip("open_clip")
 pytest.importorskip("timm")
 from open_clip.factory import get_model_config  # noqa: E402
 from open_clip.push_to_hf_hub import save_config_for_hf  # noqa: E402
+from support.parity import nudge, parity_inputs
 
 import clipforge  # noqa: E402
 from clipforge.config import VisionConfig  # noqa: E402
@@ -63,29 +64,10 @@ def openclip_timm_names() -> list[str]:
 def make_openclip(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for buf_name, b in model.named_buffers():
-            if buf_name.endswith("running_mean"):
-                b.normal_(0.0, 0.1)
-            elif buf_name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-    return model
+    return nudge(model)
 
 
-def inputs(cfg: clipforge.ClipConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two images at the model's size; token rows of different lengths, ended by the top id
-    (CLIP's end-of-text, where argmax pooling looks) and padded with 0."""
-    g = torch.Generator().manual_seed(1)
-    size = cfg.vision.image_size
-    images = torch.randn(2, 3, size, size, generator=g)
-    ctx, vocab = cfg.text.context_length, cfg.text.vocab_size
-    tokens = torch.zeros(3, ctx, dtype=torch.long)
-    for row, n in enumerate((3, ctx // 2, ctx)):
-        tokens[row, : n - 1] = torch.randint(1, vocab - 1, (n - 1,), generator=g)
-        tokens[row, n - 1] = vocab - 1
-    return images, tokens
+inputs = parity_inputs
 
 
 def write_hub_dir(ref: torch.nn.Module, name: str, out) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP as OpenClipCLIP  # noqa: E402
+from support.parity import nudge
 
 import clipforge  # noqa: E402
 from clipforge.errors import CheckpointError  # noqa: E402
@@ -32,15 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on a sha
 def make_openclip(arch: str, quick_gelu: bool = True, seed: int = 0) -> OpenClipCLIP:
     torch.manual_seed(seed)
     model = OpenClipCLIP(embed_dim=EMBED, vision_cfg=VISION[arch], text_cfg=TEXT_CFG, quick_gelu=quick_gelu).eval()
-    with torch.no_grad():  # move every tensor off its init (zero biases, zero-init BN) so each one matters
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0.0, 0.1)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-    return model
+    return nudge(model)
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +191,9 @@ def clipforge_tokens() -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["vit", "resnet"])
 def test_export_openai_layout(tmp_path, arch):
-    from open_clip.model import build_model_from_openai_state_dict  # a port of openai/CLIP's build_model
+    from open_clip.model import (
+        build_model_from_openai_state_dict,  # a port of openai/CLIP's build_model
+    )
 
     ref = make_openclip(arch)
     torch.save(ref.state_dict(), tmp_path / "src.pt")

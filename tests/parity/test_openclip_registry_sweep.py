@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.factory import get_model_config  # noqa: E402
+from support.parity import nudge, parity_inputs
 
 import clipforge  # noqa: E402
 from clipforge.errors import CheckpointError  # noqa: E402
@@ -96,16 +97,7 @@ def test_largest_native_sizes_have_openclips_parameter_count(name):
         {k: v.shape for k, v in ref.state_dict().items() if k.startswith("visual.")}
 
 
-def _inputs(cfg: clipforge.ClipConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two images; token rows of different lengths ended by CLIP's end-of-text (the top id), 0-padded."""
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
-    ctx, vocab = cfg.text.context_length, cfg.text.vocab_size
-    tokens = torch.zeros(3, ctx, dtype=torch.long)
-    for row, n in enumerate((3, ctx // 2, ctx)):
-        tokens[row, : n - 1] = torch.randint(1, vocab - 1, (n - 1,), generator=g)
-        tokens[row, n - 1] = vocab - 1
-    return images, tokens
+_inputs = parity_inputs
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ViT-B-32-256" else n
@@ -113,10 +105,7 @@ def _inputs(cfg: clipforge.ClipConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def test_native_sizes_match_openclip(name, tmp_path):
     start = time.perf_counter()
     torch.manual_seed(0)
-    ref = open_clip.create_model(name, pretrained=None).eval()
-    with torch.no_grad():  # off the initial values: zero biases and unit LayerNorm gains would hide mix-ups
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    ref = nudge(open_clip.create_model(name, pretrained=None).eval())  # off zero biases and unit gains
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
     hub = tmp_path / "hub"
     hub.mkdir()

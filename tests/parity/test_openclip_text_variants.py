@@ -24,12 +24,11 @@ pytest.importorskip("transformers")
 from open_clip.model import _build_text_tower  # noqa: E402
 from open_clip.push_to_hf_hub import save_config_for_hf, save_for_hf  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from support.tokenizers import TEXTS, unigram_dir, wordpiece_dir  # noqa: E402
 
 import clipforge  # noqa: E402
-from clipforge.errors import CheckpointError  # noqa: E402
 from clipforge.model.interop.openclip_text import text_from_openclip  # noqa: E402
 from clipforge.model.text import TextTransformer  # noqa: E402
-from support.tokenizers import TEXTS, unigram_dir, wordpiece_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-4
