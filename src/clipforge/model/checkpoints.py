@@ -25,13 +25,12 @@ import dataclasses
 import itertools
 import json
 import os
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
@@ -39,6 +38,14 @@ from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower, check_saved_source
 from clipforge.model.hf_tokenizer import with_local_tokenizer
 from clipforge.model.interop import hf, hf_siglip, openai, torchscript
+from clipforge.model.weight_files import (
+    fill_bn_counters,
+    first_of,
+    read_json,
+    read_safetensors,
+    read_weights_file,
+    unwrap,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -74,14 +81,14 @@ def write_config(model: CLIP, out: Path) -> Path:
 def is_own_format(path: Path) -> bool:
     if not (path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
         return False
-    cfg = _read_json(path / CONFIG_NAME, quiet=True)
+    cfg = read_json(path / CONFIG_NAME, quiet=True)
     return cfg is not None and "vision" in cfg and "embed_dim" in cfg  # a Hugging Face config has vision_config
 
 
 def load_own(path: Path) -> CLIP:
     cfg = ClipConfig.from_json(path / CONFIG_NAME)
     check_saved_source(cfg.text.hf_model, path)  # before any weight is read or code is imported
-    return build_with_state(cfg, _read_safetensors(path / WEIGHTS_NAME), source=str(path))
+    return build_with_state(cfg, read_safetensors(path / WEIGHTS_NAME), source=str(path))
 
 
 def build_with_state(cfg: ClipConfig, state: dict[str, torch.Tensor], source: str) -> CLIP:
@@ -139,13 +146,13 @@ def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | No
     if path.is_dir():
         if is_own_format(path):
             return load_own(path)
-        cfg = _read_json(path / CONFIG_NAME, quiet=True) if (path / CONFIG_NAME).is_file() else None
-        hf_weights = _first(path, HF_WEIGHTS)
+        cfg = read_json(path / CONFIG_NAME, quiet=True) if (path / CONFIG_NAME).is_file() else None
+        hf_weights = first_of(path, HF_WEIGHTS)
         if hf_siglip.is_siglip(cfg) and hf_weights:  # SiglipModel / Siglip2Model
             return load_hf_siglip_dir(path, hf_weights, cfg)
         if cfg is not None and ("vision_config" in cfg or cfg.get("model_type") == "clip") and hf_weights:
             return load_hf_dir(path, hf_weights, quick_gelu=quick_gelu)
-        oc_weights = _first(path, OPENCLIP_WEIGHTS)
+        oc_weights = first_of(path, OPENCLIP_WEIGHTS)
         if (path / OPENCLIP_CONFIG).is_file() and oc_weights:
             return load_state_file(oc_weights, arch=arch, quick_gelu=quick_gelu)
         raise CheckpointError(
@@ -172,7 +179,7 @@ def load_state_file(path: Path, arch: str | None = None, quick_gelu: bool | None
     elif kind != "own":
         raise CheckpointError(f"{source}: tensors are not a CLIP model in any known layout "
                               f"(first names: {', '.join(list(state)[:5])})")
-    _fill_bn_counters(state)
+    fill_bn_counters(state)
     cfg = _resolve_config(path, state, arch, quick_gelu, origin)
     openai.check_meta(meta, cfg, source)
     return build_with_state(cfg, state, source)
@@ -185,9 +192,9 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], bool | None, str]:
         # The archive names its modules' types, so the activation is read, not guessed.
         found = {t.rsplit(".", 1)[-1] for name, t in types.items() if name.endswith("mlp.gelu")}
         return state, (found == {"QuickGELU"}) if found in ({"QuickGELU"}, {"GELU"}) else None, "openai"
-    obj = _read_weights_file(path)
+    obj = read_weights_file(path)
     training = isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj
-    return _unwrap(obj, str(path)), None, "openclip-training" if training else "openai"
+    return unwrap(obj, str(path)), None, "openclip-training" if training else "openai"
 
 
 def _resolve_config(path: Path, state: dict[str, torch.Tensor], arch: str | None, quick_gelu: bool | None,
@@ -203,7 +210,7 @@ def _resolve_config(path: Path, state: dict[str, torch.Tensor], arch: str | None
         except KeyError as e:
             raise CheckpointError(str(e.args[0])) from None
     elif path.name in OPENCLIP_WEIGHTS and oc_cfg_path.is_file():
-        cfg = openai.config_from_openclip(_read_json(oc_cfg_path), str(oc_cfg_path))
+        cfg = openai.config_from_openclip(read_json(oc_cfg_path), str(oc_cfg_path))
         cfg = with_local_tokenizer(cfg, path.parent)  # its tokenizer files, when saved beside the weights
         cfg = cfg.replace(name=_registry_name(cfg, default=path.parent.name))
     else:
@@ -221,11 +228,11 @@ def _resolve_config(path: Path, state: dict[str, torch.Tensor], arch: str | None
 
 def load_hf_dir(path: Path, weights: Path | None = None, quick_gelu: bool | None = None) -> CLIP:
     """A Hugging Face CLIPModel directory; ``quick_gelu`` overrides its config's hidden_act."""
-    weights = weights or _first(path, HF_WEIGHTS)
+    weights = weights or first_of(path, HF_WEIGHTS)
     if weights is None:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
     pre_path = path / "preprocessor_config.json"
-    cfg = hf.config_from_hf(_read_json(path / CONFIG_NAME), _read_json(pre_path) if pre_path.is_file() else None,
+    cfg = hf.config_from_hf(read_json(path / CONFIG_NAME), read_json(pre_path) if pre_path.is_file() else None,
                             str(path / CONFIG_NAME))
     cfg = cfg.replace(name=_registry_name(cfg, default=path.name))
     if quick_gelu is not None:
@@ -238,7 +245,7 @@ def load_hf_dir(path: Path, weights: Path | None = None, quick_gelu: bool | None
 def load_hf_siglip_dir(path: Path, weights: Path, config: dict[str, Any]) -> CLIP:
     """A Hugging Face SiglipModel / Siglip2Model directory (``config`` its config.json)."""
     pre_path = path / "preprocessor_config.json"
-    cfg, state = hf_siglip.convert(path, config, _read_json(pre_path) if pre_path.is_file() else None,
+    cfg, state = hf_siglip.convert(path, config, read_json(pre_path) if pre_path.is_file() else None,
                                    read_hf_weights(path, weights), str(weights))
     return build_with_state(cfg, state, str(path))
 
@@ -246,87 +253,14 @@ def load_hf_siglip_dir(path: Path, weights: Path, config: dict[str, Any]) -> CLI
 def read_hf_weights(path: Path, weights: Path) -> dict[str, torch.Tensor]:
     """A Hugging Face directory's tensors: one file, or the shards an ``.index.json`` lists."""
     if not weights.name.endswith(".index.json"):
-        return _unwrap(_read_weights_file(weights), str(weights))
-    shards = sorted(set(_read_json(weights).get("weight_map", {}).values()))  # {"weight_map": {name: shard}}
+        return unwrap(read_weights_file(weights), str(weights))
+    shards = sorted(set(read_json(weights).get("weight_map", {}).values()))  # {"weight_map": {name: shard}}
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         if Path(shard).name != shard:
             raise CheckpointError(f"{weights}: shard name {shard!r} points outside the directory")
-        state.update(_unwrap(_read_weights_file(path / shard), str(path / shard)))
+        state.update(unwrap(read_weights_file(path / shard), str(path / shard)))
     return state
-
-
-# -- reading files without unpickling code ----------------------------------------------------------
-
-def _read_weights_file(path: Path) -> Any:
-    source = str(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        raise CheckpointError(f"{source}: empty file")
-    is_zip, is_pickle = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"
-    if path.suffix == ".safetensors" or not (is_zip or is_pickle) and head[8:9] == b"{":
-        return _read_safetensors(path)  # an 8-byte header length, then the JSON header
-    if not (is_zip or is_pickle):  # neither a zip archive nor a pickle (protocol >= 2)
-        raise CheckpointError(f"{source}: not a PyTorch, safetensors or TorchScript file (unrecognised content)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Weights only load failed" in msg:
-            reason = next((ln.strip() for ln in msg.splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
-                          "it references Python objects other than tensors")
-            raise CheckpointError(
-                f"{source}: refusing to unpickle: the file references Python objects other than tensors "
-                f"({reason}), and unpickling those can run arbitrary code. clipforge reads only tensors; "
-                "if you trust the file, re-save its state_dict() with torch.save or as safetensors") from None
-        raise CheckpointError(f"{source}: damaged pickle ({msg})") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        raise CheckpointError(f"{source}: damaged or truncated checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
-
-
-def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint: OpenCLIP's {"state_dict": ...}, DDP's ``module.`` and
-    torch.compile's ``_orig_mod.`` prefixes removed."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if bad:
-        raise CheckpointError(f"{source}: entries that are not named tensors: {', '.join(map(str, bad[:5]))}")
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
-
-
-def _fill_bn_counters(state: dict[str, torch.Tensor]) -> None:
-    """BatchNorm's num_batches_tracked is a training counter that does not change outputs
-    (momentum is set); some exports drop it. It is the only tensor we fill in."""
-    for k in [k for k in state if k.endswith(".running_var")]:
-        state.setdefault(k[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-
-def _read_json(path: Path, quiet: bool = False) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        if quiet:
-            return None
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from e
-
-
-def _first(directory: Path, names: tuple[str, ...]) -> Path | None:
-    return next((directory / n for n in names if (directory / n).is_file()), None)
 
 
 def _registry_name(cfg: ClipConfig, default: str = "") -> str:
