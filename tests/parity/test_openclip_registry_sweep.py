@@ -10,7 +10,8 @@
    compute the same features in fp32 (1e-4).
 
 The timm-tower families are compared in test_openclip_families.py; the text variants, CLIPA and
-MetaCLIP 2 worldwide on shrunk configs in test_openclip_text_variants.py.
+MetaCLIP 2 worldwide on shrunk configs in test_openclip_text_variants.py; the Hugging Face text towers
+(RoBERTa, XLM-R, mT5, NLLB) in test_openclip_hf_text.py.
 """
 
 from __future__ import annotations
@@ -33,25 +34,11 @@ from clipforge.model.interop.openai import config_from_openclip  # noqa: E402
 from clipforge.model.registry import get_config, list_models  # noqa: E402
 
 TOL = 1e-4
-# OpenCLIP's names that clipforge registers as OpenAI's models (QuickGELU); OpenCLIP's mean GELU.
-COLLISIONS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
-_COCA = "CoCa: a captioning decoder (multimodal_cfg) that clipforge does not implement"
-_HF = ("text tower is a Hugging Face model (hf_model_name), whose config and weights must be on disk; "
-       "clipforge takes such towers as a local model directory in TextConfig.hf_model")
+# OpenAI's released shapes: GELU under the bare name, QuickGELU (OpenAI's weights) under -quickgelu.
+OPENAI_SHAPES = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336")
+_COCA_HF = "CoCa over a Hugging Face text tower: the decoder would read that tower's token outputs (not implemented)"
 UNSUPPORTED = {
-    "coca_base": _COCA,
-    "coca_roberta-ViT-B-32": _COCA,
-    "coca_ViT-B-32": _COCA,
-    "coca_ViT-L-14": _COCA,
-    "mt5-base-ViT-B-32": _HF,
-    "mt5-xl-ViT-H-14": _HF,
-    "nllb-clip-base": _HF,
-    "nllb-clip-base-siglip": _HF,
-    "nllb-clip-large": _HF,
-    "nllb-clip-large-siglip": _HF,
-    "roberta-ViT-B-32": _HF,
-    "xlm-roberta-base-ViT-B-32": _HF,
-    "xlm-roberta-large-ViT-H-14": _HF,
+    "coca_roberta-ViT-B-32": _COCA_HF,
 }
 # The largest size of each native ViT family (by parameter count).
 LARGEST = ("ViT-bigG-14", "ViT-e-14", "ViT-bigG-14-CLIPA", "ViT-bigG-14-worldwide")
@@ -74,17 +61,15 @@ def test_every_openclip_name_is_registered_or_unsupported():
             continue
         assert name in registered, f"{name} is neither registered nor in UNSUPPORTED"
         expected = config_from_openclip(get_model_config(name), name)
-        if name in COLLISIONS:
-            assert not expected.quick_gelu
-            expected = expected.replace(quick_gelu=True)
         assert get_config(name).replace(name="") == expected, name
-    assert len(names) - len(UNSUPPORTED) == 131  # open-clip-torch 3.3: 144 names, 13 unsupported
+    assert len(names) - len(UNSUPPORTED) == 143  # open-clip-torch 3.3: 144 names, 1 unsupported
 
 
 def test_quickgelu_names_of_openai_models_are_the_openai_configs():
-    for name in COLLISIONS:
-        ours = get_config(f"{name}-quickgelu")
-        assert ours.quick_gelu and ours.replace(name="") == get_config(name).replace(name="")
+    for name in OPENAI_SHAPES:
+        ours, gelu = get_config(f"{name}-quickgelu"), get_config(name)
+        assert ours.quick_gelu and not gelu.quick_gelu
+        assert ours.replace(name="", quick_gelu=False) == gelu.replace(name="")
 
 
 @pytest.mark.parametrize("name", LARGEST)

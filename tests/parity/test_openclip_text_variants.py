@@ -194,3 +194,17 @@ def test_openclip_gelu_vit_loads_equal_without_quick_gelu(name, tmp_path, recwar
     assert not ours.config.quick_gelu
     assert not [w for w in recwarn.list if "activation" in str(w.message)]
     _assert_features_equal(ref, ours, open_clip.tokenize(TEXTS), cfg["vision_cfg"]["image_size"])
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", pytest.param("RN50-quickgelu", marks=pytest.mark.slow)])
+def test_bare_state_dict_with_openclip_name_settles_the_activation(arch, tmp_path, recwarn):
+    """OpenCLIP's names mean its activations: ``ViT-B-32`` GELU, ``-quickgelu`` OpenAI's QuickGELU."""
+    torch.manual_seed(0)
+    ref = open_clip.create_model(arch, pretrained=None).eval()
+    _perturb(ref)
+    path = tmp_path / "weights.safetensors"
+    save_file(ref.state_dict(), str(path))
+    ours = clipforge.load(path, arch=arch)[0]
+    assert ours.config.quick_gelu is arch.endswith("-quickgelu")
+    assert not [w for w in recwarn.list if "activation" in str(w.message)]
+    _assert_features_equal(ref, ours, open_clip.tokenize(TEXTS), 224)

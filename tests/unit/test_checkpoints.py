@@ -196,6 +196,6 @@ def test_open_clip_config_round_trip_and_refusals():
     d = openai.config_to_openclip(cfg)
     assert d["model_cfg"]["text_cfg"]["pool_type"] == "eos"  # argmax would not find id 3
     assert openai.config_from_openclip(d, "x") == cfg
-    d["model_cfg"]["vision_cfg"]["attentional_pool"] = True
-    with pytest.raises(CheckpointError, match="attentional_pool=True"):
+    d["model_cfg"]["vision_cfg"]["attentional_pool"] = "parallel"  # OpenCLIP's unfinished two-pooler CoCa form
+    with pytest.raises(CheckpointError, match="attentional_pool='parallel'"):
         openai.config_from_openclip(d, "x")

@@ -11,6 +11,7 @@ import clipforge
 from clipforge.config import ClipConfig
 from clipforge.model.clip import CLIP
 from clipforge.model.registry import get_config
+from clipforge.model.zoo_hf_text import HF_TEXT_ARCHITECTURES
 from clipforge.model.zoo_openclip import OPENCLIP_ARCHITECTURES
 
 # OpenAI's released parameter counts (openai/CLIP); checked on the meta device, no memory used.
@@ -35,7 +36,10 @@ TIMM = tuple(n for n in clipforge.list_models() if get_config(n).vision.arch == 
 # OpenCLIP's own ViTs and the -quickgelu names: full sizes too (worldwide's 900k-token vocabulary alone
 # is 1.2B parameters, and CLIPA's 32-token context rejects sample_tokens' 77), compared with open_clip in
 # tests/parity/test_openclip_registry_sweep.py; the -quickgelu names are OpenAI's nine configs again.
-OPENCLIP = tuple(n for n in clipforge.list_models() if n in OPENCLIP_ARCHITECTURES or n.endswith("-quickgelu"))
+# OpenCLIP's Hugging Face text towers name their encoder by hub id, whose config a build would fetch: they
+# run on tiny local text models in tests/parity/test_openclip_hf_text.py.
+OPENCLIP = tuple(n for n in clipforge.list_models()
+                 if n in OPENCLIP_ARCHITECTURES or n in HF_TEXT_ARCHITECTURES or n.endswith("-quickgelu"))
 
 
 def needs_hf(name: str) -> None:
@@ -93,9 +97,9 @@ def test_forward_backward_every_parameter(name):
     model = CLIP(cfg)
     size = cfg.vision.image_size
     images = torch.randn(2, 3, size, size)
-    if cfg.text.hf_model is None:
+    if cfg.text.hf_model is None and cfg.text.context_length == 77:
         tokens = sample_tokens(2)
-    else:  # the encoder's own vocabulary
+    else:  # the encoder's own vocabulary, or a shorter context
         tokens = clipforge.tokenizer_for(model)(["a red square", "two small blue circles at the top"])
     out = model(images, tokens)
     assert out.image_features.shape == (2, cfg.embed_dim)
@@ -109,7 +113,14 @@ def test_forward_backward_every_parameter(name):
                 torch.nn.init.ones_(block.bn3.weight)
         out = model(images, tokens)
         logits = out.logit_scale * out.image_features @ out.text_features.t()
-    loss = torch.nn.functional.cross_entropy(logits, torch.arange(2)) + logits.sum() * 0
+    if out.logit_bias is None:
+        loss = torch.nn.functional.cross_entropy(logits, torch.arange(2)) + logits.sum() * 0
+    else:  # a SigLIP model: the sigmoid loss, which its bias is trained by (a softmax ignores a shift)
+        signs = 2 * torch.eye(2) - 1
+        loss = -torch.nn.functional.logsigmoid(signs * (logits + out.logit_bias)).mean()
+    if cfg.decoder is not None:  # CoCa: its decoder learns from the captioning loss
+        cap = model(images, tokens, caption=True)
+        loss = loss + torch.nn.functional.cross_entropy(cap.logits.transpose(1, 2), cap.labels)
     loss.backward()
     assert torch.isfinite(loss)
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -135,7 +146,8 @@ def test_config_rejects_unknown_fields_and_bad_shapes():
 
 
 def test_quick_gelu_travels_with_config():
-    assert get_config("ViT-B-32").quick_gelu is True
+    assert get_config("ViT-B-32").quick_gelu is False  # OpenCLIP's meaning
+    assert get_config("ViT-B-32-quickgelu").quick_gelu is True and get_config("RN50-quickgelu").quick_gelu is True
     assert get_config("tiny").quick_gelu is False
     model = CLIP(get_config("nano").replace(quick_gelu=True))
     assert type(model.text.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"

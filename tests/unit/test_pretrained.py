@@ -4,6 +4,7 @@ behind HF_ENDPOINT. Loopback only: every server runs in this process on 127.0.0.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -84,6 +85,22 @@ def test_table_covers_openai_and_openclip_tags_of_buildable_architectures():
     assert not pretrained.get_pretrained("ViT-B-32", "laion2b_s34b_b79k").quick_gelu
     assert pretrained.get_pretrained("ViT-B-16", "DFN2B").quick_gelu  # tags are case-insensitive
     assert pretrained.get_pretrained("ViT-L-14", "laion2b_s32b_b82k").mean == (0.5, 0.5, 0.5)
+
+
+def test_table_names_the_families_weights_with_their_preprocessing_and_tokenizer():
+    archs = {e.arch for e in pretrained.list_entries()}
+    for family in ("SigLIP", "SigLIP2", "MobileCLIP", "MobileCLIP2", "EVA02", "convnext", "ViTamin", "PE-Core",
+                   "CLIPA", "worldwide", "DFN"):
+        assert any(family in a for a in archs) or any(family.lower() in e.hf_hub.lower()
+                                                      for e in pretrained.list_entries()), family
+    siglip = pretrained.get_pretrained("ViT-B-16-SigLIP", "webli")
+    assert (siglip.mean, siglip.resize_mode, siglip.tokenizer, siglip.context_length) == (
+        (0.5, 0.5, 0.5), "squash", "timm/ViT-B-16-SigLIP", 64)
+    mobile = pretrained.get_pretrained("MobileCLIP-S1", "datacompdr")
+    assert (mobile.mean, mobile.std, mobile.interpolation) == ((0, 0, 0), (1, 1, 1), "bilinear")
+    assert pretrained.get_pretrained("ViT-L-14-CLIPA", "datacomp1b").tokenizer == "bert-base-uncased"
+    assert pretrained.get_pretrained("ViT-H-14-worldwide", "metaclip2_worldwide").quick_gelu
+    assert pretrained.get_pretrained("ViTamin-S", "datacomp1b").source.endswith("ViTamin-S/pytorch_model.bin")
 
 
 def test_unknown_names_are_one_line_errors_that_list_what_exists():
@@ -236,6 +253,40 @@ def test_table_entry_on_the_hub_fetches_only_the_weights(nano, hub, tmp_path, mo
     assert_same_model(model, nano)
     fetched = {path.rsplit("/", 1)[-1] for method, path, _ in hub.requests if method == "GET"}
     assert fetched == {"main", "open_clip_model.safetensors"}  # the file list (revision main), the weights
+
+
+def test_family_entry_brings_its_tokenizer_and_preprocessing(nano, hub, tmp_path, monkeypatch):
+    """A SigLIP-style entry: the repo's tokenizer files come with the weights (read from the cache,
+    not by hub name) and the model is fed as the weights were trained (squash, mean/std 0.5)."""
+    from support.tokenizers import sentencepiece_dir
+
+    from clipforge.model import registry
+
+    siglip_nano = registry.get_config("nano").replace(
+        text=dataclasses.replace(nano.config.text, hf_tokenizer_name="test/absent-tokenizer-repo"))
+    monkeypatch.setitem(registry._ARCHITECTURES, "nano-sp", siglip_nano)
+    repo = checkpoints.save_openclip(nano, tmp_path / "sp")
+    for f in sentencepiece_dir(tmp_path / "tok").iterdir():
+        (repo / f.name).write_bytes(f.read_bytes())
+    hub.add_repo("test/nano-sp", repo)
+    entry = Pretrained("nano-sp", "webli", False, hf_hub="test/nano-sp", mean=(0.5,) * 3, std=(0.5,) * 3,
+                       resize_mode="squash", interpolation="bilinear")
+    monkeypatch.setitem(pretrained._TABLE, ("nano-sp", "webli"), entry)
+    model, preprocess = clipforge.load("nano-sp/webli", cache_dir=tmp_path / "c")
+    assert_same_model(model, nano)
+    pre = model.config.preprocess
+    assert (pre.mean, pre.resize_mode, pre.interpolation) == ((0.5,) * 3, "squash", "bilinear")
+    assert model.config.text.hf_tokenizer_name.startswith(str(tmp_path / "c"))  # the cached copy
+    ids = clipforge.tokenizer_for(model)(["a photo of a cat"])
+    assert ids.shape == (1, 77) and ids[0, 0] != 0
+    # the same repo by hub name: its open_clip_config.json names a tokenizer repo, the files beside win
+    cfg_file = repo / checkpoints.OPENCLIP_CONFIG
+    oc_cfg = json.loads(cfg_file.read_text())
+    oc_cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = "test/absent-tokenizer-repo"
+    cfg_file.write_text(json.dumps(oc_cfg))
+    hub.add_repo("test/nano-sp2", repo)
+    by_hub, _ = clipforge.load("hf-hub:test/nano-sp2", cache_dir=tmp_path / "c")
+    assert torch.equal(clipforge.tokenizer_for(by_hub)(["a photo of a cat"]), ids)
 
 
 def test_hub_offline_hit_and_miss(nano, hub, tmp_path, monkeypatch):

@@ -18,6 +18,10 @@ from pathlib import Path
 
 FORMATS = ("clipforge", "hf", "openclip", "openai")
 DTYPES = ("fp32", "fp16", "bf16")
+# The flag every command that loads a model takes, for OpenCLIP's Hugging Face text towers.
+HELP_TEXT_MODEL_DIR = ("local folder with the config.json and tokenizer files of a Hugging Face text tower that "
+                       "the checkpoint names by hub id (OpenCLIP's roberta-*, xlm-roberta-*, mt5-*, nllb-clip-*); "
+                       "default: fetched from the hub (never its weights)")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ConvertConfig:
     arch: str | None = None
     quick_gelu: bool | None = None
     dtype: str = "fp32"
+    text_model_dir: Path | None = None  # a Hugging Face text tower's config + tokenizer, for hub ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,12 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="activation of weights whose file does not record it (default: QuickGELU for OpenAI "
                         "state dicts, GELU for OpenCLIP training checkpoints)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the written weights")
+    p.add_argument("--text-model-dir", type=Path, default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ConvertConfig(model=args.model, to=args.to, out=args.out, arch=args.arch,
-                        quick_gelu=args.quick_gelu, dtype=args.dtype)
+                        quick_gelu=args.quick_gelu, dtype=args.dtype, text_model_dir=args.text_model_dir)
     written = convert(cfg)
     print(f"wrote {cfg.to} checkpoint to {written}")
     return 0
@@ -63,6 +69,7 @@ def convert(cfg: ConvertConfig) -> Path:
         from clipforge.cli import CliError
 
         raise CliError("--out must differ from --model")
-    model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu)
+    model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu,
+                                    text_model_dir=cfg.text_model_dir)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     return checkpoints.export(model.to(dtype).eval(), cfg.to, cfg.out)

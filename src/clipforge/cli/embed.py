@@ -12,12 +12,15 @@ import argparse
 import json
 import os
 
+from clipforge.cli.convert import HELP_TEXT_MODEL_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed images or texts into resumable .npy + Parquet parts",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", required=True, help="checkpoint path or pretrained name: anything clipforge.load accepts")
     p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
+    p.add_argument("--text-model-dir", default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="image folder (recursive), .csv/.tsv/.parquet of paths, .tar shard(s) or "
                                      "a brace pattern like 'shards/{00000..00099}.tar'")  # fmt: skip
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, embed_captions=args.embed_captions,
         rank=rank, world_size=world, progress=not args.no_progress,
     )  # fmt: skip
-    model, _ = clipforge.load(args.model, arch=args.arch)
+    model, _ = clipforge.load(args.model, arch=args.arch, text_model_dir=args.text_model_dir)
     if args.texts:
         texts = sources.read_texts(args.texts, args.caption_column)
         summary = embed_texts(model, texts, args.out, cfg, source=os.path.abspath(args.texts))

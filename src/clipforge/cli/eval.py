@@ -11,11 +11,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from clipforge.cli.convert import HELP_TEXT_MODEL_DIR
+
 
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, help="checkpoint path or pretrained name: anything clipforge.load accepts")
         p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
+        p.add_argument("--text-model-dir", default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
     p.add_argument("--out", required=True, type=Path, help="result JSON file")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -133,7 +136,7 @@ def _labelling(args: argparse.Namespace, data: Path) -> Any:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     import clipforge
 
-    return clipforge.load(args.model, arch=args.arch)
+    return clipforge.load(args.model, arch=args.arch, text_model_dir=args.text_model_dir)
 
 
 # -- the result record --------------------------------------------------------------------

@@ -52,10 +52,13 @@ def _row(name: str, cfg, count_timm: bool) -> dict:
 
     from clipforge.errors import ClipforgeError
     from clipforge.model.clip import CLIP
+    from clipforge.model.hf_source import is_local
 
     params: float | None = None
     note = ""
-    if cfg.vision.arch != "timm" or count_timm:  # timm initialises its trunks even on the meta device
+    # A text encoder named by hub id is not fetched for a listing: its size stays unknown ("-").
+    offline = cfg.text.hf_model is None or is_local(cfg.text.hf_model)
+    if (cfg.vision.arch != "timm" or count_timm) and offline:  # timm initialises its trunks even on meta
         try:
             with torch.device("meta"):  # counts parameters without allocating them
                 params = round(CLIP(cfg).num_params() / 1e6, 2)
@@ -63,7 +66,8 @@ def _row(name: str, cfg, count_timm: bool) -> dict:
             note = str(e)
         except ImportError as e:  # timm not installed
             note = f"needs {e.name or 'timm'}"
-    row = {"name": name, "image_tower": _image_tower(cfg.vision), "text_tower": _text_tower(cfg.text),
+    text = _text_tower(cfg.text) + (f" + caption decoder x{cfg.decoder.layers}" if cfg.decoder else "")
+    row = {"name": name, "image_tower": _image_tower(cfg.vision), "text_tower": text,
            "image_size": cfg.vision.image_size, "embed_dim": cfg.embed_dim, "params_m": params,
            "quick_gelu": cfg.quick_gelu}
     return {**row, "unavailable": note} if note else row
@@ -80,6 +84,8 @@ def _image_tower(v) -> str:
         tower += " conv stem" + (" |x|" if v.stem_act == "abs" else "")
     if v.arch == "vit" and v.pool == "avg":
         tower += " avg"
+    if v.attentional_pool:
+        tower += " attn-pool"
     return tower
 
 
@@ -91,4 +97,6 @@ def _text_tower(text) -> str:
     if text.layers == 0:
         return "bag of words"
     kind = "clip" if text.causal_mask else "bidirectional"
+    if text.embed_cls:  # pooled at the class token, whatever pool says
+        return f"{kind} x{text.layers} cls"
     return f"{kind} x{text.layers}" + (f" {text.pool}" if text.pool != "eot" else "")

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"name": e.name, "arch": e.arch, "tag": e.tag, "source": e.source,
              "activation": "QuickGELU" if e.quick_gelu else "GELU", "sha256": e.sha256 or None,
              "hf_hub": e.hf_hub or None, "tokenizer": e.tokenizer, "context_length": e.context_length,
-             "mean": e.mean, "std": e.std} for e in entries]
+             "mean": e.mean, "std": e.std, "interpolation": e.interpolation, "resize_mode": e.resize_mode}
+            for e in entries]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

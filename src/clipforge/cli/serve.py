@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from clipforge.cli.convert import HELP_TEXT_MODEL_DIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve text/image search, zero-shot classification and a web page",
@@ -19,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help="the model the embeddings were made with: a checkpoint path or a pretrained name")
     p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
+    p.add_argument("--text-model-dir", default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
@@ -86,5 +89,6 @@ def build_app(args: argparse.Namespace):
         max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
         trusted_hosts=_trusted_hosts(args), allow_model_mismatch=args.allow_model_mismatch,
     )  # fmt: skip
-    model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch)
+    model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch,
+                                       text_model_dir=args.text_model_dir)
     return create_app(args.index, model, preprocess, settings), settings

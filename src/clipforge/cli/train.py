@@ -44,7 +44,10 @@ _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--save-every",), dict(type=int, metavar="N", help="checkpoint every N steps, 0 = only at the end (default: 1000)")),
     (("--keep-last",), dict(type=int, metavar="K", help="checkpoints kept (default: 2)")),
     (("--resume",), dict(metavar="auto|PATH", help="auto: newest complete checkpoint in --out (or start fresh)")),
-    (("--loss",), dict(choices=["clip", "siglip"], help="default: clip")),
+    (("--loss",), dict(choices=["auto", "clip", "siglip"],
+                       help="default: auto (siglip for a model with a logit bias, e.g. a SigLIP architecture)")),
+    (("--caption-loss-weight",), dict(type=float, metavar="W",
+                                      help="CoCa models: weight of the captioning loss (default 2)")),
     (("--loss-tile",), dict(type=int, metavar="N", help="compute the loss in NxN tiles (memory)")),
     (("--crop-scale",), dict(type=float, nargs=2, metavar=("LO", "HI"), help="random resized crop: area fraction "
                              "kept, drawn from [LO, HI]; 1 1 = no crop (default: 0.9 1.0)")),

@@ -35,9 +35,10 @@ from safetensors.torch import save_file
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
 from clipforge.model.clip import CLIP
+from clipforge.model.hf_source import hub_name, with_text_model
 from clipforge.model.hf_text import HFTextTower, check_saved_source
 from clipforge.model.hf_tokenizer import with_local_tokenizer
-from clipforge.model.interop import hf, hf_siglip, openai, torchscript
+from clipforge.model.interop import hf, hf_siglip, openai, openclip_hf, torchscript
 from clipforge.model.weight_files import (
     fill_bn_counters,
     first_of,
@@ -73,7 +74,7 @@ def write_config(model: CLIP, out: Path) -> Path:
     cfg = model.config
     if isinstance(model.text, HFTextTower):
         model.text.save_assets(out / TEXT_MODEL_DIR)
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, hf_model=TEXT_MODEL_DIR))
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, hf_model=TEXT_MODEL_DIR, hf_hub_id=hub_name(cfg.text)))
     cfg.to_json(out / CONFIG_NAME)
     return out / CONFIG_NAME
 
@@ -135,11 +136,14 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 
 # -- dispatch -------------------------------------------------------------------------------------
 
-def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | None = None) -> CLIP:
+def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | None = None,
+             text_model_dir: str | Path | None = None) -> CLIP:
     """Load any supported checkpoint, format detected from the content.
 
     ``arch`` names a registered architecture for weights whose shapes do not pin it down (head
-    counts); ``quick_gelu`` overrides the activation where the file does not record it."""
+    counts); ``quick_gelu`` overrides the activation where the file does not record it;
+    ``text_model_dir`` is a local folder (config.json + tokenizer files) for a Hugging Face text tower
+    that an OpenCLIP config or ``arch`` names by hub id (a clipforge directory carries its own)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -154,20 +158,21 @@ def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | No
             return load_hf_dir(path, hf_weights, quick_gelu=quick_gelu)
         oc_weights = first_of(path, OPENCLIP_WEIGHTS)
         if (path / OPENCLIP_CONFIG).is_file() and oc_weights:
-            return load_state_file(oc_weights, arch=arch, quick_gelu=quick_gelu)
+            return load_state_file(oc_weights, arch=arch, quick_gelu=quick_gelu, text_model_dir=text_model_dir)
         raise CheckpointError(
             f"{path}: directory holds no recognised checkpoint (expected clipforge's config.json + "
             f"{WEIGHTS_NAME}, a Hugging Face config.json + model.safetensors/pytorch_model.bin, or "
             f"{OPENCLIP_CONFIG} + open_clip_model.safetensors)")
-    return load_state_file(path, arch=arch, quick_gelu=quick_gelu)
+    return load_state_file(path, arch=arch, quick_gelu=quick_gelu, text_model_dir=text_model_dir)
 
 
-def load_state_file(path: Path, arch: str | None = None, quick_gelu: bool | None = None) -> CLIP:
+def load_state_file(path: Path, arch: str | None = None, quick_gelu: bool | None = None,
+                    text_model_dir: str | Path | None = None) -> CLIP:
     """One weights file: TorchScript archive, torch pickle, or safetensors."""
     source = str(path)
     state, file_quick_gelu, origin = _read_state(path)
     quick_gelu = file_quick_gelu if quick_gelu is None else quick_gelu
-    kind = openai.layout(state)
+    kind = "openclip-hf" if openclip_hf.is_openclip_hf_state(state) else openai.layout(state)
     meta: dict[str, int] = {}
     if kind == "hf":
         if arch is None:
@@ -176,11 +181,15 @@ def load_state_file(path: Path, arch: str | None = None, quick_gelu: bool | None
         state = hf.from_hf(state, source)
     elif kind == "openai":
         state, meta = openai.from_openai(state, source)
+    elif kind == "openclip-hf":  # OpenCLIP's HF text tower: text.transformer.* is our text.model.*
+        state = openclip_hf.from_openclip_hf(state)
     elif kind != "own":
         raise CheckpointError(f"{source}: tensors are not a CLIP model in any known layout "
                               f"(first names: {', '.join(list(state)[:5])})")
     fill_bn_counters(state)
     cfg = _resolve_config(path, state, arch, quick_gelu, origin)
+    if text_model_dir is not None:  # after naming: the registry names hub ids, not this machine's folders
+        cfg = with_text_model(cfg, text_model_dir)
     openai.check_meta(meta, cfg, source)
     return build_with_state(cfg, state, source)
 
@@ -264,14 +273,14 @@ def read_hf_weights(path: Path, weights: Path) -> dict[str, torch.Tensor]:
 
 
 def _registry_name(cfg: ClipConfig, default: str = "") -> str:
-    """The registered architecture with these shapes (names describe shapes, not activations)."""
+    """The registered architecture with these shapes, the one with the same activation first
+    (``ViT-B-32`` is GELU, ``ViT-B-32-quickgelu`` OpenAI's QuickGELU, as in OpenCLIP)."""
     from clipforge.model.registry import get_config, list_models
 
-    for name in list_models():
-        ref = get_config(name)
-        if (ref.embed_dim, ref.vision, ref.text) == (cfg.embed_dim, cfg.vision, cfg.text):
-            return name
-    return default
+    refs = {name: get_config(name) for name in list_models()}
+    shape = (cfg.embed_dim, cfg.vision, cfg.text, cfg.decoder)
+    same = [n for n, r in refs.items() if (r.embed_dim, r.vision, r.text, r.decoder) == shape]
+    return next((n for n in same if refs[n].quick_gelu == cfg.quick_gelu), same[0] if same else default)
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -282,12 +291,20 @@ def export(model: CLIP, fmt: ExportFormat, out: str | Path) -> Path:
     writers = {"clipforge": save, "hf": save_hf, "openclip": save_openclip, "openai": save_openai}
     if fmt not in writers:
         raise CheckpointError(f"unknown export format {fmt!r}; choose from {', '.join(writers)}")
-    if fmt != "clipforge" and model.config.text.hf_model is not None:
+    openclip_tower = model.config.text.hf_proj != "matrix"  # OpenCLIP's HFTextEncoder, which only it reads
+    if fmt != "clipforge" and model.config.text.hf_model is not None and not (fmt == "openclip" and openclip_tower):
         raise CheckpointError(f"cannot export to {fmt}: its format has no place for a Hugging Face text tower "
                               f"({model.config.text.hf_model}); save it in clipforge's format")
     if fmt != "clipforge" and model.config.vision.stem != "patch":
         raise CheckpointError(f"cannot export to {fmt}: its ViT has a single-conv patch embedding, this model a "
                               f"{model.config.vision.stem} stem; save it in clipforge's format")
+    cfg = model.config
+    if fmt in ("openclip", "openai") and cfg.vision.arch == "siglip":
+        raise CheckpointError(f"cannot export to {fmt}: this SigLIP image tower is Hugging Face's layout (OpenCLIP "
+                              "builds SigLIP from timm); export to hf (SiglipModel) or clipforge")
+    if fmt == "hf" and (cfg.decoder is not None or cfg.vision.attentional_pool or cfg.text.embed_cls):
+        raise CheckpointError("cannot export to hf: transformers' CLIPModel has no place for CoCa's attentional "
+                              "pooler, class token or captioning decoder; export to openclip or clipforge")
     pool = model.config.text.pool
     if fmt != "clipforge" and (pool == "mean" or pool != "eot" and fmt == "openai"):
         raise CheckpointError(f"cannot export to {fmt}: its text tower pools at the end-of-text token, this model "
@@ -317,10 +334,18 @@ def save_openclip(model: CLIP, out: str | Path) -> Path:
     ``open_clip.create_model(...).load_state_dict`` takes. A directory: that state dict plus
     ``open_clip_config.json``, which ``open_clip.create_model('local-dir:DIR')`` reads."""
     out = Path(out)
-    state = openai.to_openai(model.state_dict())
+    state = model.state_dict()
+    # OpenCLIP's CoCa and CustomTextCLIP (a class token needs it) keep the text tower under text. as
+    # clipforge does; its CLIP at the top level.
+    hf_tower = isinstance(model.text, HFTextTower)  # OpenCLIP's CustomTextCLIP: text.transformer.*, text.proj.*
+    custom_text = model.config.decoder is not None or model.config.text.embed_cls or hf_tower
+    state = state if custom_text else openai.to_openai(state)
+    state = openclip_hf.to_openclip_hf(state) if hf_tower else state
     if out.suffix in (".safetensors", ".pt", ".bin", ".pth"):
         return _write_state(state, out)
     out.mkdir(parents=True, exist_ok=True)
+    if hf_tower:  # open_clip's local-dir: reads the tokenizer from the directory itself
+        model.text.tokenizer.save_pretrained(out)
     _write_safetensors(state, out / OPENCLIP_WEIGHTS[0], {"format": "pt"})
     (out / OPENCLIP_CONFIG).write_text(json.dumps(openai.config_to_openclip(model.config), indent=2) + "\n")
     return out

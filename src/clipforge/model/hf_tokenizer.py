@@ -29,7 +29,7 @@ import torch
 
 from clipforge.config import ClipConfig, TextConfig
 from clipforge.errors import CheckpointError
-from clipforge.model.hf_text import HFTokenizer, _quiet, _transformers
+from clipforge.model.hf_text import HFTokenizer, _quiet, _transformers, load_hf_tokenizer, resolve_source
 
 # Vocabulary files of Hugging Face tokenizers; a directory holding one is a tokenizer directory.
 # (transformers 5 builds some tokenizer classes from config.json alone, with an empty vocabulary:
@@ -116,6 +116,19 @@ class FamilyTokenizer(HFTokenizer):
         if self.strip_sep:
             ids = ids.masked_fill(ids == self.tokenizer.sep_token_id, 0)  # OpenCLIP writes 0, BERT's pad id
         return ids
+
+
+def tower_tokenizer(cfg: TextConfig, tokenizer: Any | None = None) -> HFTokenizer:
+    """The tokenizer of a Hugging Face text tower (``tokenizer``: the tower's own, else read from
+    ``cfg.hf_model``): as the encoder's own call for clipforge's towers, or cleaned (and [SEP]
+    stripped) as OpenCLIP's HFTokenizer does for OpenCLIP's (``hf_proj`` other than 'matrix')."""
+    if tokenizer is None:
+        if cfg.hf_model is None:
+            raise ValueError("tower_tokenizer needs TextConfig.hf_model")
+        tokenizer = load_hf_tokenizer(resolve_source(cfg.hf_model))
+    if cfg.hf_proj == "matrix":
+        return HFTokenizer(tokenizer, cfg.context_length)
+    return FamilyTokenizer(tokenizer, cfg.context_length, cfg.tokenizer_clean, cfg.tokenizer_strip_sep)
 
 
 def with_local_tokenizer(cfg: ClipConfig, directory: str | Path) -> ClipConfig:

@@ -22,6 +22,13 @@ def take_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
 
 
+def mask_rows(mask: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """[B, H, N, N] -> [B, H, 1, N]: the mask's query row ``rows`` (int) or ``rows[b]``."""
+    if isinstance(rows, int):
+        return mask[:, :, rows : rows + 1]
+    return mask.gather(2, rows.view(-1, 1, 1, 1).expand(-1, mask.shape[1], 1, mask.shape[-1]))
+
+
 def _quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # x s(1.702 x) = silu(1.702 x) / 1.702, so d/dx = silu'(1.702 x): one fused kernel.
     return torch.ops.aten.silu_backward(grad, 1.702 * x)
@@ -159,21 +166,27 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
-        """[B, N, D] -> [B, N, D]; with ``rows`` only those positions' outputs, [B, 1, D]."""
+    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]; with ``rows`` only those positions' outputs, [B, 1, D]. ``mask``
+        (True = may attend), [B or 1, 1 or H, N, N], is combined with the causal mask."""
         b, n, d = x.shape
         dh = d // self.heads
+        if mask is not None and causal:  # SDPA takes a mask or is_causal, not both
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            causal = False
         if rows is None:
             qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3D]
             qkv = qkv.view(b, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # [3, B, H, N, Dh]
-            out = attend(qkv[0], qkv[1], qkv[2], causal)  # [B, H, N, Dh]
+            out = attend(qkv[0], qkv[1], qkv[2], causal, mask)  # [B, H, N, Dh]
             return self.out_proj(out.transpose(1, 2).reshape(b, n, d))  # a view if laid out [B, N, H, Dh]
         # One query per sequence: keys and values from every position, the query from one row.
         w, bias = self.in_proj_weight, self.in_proj_bias
         kv = F.linear(x, w[d:], bias[d:]).view(b, n, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # [2, B, H, N, Dh]
         q = F.linear(take_rows(x, rows), w[:d], bias[:d]).view(b, 1, self.heads, dh).transpose(1, 2)  # [B, H, 1, Dh]
-        mask = None
-        if causal:  # the query at position p sees keys 0..p, as row p of the causal mask
+        if mask is not None:
+            mask = mask_rows(mask.expand(b, -1, n, n), rows)  # [B, 1 or H, 1, N]
+        elif causal:  # the query at position p sees keys 0..p, as row p of the causal mask
             p = rows if isinstance(rows, torch.Tensor) else torch.full((b,), rows, device=x.device)
             mask = (torch.arange(n, device=x.device) <= p.view(b, 1)).view(b, 1, 1, n)  # [B, 1, 1, N]
         out = attend(q, kv[0], kv[1], mask=mask)  # [B, H, 1, Dh]
@@ -219,10 +232,11 @@ class ResidualBlock(nn.Module):
         self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, D] -> [B, N, D]; with ``rows`` the block's output at those positions only, [B, 1, D]."""
         h = self.ln_1(x)
-        x = (x if rows is None else take_rows(x, rows)) + self.ls_1(self.attn(h, causal=causal, rows=rows))
+        x = (x if rows is None else take_rows(x, rows)) + self.ls_1(self.attn(h, causal=causal, rows=rows, mask=mask))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
@@ -244,18 +258,20 @@ class Transformer(nn.Module):
         # then select; the same outputs to float rounding, for tests and benchmarks).
         self.pooled_last_block = True
 
-    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, rows: Rows | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, D] -> [B, N, D]. With ``rows`` (the pooled position: an int for every sequence,
         or a LongTensor [B]) -> [B, D], the output at that position only. The towers use nothing
         else of the last block, so it computes only that query, its MLP and its residual; the
-        other blocks run in full (every position is a key of the next block)."""
+        other blocks run in full (every position is a key of the next block). ``mask``: which keys
+        each query may attend (``Attention``), on top of ``causal``."""
         last = len(self.resblocks) - 1 if self.pooled_last_block else -1
         for i, block in enumerate(self.resblocks):
             r = rows if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, r, use_reentrant=False)
+                x = checkpoint(block, x, causal, r, mask, use_reentrant=False)
             else:
-                x = block(x, causal=causal, rows=r)
+                x = block(x, causal=causal, rows=r, mask=mask)
         if rows is not None:
             x = (x if last >= 0 else take_rows(x, rows)).squeeze(1)  # [B, D]
         return x

@@ -9,8 +9,8 @@ pooled vector is the image embedding; there is no projection, so ``embed_dim`` i
 
 SigLIP 2 embeds patches with a linear layer on flattened (row, column, channel) patches, which is
 the same map as the conv here with its weight reordered (``interop.hf_siglip`` converts). At its
-native grid its position table is used as is; NaFlex inputs (other aspect ratios and patch
-counts, ``spatial_shapes``, ``pixel_attention_mask``) are not supported.
+native grid its position table is used as is; NaFlex inputs (``model.naflex``: other aspect ratios
+and patch counts) resize the table to each image's grid and mask the padding.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from clipforge.config import VisionConfig
 from clipforge.model.layers import LayerNorm, Mlp, Transformer, attend
+from clipforge.model.naflex import NaFlexBatch, patch_weight, resized_positions
 
 NORM_EPS = 1e-6
 GELU_APPROXIMATE = "tanh"
@@ -42,13 +43,15 @@ class AttentionPoolHead(nn.Module):
         self.norm = LayerNorm(width, eps=NORM_EPS)
         self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu=False, gelu_approximate=GELU_APPROXIMATE)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, W] -> [B, W]; ``mask`` [B, N] (True: a token to pool over) leaves padding out."""
         b, n, d = x.shape
         dh = d // self.heads
         w, bias = self.attn.in_proj_weight, self.attn.in_proj_bias
         q = F.linear(self.probe.to(x.dtype), w[:d], bias[:d]).view(1, 1, self.heads, dh).transpose(1, 2)
         kv = F.linear(x, w[d:], bias[d:]).view(b, n, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # [2, B, H, N, Dh]
-        out = attend(q.expand(b, -1, -1, -1), kv[0], kv[1])  # [B, H, 1, Dh]
+        keys = None if mask is None else mask.view(b, 1, 1, n)
+        out = attend(q.expand(b, -1, -1, -1), kv[0], kv[1], mask=keys)  # [B, H, 1, Dh]
         out = self.attn.out_proj(out.transpose(1, 2).reshape(b, d))  # [B, W]
         return out + self.mlp(self.norm(out))
 
@@ -70,15 +73,30 @@ class SiglipVisionTower(nn.Module):
         self.ln_post = LayerNorm(width, eps=NORM_EPS)
         self.attn_pool = AttentionPoolHead(width, heads, cfg.mlp_ratio)
 
-    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
-        """Images [B, 3, S, S] at the configured size -> embeddings [B, W] (``project`` changes
-        nothing: the pooled vector is the embedding)."""
+    def forward(self, x: torch.Tensor | NaFlexBatch, project: bool = True) -> torch.Tensor:
+        """Images [B, 3, S, S] at the configured size, or a NaFlex batch (SigLIP 2's variable
+        aspect ratios, ``model.naflex``) -> embeddings [B, W] (``project`` changes nothing: the
+        pooled vector is the embedding)."""
+        if isinstance(x, NaFlexBatch):
+            return self._forward_naflex(x)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}")
         x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # [B, g*g, W]
         x = x + self.positional_embedding.to(x.dtype)
         x = self.ln_post(self.transformer(x))  # [B, g*g, W]
         return self.attn_pool(x)
+
+    def _forward_naflex(self, batch: NaFlexBatch) -> torch.Tensor:
+        dtype = self.conv1.weight.dtype
+        patches, mask = batch.patches.to(dtype), batch.mask.bool()
+        if patches.shape[-1] != self.conv1.weight[0].numel():
+            raise ValueError(f"expected patches of {self.conv1.weight[0].numel()} values (patch size "
+                             f"{self.conv1.kernel_size[0]}), got {patches.shape[-1]}")
+        x = F.linear(patches, patch_weight(self.conv1), self.conv1.bias)  # [B, N, W]
+        x = x + resized_positions(self.positional_embedding, batch.spatial_shapes, x.shape[1])
+        keys = mask[:, None, None, :]  # [B, 1, 1, N]: padding is never attended to
+        x = self.ln_post(self.transformer(x, mask=keys))
+        return self.attn_pool(x, mask)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

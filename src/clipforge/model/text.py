@@ -3,8 +3,8 @@ OpenCLIP's other variants (``TextConfig``): bidirectional attention, pooling at 
 position, a projection with a bias or none, LayerNorm eps, tanh GELU and LayerScale.
 
 Parameter names are OpenCLIP's ``TextTransformer``'s for every variant (``text_projection`` is a
-matrix, or an ``nn.Linear`` with ``proj_bias``; ``ls_1.gamma``/``ls_2.gamma`` with LayerScale), so
-its state dicts load one to one.
+matrix, or an ``nn.Linear`` with ``proj_bias``; ``ls_1.gamma``/``ls_2.gamma`` with LayerScale;
+``cls_emb`` for CoCa's class token), so its state dicts load one to one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from clipforge.config import TextConfig
-from clipforge.model.layers import LayerNorm, Transformer
+from clipforge.model.layers import LayerNorm, Transformer, take_rows
 
 
 def eot_positions(tokens: torch.Tensor, eot_token_id: int, fallback_argmax: bool = True) -> torch.Tensor:
@@ -34,7 +34,9 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        # CoCa's class token takes one position after the longest text.
+        self.cls_emb = nn.Parameter(torch.empty(cfg.width)) if cfg.embed_cls else None
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + cfg.embed_cls, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu,
                                        ls_init_value=cfg.ls_init_value, norm_eps=cfg.norm_eps,
                                        gelu_approximate=cfg.gelu_approximate)
@@ -60,6 +62,8 @@ class TextTransformer(nn.Module):
         width, layers = self.cfg.width, self.cfg.layers
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
         self.transformer.init_weights(
             proj_std=width**-0.5 * (2 * max(layers, 1)) ** -0.5, attn_std=width**-0.5, fc_std=(2 * width) ** -0.5
         )
@@ -80,12 +84,56 @@ class TextTransformer(nn.Module):
         cfg = self.cfg
         return eot_positions(tokens, cfg.eot_token_id, fallback_argmax=cfg.eot_token_id == cfg.vocab_size - 1)
 
-    def forward(self, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
+    def _check(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"expected token ids of shape [batch, <= {self.context_length}], got {tuple(tokens.shape)}"
             )
+
+    def _project(self, pooled: torch.Tensor, project: bool) -> torch.Tensor:
+        if not project or self.text_projection is None:
+            return pooled
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection
+
+    def _with_cls(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CoCa's input: token embeddings, the class token appended, positions added, [B, N+1, W];
+        and which keys may be attended, [B, 1, 1, N+1]. OpenCLIP's mask (which its CoCa weights were
+        trained with) lets every query see key 0 and key j > 0 where token j-1 is not padding: one
+        place off the tokens, so the class position sees the first padding slot and (unless the
+        text fills the context) not itself."""
+        b, n = tokens.shape
+        x = self.token_embedding(tokens)
+        x = torch.cat([x, self.cls_emb.to(x.dtype).expand(b, 1, -1)], dim=1)  # type: ignore[union-attr]
+        x = x + self.positional_embedding[: n + 1].to(x.dtype)
+        valid = torch.cat([torch.ones_like(tokens[:, :1], dtype=torch.bool), tokens != self.cfg.pad_token_id], dim=1)
+        return x, valid[:, None, None, :]
+
+    def forward_tokens(self, tokens: torch.Tensor, project: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, E] as ``forward`` returns it, token outputs [B, N, W]): what a captioning
+        decoder reads, as OpenCLIP's ``output_tokens`` gives them (before ln_final with a class
+        token, after it otherwise)."""
+        self._check(tokens)
         causal = self.cfg.causal_mask
+        if self.cls_emb is not None:
+            x, mask = self._with_cls(tokens)
+            x = self.transformer(x, causal=causal, mask=mask)  # [B, N+1, W]
+            return self._project(self.ln_final(x[:, -1]), project), x[:, :-1]
+        if self.cfg.pool == "mean":
+            raise ValueError("token outputs of a mean-pooled text tower are not defined (no OpenCLIP counterpart)")
+        n = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        x = self.ln_final(self.transformer(x, causal=causal))  # [B, N, W]
+        return self._project(take_rows(x, self.pooled_positions(tokens)).squeeze(1), project), x
+
+    def forward(self, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
+        self._check(tokens)
+        causal = self.cfg.causal_mask
+        if self.cls_emb is not None:  # pooled at the class token, the last position: only its row of the last block
+            x, mask = self._with_cls(tokens)
+            x = self.transformer(x, causal=causal, rows=tokens.shape[1], mask=mask)  # [B, W]
+            return self._project(self.ln_final(x), project)
         pos = self.pooled_positions(tokens)  # [B]
         if self.trim_padding and causal:
             tokens = tokens[:, : int(pos.max()) + 1]
@@ -100,12 +148,7 @@ class TextTransformer(nn.Module):
             # OpenCLIP normalises every position and then pools; LayerNorm acts per position,
             # so pooling first is the same.
             x = self.transformer(x, causal=causal, rows=pos)  # [B, W]
-        pooled = self.ln_final(x)  # [B, W]
-        if not project or self.text_projection is None:
-            return pooled
-        if isinstance(self.text_projection, nn.Linear):
-            return self.text_projection(pooled)
-        return pooled @ self.text_projection
+        return self._project(self.ln_final(x), project)  # [B, E]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

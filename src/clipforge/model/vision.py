@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.config import VisionConfig
+from clipforge.model.cross_attn import AttentionalPooler
 from clipforge.model.layers import LayerNorm, Transformer
 
 
@@ -41,7 +42,8 @@ def conv_stem(width: int, patch_size: int, first_act: str = "relu") -> nn.Sequen
 
 class VisionTransformer(nn.Module):
     """Patch embedding (one strided conv, or a conv stem), class token, learned positions,
-    pre-LN transformer, ln_post, proj."""
+    pre-LN transformer, ln_post, proj; with ``attentional_pool`` (CoCa) an attentional pooler
+    between the transformer and ln_post, whose first query is the pooled one."""
 
     def __init__(self, cfg: VisionConfig, output_dim: int, quick_gelu: bool) -> None:
         super().__init__()
@@ -60,8 +62,13 @@ class VisionTransformer(nn.Module):
         self.pool, self.final_ln_after_pool = cfg.pool, cfg.final_ln_after_pool
         self.transformer = Transformer(width, cfg.layers, cfg.num_heads, cfg.mlp_ratio, quick_gelu,
                                        ls_init_value=cfg.ls_init_value)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.attn_pool = None
+        pool_width = width
+        if cfg.attentional_pool:
+            self.attn_pool = AttentionalPooler(output_dim, width, cfg.attn_pooler_heads, cfg.attn_pooler_queries)
+            pool_width = output_dim
+        self.ln_post = LayerNorm(pool_width)
+        self.proj = nn.Parameter(scale * torch.randn(pool_width, output_dim))
         # FLIP-style patch dropout: fraction of patch tokens dropped while training.
         self.patch_dropout = 0.0
 
@@ -74,7 +81,8 @@ class VisionTransformer(nn.Module):
         patches = torch.gather(x[:, 1:], 1, idx.unsqueeze(-1).expand(-1, -1, d))
         return torch.cat([x[:, :1], patches], dim=1)
 
-    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] -> the transformer's input [B, 1+g*g, W] (fewer with patch dropout)."""
         if self.stem_is_conv and x.device.type == "cpu":
             # oneDNN runs the stem's 3x3 convolutions faster channels-last; the weights keep their
             # layout, and the flatten/transpose below is then a view of the output rather than a copy.
@@ -85,7 +93,28 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+g*g, W]
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
-        x = self.ln_pre(x)
+        return self.ln_pre(x)
+
+    def forward_tokens(self, x: torch.Tensor, project: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, E] as ``forward`` returns it, tokens [B, T, D]): the tokens a captioning
+        decoder reads, as OpenCLIP's ``output_tokens`` gives them: the pooler's other queries after
+        ln_post, else the patch tokens (after ln_post unless it follows the pooling)."""
+        x = self.transformer(self._embed(x))  # [B, N, W]
+        if self.attn_pool is not None:
+            x = self.ln_post(self.attn_pool(x))  # [B, Q, E]
+            pooled, tokens = (x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)), x[:, 1:]
+        elif self.final_ln_after_pool:
+            tokens = x[:, 1:]
+            pooled = self.ln_post(x[:, 0] if self.pool == "cls" else tokens.mean(dim=1))
+        else:
+            x = self.ln_post(x)
+            pooled, tokens = (x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)), x[:, 1:]
+        return (pooled @ self.proj if project else pooled), tokens
+
+    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
+        if self.attn_pool is not None:  # the queries need every position of the last block
+            return self.forward_tokens(x, project)[0]
+        x = self._embed(x)
         if self.pool == "cls":  # LayerNorm is per token: before or after pooling is the same here
             x = self.transformer(x, rows=0)  # [B, W]: the class token's output (the last block computes only it)
             pooled = self.ln_post(x)  # [B, W]

@@ -1,14 +1,12 @@
 """OpenCLIP's own ViTs and ResNets: the architectures of OpenCLIP's model configs whose towers are
-its own (no timm image tower, no Hugging Face text tower, no captioning decoder), with OpenCLIP's
-names and values (open-clip-torch 3.3, model_configs/*.json).
+its own (no timm image tower, no Hugging Face text tower), CoCa's included, with OpenCLIP's names
+and values (open-clip-torch 3.3, model_configs/*.json).
 
 They are written out as OpenCLIP dicts, because open_clip is not a dependency, and go through
 ``config_from_openclip`` as an ``open_clip_config.json`` does, so a loaded checkpoint finds its
 name here. ``registry`` merges ``OPENCLIP_ARCHITECTURES`` into its table.
 
-Nine of OpenCLIP's names (RN50, RN101, RN50x4, RN50x16, RN50x64, ViT-B-32, ViT-B-16, ViT-L-14,
-ViT-L-14-336) mean GELU there but OpenAI's QuickGELU models in clipforge, which keeps its meaning;
-``registry`` registers their ``-quickgelu`` names as the same configs. Those nine are not here.
+OpenAI's nine shapes (RN50 ... ViT-L-14-336) and their ``-quickgelu`` names are in ``registry``.
 """
 
 from __future__ import annotations
@@ -70,6 +68,14 @@ _WORLDWIDE_TEXT = {
           "vocab_size": 901629},
 }
 _WORLDWIDE_TEXT["bigG"] = _WORLDWIDE_TEXT["H"]
+
+
+def _coca(embed: int, vision: dict, text: dict, decoder: tuple[int, int, int]) -> ClipConfig:
+    """CoCa: the towers give tokens too, the text tower appends a class token, and a captioning
+    decoder (width, heads, layers) reads 76 tokens, as the text tower does."""
+    width, heads, layers = decoder
+    return oc(embed, {**vision, "output_tokens": True}, {**text, "embed_cls": True, "output_tokens": True},
+              multimodal_cfg={"context_length": 76, "width": width, "heads": heads, "layers": layers})
 
 
 def _vision(size: str, patch: int, image: int, **extra: Any) -> dict:
@@ -138,4 +144,12 @@ OPENCLIP_ARCHITECTURES: dict[str, ClipConfig] = {
     "ViT-H-14-worldwide-378": _vit("H", 14, 378, text="worldwide"),
     "ViT-bigG-14-worldwide": _vit("bigG", 14, text="worldwide"),
     "ViT-bigG-14-worldwide-378": _vit("bigG", 14, 378, text="worldwide"),
+    # CoCa (Yu et al. 2022): an attentional pooler's 256 queries over the ViT (the first one pooled,
+    # the rest the decoder's image tokens) or, in coca_base, the patch tokens; the text's class token.
+    "coca_ViT-B-32": _coca(512, _vision("B", 32, 224, attentional_pool=True, attn_pooler_heads=8),
+                           tt(512, 8, 12, context=76), (512, 8, 12)),
+    "coca_ViT-L-14": _coca(768, _vision("L", 14, 224, attentional_pool=True, attn_pooler_heads=8),
+                           tt(768, 12, 12, context=76), (768, 12, 12)),
+    "coca_base": _coca(512, _vision("B", 18, 288), {**tt(768, 12, 12, context=76), "vocab_size": 64000},
+                       (768, 12, 12)),
 }

@@ -103,7 +103,8 @@ class TrainConfig:
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    loss: Literal["clip", "siglip"] = "clip"
+    loss: Literal["auto", "clip", "siglip"] = "auto"  # auto: siglip for a model with a logit bias
+    caption_loss_weight: float = 2.0  # CoCa models: weight of the captioning loss (OpenCLIP's default)
     loss_tile: int | None = None  # compute the loss in tiles of this many rows (memory)
     grad_checkpointing: bool = False
     compile: bool = False
@@ -136,8 +137,10 @@ class TrainConfig:
             raise ConfigError("steps and epochs must be >= 1")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
-        if self.loss not in ("clip", "siglip"):
-            raise ConfigError(f"loss must be clip or siglip, got {self.loss!r}")
+        if self.loss not in ("auto", "clip", "siglip"):
+            raise ConfigError(f"loss must be auto, clip or siglip, got {self.loss!r}")
+        if self.caption_loss_weight < 0:
+            raise ConfigError(f"caption_loss_weight must be >= 0, got {self.caption_loss_weight}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
         try:

@@ -6,10 +6,10 @@ trainable, together with the tower's head (final norm + projection / attention p
 ``set_locked_eval`` so a frozen ResNet keeps its BatchNorm statistics (and a frozen
 Hugging Face encoder runs without dropout).
 
-A Hugging Face text tower is a pretrained encoder plus clipforge's ``text_projection``, which
-starts random: locking it freezes the encoder (all but its last N layers) and keeps the
-projection trainable, so the frozen features are mapped into the shared space by a learned
-layer (LiT with a pretrained text encoder), not a random one.
+A Hugging Face text tower is a pretrained encoder plus a projection (``text_projection``, or
+OpenCLIP's ``proj``), which starts random: locking it freezes the encoder (all but its last N
+layers) and keeps the projection trainable, so the frozen features are mapped into the shared
+space by a learned layer (LiT with a pretrained text encoder), not a random one.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _blocks_and_head(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Module]
 # Parameters outside any block that stay trainable with unlocked layers (absent ones are skipped:
 # a text tower without projection, proj_type 'none').
 _HEAD_PARAMS = {VisionTransformer: ("proj",), TextTransformer: ("text_projection",), ModifiedResNet: (),
-                HFTextTower: ("text_projection",), SiglipVisionTower: (), TimmVisionTower: ()}
+                HFTextTower: ("text_projection", "proj"), SiglipVisionTower: (), TimmVisionTower: ()}
 
 
 def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Module]:
@@ -58,7 +58,8 @@ def lock_tower(model: CLIP, tower: str, unlocked_layers: int = 0) -> list[nn.Mod
     for p in module.parameters():
         p.requires_grad_(False)
     if isinstance(module, HFTextTower):  # the encoder is locked, its new projection learns
-        module.text_projection.requires_grad_(True)
+        for p in module.projection_parameters():
+            p.requires_grad_(True)
         if unlocked_layers == 0:
             return [module.model]
     if unlocked_layers == 0:

@@ -3,9 +3,11 @@ fine-tuned or resumed) with its training options applied and its distributed wra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +33,8 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -
         model = CLIP(ClipConfig.from_json(resume_dir / CONFIG_NAME))  # text tower as saved
     elif model is None and cfg.model in factory.list_models():
         arch = get_config(cfg.model)
-        if cfg.loss == "siglip":  # the SigLIP paper's initial temperature and bias
+        if cfg.loss == "siglip" or (cfg.loss == "auto" and arch.init_logit_bias is not None):
+            # the SigLIP paper's initial temperature and bias (OpenCLIP's configs keep CLIP's temperature)
             arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
         if cfg.text_model:
             arch = _with_text_model(arch, cfg.text_model)
@@ -53,6 +56,41 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -
         assert missing == ["logit_bias"] and not unexpected, (missing, unexpected)
         model = with_bias
     return model.float()
+
+
+def resolve_loss(cfg: TrainConfig, model: CLIP) -> TrainConfig:
+    """``loss='auto'``: SigLIP's sigmoid loss for a model with a logit bias (a SigLIP architecture or
+    checkpoint), else CLIP's softmax loss."""
+    if cfg.loss != "auto":
+        return cfg
+    return cfg.replace(loss="siglip" if model.logit_bias is not None else "clip")
+
+
+def caption_weight(cfg: TrainConfig, model: CLIP) -> float:
+    """The weight of CoCa's captioning loss: ``caption_loss_weight`` for a model with a decoder, else 0."""
+    if model.config.decoder is None:
+        return 0.0
+    if cfg.grad_accum > 1 and cfg.caption_loss_weight:
+        raise ConfigError("a CoCa model trains with grad_accum 1 (its captioning loss is not accumulated yet)")
+    return cfg.caption_loss_weight
+
+
+def plan_steps(cfg: TrainConfig, loader: Any, main: bool) -> tuple[int | None, TrainConfig]:
+    """(optimizer steps the run takes, or None for a stream of unknown length; the config, its
+    schedule made constant where the length is unknown)."""
+    if cfg.steps is not None:
+        return cfg.steps, cfg
+    per_epoch = loader.num_batches_per_epoch
+    if per_epoch is not None:
+        return cfg.run_epochs * per_epoch // cfg.grad_accum, cfg
+    if cfg.data.resampled:
+        raise ConfigError("resampled shards never end: give the run length in steps")
+    if cfg.schedule.kind != "constant":
+        if main:
+            print(f"warning: the {cfg.schedule.kind} schedule needs the run length, which shard streams do "
+                  "not know: using a constant rate after warm-up (set steps for the schedule)", flush=True)
+        cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, kind="constant"))
+    return None, cfg
 
 
 def _with_text_model(arch: ClipConfig, text_model: str) -> ClipConfig:

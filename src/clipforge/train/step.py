@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from clipforge.train.accumulation import accumulated_contrastive_backward
+from clipforge.train.coca_loss import caption_loss
 from clipforge.train.distributed import all_reduce_sum
 from clipforge.train.loss import ContrastiveLoss
 from clipforge.utils import autocast
@@ -63,8 +64,12 @@ class TrainStep:
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: ContrastiveLoss | None = None, *,
                  grad_clip: float = 1.0, precision: str = "fp32", device: torch.device | str = "cpu",
                  scaler: torch.amp.GradScaler | None = None, replicated: Sequence[nn.Parameter] = (),
-                 world_size: int = 1, clip: Callable[[], torch.Tensor] | None = None) -> None:
+                 world_size: int = 1, clip: Callable[[], torch.Tensor] | None = None,
+                 caption_weight: float = 0.0, pad_id: int = 0) -> None:
         self.model, self.opt = model, opt
+        # CoCa: the captioning loss (next-token cross-entropy, padding ``pad_id`` skipped) added
+        # with this weight to the contrastive one; 0 for every other model.
+        self.caption_weight, self.pad_id = caption_weight, pad_id
         self.clip = clip or (lambda: clip_gradients(self.opt, self.grad_clip, self.device))
         self.loss_fn = loss_fn if loss_fn is not None else ContrastiveLoss()
         self.grad_clip, self.precision, self.device = grad_clip, precision, torch.device(device)
@@ -76,6 +81,8 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
         if len(micro_batches) == 1:
             loss = self._backward(self._contrastive_loss(*micro_batches[0]))
+        elif self.caption_weight:
+            raise ValueError("CoCa's captioning loss is computed on one micro-batch (grad_accum 1)")
         else:
             loss = accumulated_contrastive_backward(self.model, self.loss_fn, list(micro_batches),
                                                     lambda: autocast(self.precision, self.device), self.scaler)
@@ -91,10 +98,13 @@ class TrainStep:
 
     def _contrastive_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.device):
-            out = self.model(images, tokens)
+            out = self.model(images, tokens, caption=True) if self.caption_weight else self.model(images, tokens)
         # the loss in fp32, outside autocast (as the accumulated path does)
         bias = out.logit_bias.float() if out.logit_bias is not None else None
-        return self.loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float(), bias)
+        loss = self.loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float(), bias)
+        if self.caption_weight:
+            loss = loss + self.caption_weight * caption_loss(out.logits.float(), out.labels, self.pad_id)
+        return loss
 
     def _backward(self, loss: torch.Tensor) -> torch.Tensor:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

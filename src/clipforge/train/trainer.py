@@ -16,7 +16,6 @@ position, so a killed-and-resumed CPU run ends bitwise equal to an uninterrupted
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -46,7 +45,7 @@ from clipforge.train.runtime import (
     broadcast_object, configure_threads, gather_objects, install_sigterm_handler, resolve_precision,
     reuse_freed_memory,
 )
-from clipforge.train.setup import build_model, choose_resume, prepare_model, wrap_model
+from clipforge.train.setup import build_model, caption_weight, choose_resume, plan_steps, prepare_model, resolve_loss, wrap_model
 from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.step import TrainStep, clip_gradients
 from clipforge.train.validation import run_validation
@@ -103,6 +102,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         raw = build_model(self.cfg, self.resume_dir, model)
+        self.cfg = cfg = resolve_loss(cfg, raw)
         train_state = None
         if self.resume_dir is not None:
             model_state, train_state = ckpt.load_checkpoint(self.resume_dir)
@@ -118,10 +118,11 @@ class Trainer:
         self.train_step = TrainStep(self.model, self.opt, self.loss_fn, grad_clip=cfg.optim.grad_clip,
                                     precision=self.precision, device=self.device, scaler=self.scaler,
                                     replicated=self.replicated, world_size=info.world_size,
-                                    clip=lambda: self._clip_grads())
+                                    clip=lambda: self._clip_grads(), caption_weight=caption_weight(cfg, raw),
+                                    pad_id=raw.config.text.pad_token_id)
 
         self.loader = self._build_loader()
-        self.total_steps = self._total_steps()
+        self.total_steps, self.cfg = plan_steps(self.cfg, self.loader, self.main)
         self.schedule = LrSchedule(self.opt, self.cfg.schedule, self.total_steps)
         self.pending_rng = None
         if train_state is not None:
@@ -152,23 +153,6 @@ class Trainer:
             start_epoch=self.state.epoch, start_batch=self.state.batch,
             pin_memory=self.device.type == "cuda", drop_last=True,
         )
-
-    def _total_steps(self) -> int | None:
-        cfg = self.cfg
-        if cfg.steps is not None:
-            return cfg.steps
-        per_epoch = self.loader.num_batches_per_epoch
-        if per_epoch is not None:
-            return cfg.run_epochs * per_epoch // cfg.grad_accum
-        # a stream of unknown length: run until it ends
-        if cfg.data.resampled:
-            raise ConfigError("resampled shards never end: give the run length in steps")
-        if cfg.schedule.kind != "constant":
-            if self.main:
-                print(f"warning: the {cfg.schedule.kind} schedule needs the run length, which shard streams do "
-                      "not know: using a constant rate after warm-up (set steps for the schedule)", flush=True)
-            self.cfg = cfg.replace(schedule=dataclasses.replace(cfg.schedule, kind="constant"))
-        return None
 
     @property
     def global_batch(self) -> int:

@@ -16,6 +16,12 @@ import torch
 
 from clipforge.config import ClipConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.model.interop.openclip_coca import (
+    attn_pool_fields,
+    coca_to_openclip,
+    decoder_from_openclip,
+    vision_attn_pool_bad,
+)
 from clipforge.model.interop.openclip_text import text_from_openclip, text_to_openclip
 
 # Top-level names of OpenAI's text tower; they live under ``text.`` in our layout.
@@ -109,6 +115,13 @@ def _heads(width: int, what: str, source: str) -> int:
 
 
 def _infer(s: dict[str, torch.Tensor], quick_gelu: bool, source: str) -> ClipConfig:
+    if any(k.startswith("text.model.") for k in s):  # OpenCLIP's HF text tower, read as ours
+        raise CheckpointError(f"{source}: the text tower is a Hugging Face model (text.transformer.*), which its "
+                              "tensors do not name: put OpenCLIP's open_clip_config.json beside the weights, or "
+                              "pass arch= with a registered architecture (clipforge models)")
+    if any(k.startswith(("text_decoder.", "visual.attn_pool.")) for k in s):  # head counts are not in the shapes
+        raise CheckpointError(f"{source}: a CoCa model (text_decoder.*, visual.attn_pool.*): put OpenCLIP's "
+                              "open_clip_config.json beside the weights, or pass arch= (e.g. coca_ViT-B-32)")
     if "visual.proj" in s:
         width, _, patch, _ = s["visual.conv1.weight"].shape
         grid = _grid(s["visual.positional_embedding"].shape[0] - 1, "visual.positional_embedding", source)
@@ -150,11 +163,12 @@ def _infer(s: dict[str, torch.Tensor], quick_gelu: bool, source: str) -> ClipCon
 
 # Options we implement, and the values of every other option that leave the model unchanged.
 # (None: any value is fine, e.g. patch_dropout acts only in training.) Unlisted options must be falsy.
-_VISION_NEUTRAL = { "pos_embed_type": "learnable", "attn_pooler_queries": 256,
-                   "attn_pooler_heads": 8, "timm_pool": "avg", "timm_proj": "linear", "patch_dropout": None,
-                   "block_type": "default"}
+# output_tokens only adds a second output (CoCa's decoder reads it; a decoder in the config sets it).
+_VISION_NEUTRAL = {"pos_embed_type": "learnable", "timm_pool": "avg", "timm_proj": "linear", "patch_dropout": None,
+                   "block_type": "default", "output_tokens": None}
 _VISION_KEYS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "pool_type",
-                "final_ln_after_pool", "no_ln_pre", "ls_init_value"}
+                "final_ln_after_pool", "no_ln_pre", "ls_init_value", "attentional_pool", "attn_pooler_queries",
+                "attn_pooler_heads"}
 _VISION_POOLS = {"tok": "cls", "avg": "avg"}
 
 
@@ -176,7 +190,10 @@ def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
     if timm_vision is not None:  # OpenCLIP reads no other vision option of a timm tower
         v = {"image_size": v.get("image_size", 224)}
     text, text_bad = text_from_openclip(t)
-    bad = _unsupported(v, _VISION_KEYS, _VISION_NEUTRAL) + text_bad
+    decoder, decoder_bad = decoder_from_openclip(m)
+    bad = _unsupported(v, _VISION_KEYS, _VISION_NEUTRAL) + text_bad + decoder_bad + vision_attn_pool_bad(v)
+    if isinstance(v.get("layers"), (list, tuple)) and v.get("attentional_pool"):
+        bad.append("attentional_pool with a ResNet")
     if v.get("pool_type", "tok") not in _VISION_POOLS:
         bad.append(f"vision pool_type={v['pool_type']!r}")
     if isinstance(v.get("layers"), (list, tuple)) and any(v.get(k) for k in ("final_ln_after_pool", "no_ln_pre")):
@@ -200,8 +217,10 @@ def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
                               heads=None if head_width == 64 else width // head_width,
                               mlp_ratio=v.get("mlp_ratio", 4.0),
                               pool=_VISION_POOLS.get(v.get("pool_type", "tok"), "cls"),
-                              final_ln_after_pool=bool(v.get("final_ln_after_pool", False)),
-                              ln_pre=not v.get("no_ln_pre", False), ls_init_value=v.get("ls_init_value"))
+                              # OpenCLIP ignores final_ln_after_pool behind an attentional pooler.
+                              final_ln_after_pool=bool(v.get("final_ln_after_pool")) and not v.get("attentional_pool"),
+                              ln_pre=not v.get("no_ln_pre", False), ls_init_value=v.get("ls_init_value"),
+                              **attn_pool_fields(v))
     p = d.get("preprocess_cfg", {})
     if p.get("resize_mode", "shortest") not in ("shortest", "squash"):
         raise CheckpointError(f"{source}: preprocessing resize_mode={p['resize_mode']!r} is not supported")
@@ -213,7 +232,7 @@ def config_from_openclip(d: dict[str, Any], source: str) -> ClipConfig:
     return ClipConfig(embed_dim=m.get("embed_dim", 512), vision=vision, text=text,
                       quick_gelu=bool(m.get("quick_gelu", False)), init_logit_bias=m.get("init_logit_bias"),
                       init_logit_scale=float(m.get("init_logit_scale", ClipConfig.init_logit_scale)),
-                      preprocess=pre)
+                      preprocess=pre, decoder=decoder)
 
 
 _TIMM_OPTIONS = ("timm_model_name", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path")
@@ -253,6 +272,7 @@ def config_to_openclip(cfg: ClipConfig) -> dict[str, Any]:
                              "vision_cfg": vision, "text_cfg": text}
     if cfg.init_logit_bias is not None:
         model["init_logit_bias"] = cfg.init_logit_bias
+    coca_to_openclip(cfg, model)
     p = cfg.preprocess
     pre = {"size": p.image_size, "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation,
            "resize_mode": p.resize_mode}
@@ -284,6 +304,8 @@ def check_openai_compatible(cfg: ClipConfig) -> None:
         problems.append("text tower is not OpenAI's (attention mask, projection, LayerNorm eps, GELU or LayerScale)")
     if cfg.init_logit_bias is not None:
         problems.append("has a logit bias")
+    if cfg.decoder is not None or v.attentional_pool or t.embed_cls:
+        problems.append("is a CoCa model (attentional pooler, class token or captioning decoder)")
     if problems:
         raise CheckpointError("model cannot be expressed in OpenAI's layout: " + "; ".join(problems)
                               + "; export to the 'openclip' format instead")

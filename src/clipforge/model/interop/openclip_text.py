@@ -1,8 +1,10 @@
-"""OpenCLIP's ``text_cfg`` <-> ``TextConfig``, for its standard ``TextTransformer``.
+"""OpenCLIP's ``text_cfg`` <-> ``TextConfig``, for its standard ``TextTransformer`` (and, handed to
+``openclip_hf``, its Hugging Face text towers).
 
 Every option OpenCLIP's model configs set on that tower is mapped (CLIP's causal model, the
 SigLIP and SigLIP 2 text towers, CLIPA's, MetaCLIP 2 worldwide's ``eos`` pooling, LayerScale).
-An option that would change the model and has no counterpart is reported, never dropped:
+CoCa's class token (``embed_cls``) too. An option that would change the model and has no
+counterpart is reported, never dropped:
 ``text_from_openclip`` returns it in its list of unsupported settings.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from clipforge.config import TextConfig
+from clipforge.model.interop.openclip_hf import hf_text_from_openclip, hf_text_to_openclip
 
 # Options that cannot change the standard tower's output: OpenCLIP's _build_text_tower does not
 # pass final_ln_after_pool on, output_tokens only adds a second output, hf_* only apply with
@@ -22,6 +25,8 @@ _CLEANS = ("whitespace", "lower", "canonicalize")
 
 def text_from_openclip(t: dict[str, Any]) -> tuple[TextConfig, list[str]]:
     """(TextConfig, unsupported settings as ``key=value``) from an OpenCLIP ``text_cfg`` dict."""
+    if t.get("hf_model_name"):  # a Hugging Face encoder: its own options (openclip_hf)
+        return hf_text_from_openclip(t)
     t = dict(t)
     bad: list[str] = []
 
@@ -57,8 +62,7 @@ def text_from_openclip(t: dict[str, Any]) -> tuple[TextConfig, list[str]]:
     tokenizer_mode = take("tokenizer_mode", None)
     if tokenizer_mode:
         bad.append(f"text tokenizer_mode={tokenizer_mode!r}")
-    if take("embed_cls", False):
-        bad.append("text embed_cls=True (CoCa's class token)")
+    embed_cls = bool(take("embed_cls", False))  # pooled at the class token, whatever pool_type says
     ls = take("ls_init_value", None)
     cfg = dict(
         context_length=int(take("context_length", 77)), vocab_size=vocab, width=int(take("width", 512)),
@@ -69,6 +73,7 @@ def text_from_openclip(t: dict[str, Any]) -> tuple[TextConfig, list[str]]:
         gelu_approximate=approximate if approximate in ("none", "tanh") else "none",
         ls_init_value=None if ls is None else float(ls), hf_tokenizer_name=take("hf_tokenizer_name", None),
         tokenizer_clean=clean if clean in _CLEANS else "whitespace", tokenizer_strip_sep=strip_sep,
+        embed_cls=embed_cls,
     )
     for k in _IGNORED:
         t.pop(k, None)
@@ -79,6 +84,8 @@ def text_from_openclip(t: dict[str, Any]) -> tuple[TextConfig, list[str]]:
 
 def text_to_openclip(t: TextConfig) -> dict[str, Any]:
     """The ``text_cfg`` OpenCLIP builds the same tower from (its defaults left out)."""
+    if t.hf_model is not None:
+        return hf_text_to_openclip(t)
     out: dict[str, Any] = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
                            "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
     if t.pool == "eot" and t.eot_token_id != t.vocab_size - 1:  # argmax finds the end token only as the top id
@@ -97,6 +104,8 @@ def text_to_openclip(t: TextConfig) -> dict[str, Any]:
         out["act_kwargs"] = {"approximate": t.gelu_approximate}
     if t.ls_init_value is not None:
         out["ls_init_value"] = t.ls_init_value
+    if t.embed_cls:
+        out["embed_cls"] = True
     if t.hf_tokenizer_name is not None:
         out["hf_tokenizer_name"] = t.hf_tokenizer_name
         kwargs: dict[str, Any] = {}
