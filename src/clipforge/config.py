@@ -274,8 +274,8 @@ class ClipConfig:
     def _check_decoder(self, dec: DecoderConfig) -> None:
         v, t = self.vision, self.text
         token_width = self.embed_dim if v.attentional_pool else v.width
-        if v.arch != "vit" or t.hf_model is not None:
-            raise ValueError("a captioning decoder needs clipforge's ViT and text transformer")
+        if v.arch != "vit":
+            raise ValueError("a captioning decoder needs clipforge's ViT (its image tokens)")
         if dec.width != t.width or dec.width != token_width:
             raise ValueError(f"decoder width {dec.width} must equal the text width {t.width} and the image "
                              f"tokens' width {token_width}")

@@ -353,3 +353,36 @@ def test_locking_keeps_openclips_head_trainable(model_type, text_dirs):
         model.text.eval()(tokens).square().sum().backward()
         grads.append(model.text.proj[0].weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_coca_over_a_hugging_face_text_tower_matches_openclip(text_dirs, tmp_path):
+    """coca_roberta-ViT-B-32 (shrunk): a CoCa decoder reading RoBERTa's token states and the ViT's
+    patch tokens; features and caption logits equal open_clip's, and the export round-trips."""
+    text_dir = text_dirs["roberta"]
+    cfg = copy.deepcopy(get_model_config("coca_roberta-ViT-B-32"))
+    width = json.loads((text_dir / "config.json").read_text())["hidden_size"]
+    cfg["text_cfg"].update(hf_model_name=str(text_dir), hf_tokenizer_name=str(text_dir), width=width)
+    cfg["vision_cfg"].update(image_size=64, layers=2, width=width, patch_size=32, head_width=16)
+    cfg["multimodal_cfg"].update(width=width, heads=4, layers=2)
+    torch.manual_seed(0)
+    ref = open_clip.CoCa(cfg["embed_dim"], cfg["multimodal_cfg"], {**cfg["text_cfg"], "hf_model_pretrained": False},
+                         cfg["vision_cfg"])
+    proj = ref.text_decoder.text_projection  # open_clip leaves it uninitialised (torch.empty)
+    torch.nn.init.normal_(proj, std=width**-0.5)
+    ref = nudge(ref.eval())
+    ours, _ = clipforge.load(write_hub_dir(ref, cfg, text_dir, tmp_path / "hub"))
+    assert isinstance(ours.text, HFTextTower) and ours.text_decoder is not None
+    images, (texts, rows) = inputs(ours, pad=ref.text.config.pad_token_id)
+    out = checkpoints.export(ours, "openclip", tmp_path / "export")
+    back = open_clip.create_model(f"local-dir:{out}").eval()
+    with torch.no_grad():  # open_clip's CoCa normalises unless told not to
+        diffs = {"image": (ref.encode_image(images, normalize=False) - ours.encode_image(images)).abs().max().item()}
+        for tokens in (texts, rows):
+            want = ref.encode_text(tokens, normalize=False)
+            diffs[f"text {tokens.shape[1]}"] = (want - ours.encode_text(tokens)).abs().max().item()
+        for tokens in (texts, rows):
+            batch = images[:1].expand(len(tokens), -1, -1, -1)
+            want = ref(batch, tokens)["logits"]
+            diffs[f"logits {tokens.shape[1]}"] = (want - ours.caption_forward(batch, tokens).logits).abs().max().item()
+            diffs[f"export logits {tokens.shape[1]}"] = (want - back(batch, tokens)["logits"]).abs().max().item()
+    assert max(diffs.values()) <= TOL, diffs

@@ -197,12 +197,22 @@ class HFTextTower(nn.Module):
         return True
 
     def forward(self, tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
+        return self._encode(tokens, project, trim=self.trim_padding)[0]
+
+    def forward_tokens(self, tokens: torch.Tensor, project: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, E] as ``forward`` returns it, token states [B, L, W]): what a CoCa decoder
+        reads, as OpenCLIP's HFTextEncoder gives them with ``output_tokens`` (every position, the
+        padding's too; without [CLS] when pooling at it by the encoder's head)."""
+        pooled, hidden = self._encode(tokens, project, trim=False)
+        return pooled, hidden[:, 1:] if self.cfg.hf_pooling == "pooler" else hidden
+
+    def _encode(self, tokens: torch.Tensor, project: bool, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"expected token ids of shape [batch, <= {self.context_length}], got {tuple(tokens.shape)}"
             )
         mask = tokens != self.pad_token_id  # [B, L]
-        if self.trim_padding:
+        if trim:
             used = mask.any(dim=0).nonzero()  # columns holding a token in some row
             n = int(used[-1]) + 1 if len(used) else 1
             tokens, mask = tokens[:, :n], mask[:, :n]
@@ -215,9 +225,9 @@ class HFTextTower(nn.Module):
         else:  # sentence-transformers' mean pooling, summed in float32
             weights = mask.unsqueeze(-1).float()  # [B, n, 1]
             pooled = ((hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9)).to(hidden.dtype)  # [B, W]
-        if not project:
-            return pooled
-        return pooled @ self.text_projection if self.cfg.hf_proj == "matrix" else self.proj(pooled)
+        if project:
+            pooled = pooled @ self.text_projection if self.cfg.hf_proj == "matrix" else self.proj(pooled)
+        return pooled, hidden
 
     def projection_parameters(self) -> list[nn.Parameter]:
         """The head into the shared space (which stays trainable when the encoder is locked)."""

@@ -1,5 +1,5 @@
 """OpenCLIP's architectures whose text tower is a Hugging Face encoder (its ``HFTextEncoder``):
-RoBERTa, XLM-RoBERTa, mT5 (encoder only) and NLLB (M2M100, encoder only), with OpenCLIP's names and
+RoBERTa, XLM-RoBERTa, mT5 (encoder only) and NLLB (M2M100, encoder only), and CoCa over RoBERTa, with OpenCLIP's names and
 values (open-clip-torch 3.3, model_configs/*.json).
 
 The encoder is named by its hub id, as OpenCLIP names it; building one reads that model's config
@@ -47,4 +47,11 @@ HF_TEXT_ARCHITECTURES: dict[str, ClipConfig] = {
                                  _hf(_NLLB_BASE, "cls_pooler", "linear"), init_logit_bias=-10),
     "nllb-clip-large-siglip": _oc(1152, {**_SIGLIP, "timm_model_name": "vit_so400m_patch14_siglip_384"},
                                   _hf(_NLLB_LARGE, "cls_pooler", "linear"), init_logit_bias=-10),
+    # CoCa over RoBERTa: the decoder reads RoBERTa's token states and the ViT's patch tokens; its output
+    # size is OpenCLIP's default text vocabulary (49,408), as OpenCLIP builds it (no weights released).
+    "coca_roberta-ViT-B-32": config_from_openclip({
+        "embed_dim": 512, "vision_cfg": {**_B32, "output_tokens": True},
+        "text_cfg": {**_hf("roberta-base", "mean_pooler", "linear"), "width": 768, "output_tokens": True},
+        "multimodal_cfg": {"context_length": 76, "width": 768, "heads": 8, "layers": 12}, "custom_text": True},
+        "registry"),
 }

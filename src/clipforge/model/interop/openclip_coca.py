@@ -21,9 +21,7 @@ def decoder_from_openclip(model_cfg: dict[str, Any]) -> tuple[DecoderConfig | No
     m = model_cfg.get("multimodal_cfg")
     if m is None:
         return None, []
-    bad = []
-    if model_cfg.get("text_cfg", {}).get("hf_model_name"):
-        bad.append("multimodal_cfg over a Hugging Face text tower (its token outputs are not implemented)")
+    bad: list[str] = []
     fields = {k: m[k] for k in _DECODER_KEYS if k in m}
     try:
         return DecoderConfig(**fields), bad

@@ -45,7 +45,10 @@ def hf_text_from_openclip(t: dict[str, Any]) -> tuple[TextConfig, list[str]]:
     if clean not in _CLEANS:
         bad.append(f"text tokenizer_kwargs.clean={clean!r}")
     bad += [f"text tokenizer_kwargs.{k}={v!r}" for k, v in tok.items()]
+    # width and vocab_size describe the encoder; a CoCa decoder over it takes its width and, as
+    # OpenCLIP's does, its output size from them (OpenCLIP's defaults 512 and 49408 when unset).
     text = TextConfig(context_length=int(t.get("context_length", 77)), hf_model=name,
+                      width=int(t.get("width", TextConfig.width)), vocab_size=int(t.get("vocab_size", 49408)),
                       hf_pooling=_POOLERS.get(pooler, "mean"),  # type: ignore[arg-type]
                       hf_proj=_PROJS.get(proj, "mlp"),  # type: ignore[arg-type]
                       tokenizer_clean=clean if clean in _CLEANS else "whitespace", tokenizer_strip_sep=strip_sep)
@@ -62,6 +65,7 @@ def hf_text_to_openclip(t: TextConfig) -> dict[str, Any]:
     proj = {v: k for k, v in _PROJS.items()}[t.hf_proj]
     out: dict[str, Any] = {"hf_model_name": name, "hf_tokenizer_name": name, "hf_proj_type": proj,
                            "hf_pooler_type": pooler, "context_length": t.context_length}
+    out.update({k: getattr(t, k) for k in ("width", "vocab_size") if getattr(t, k) != getattr(TextConfig, k)})
     kwargs: dict[str, Any] = {}
     if t.tokenizer_clean != "whitespace":
         kwargs["clean"] = t.tokenizer_clean
