@@ -132,3 +132,31 @@ def test_coca_with_gradient_accumulation_is_a_one_line_error(tmp_path, capsys):
     assert _run("train", "--data", data, "--model", "tiny-coca", "--out", tmp_path / "run", "--steps", "1",
                 "--batch-size", "4", "--grad-accum", "2", "--workers", "0", *COMMON) == 2
     assert "grad_accum 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_an_openclip_hugging_face_text_architecture_from_a_local_encoder(tmp_path):
+    """``--model xlm-roberta-base-ViT-B-32 --text-model DIR``: OpenCLIP's tower (mean pooling, MLP
+    head) over the encoder in DIR, starting from its weights; with the text tower locked they stay."""
+    transformers = pytest.importorskip("transformers")
+    from support.tokenizers import unigram_dir
+
+    enc = tmp_path / "xlmr"
+    cfg = transformers.AutoConfig.for_model("xlm-roberta", vocab_size=160, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=90,
+                                           type_vocab_size=1, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(cfg).save_pretrained(enc)
+    for f in unigram_dir(tmp_path / "tok", eos_id=2).iterdir():
+        (enc / f.name).write_bytes(f.read_bytes())
+    data = write_csv(tmp_path / "data", n=8)
+    run = tmp_path / "run"
+    assert _run("train", "--data", data, "--model", "xlm-roberta-base-ViT-B-32", "--text-model", enc, "--out", run,
+                "--steps", "2", "--batch-size", "4", "--workers", "0", "--save-every", "0", "--lock-text",
+                *COMMON) == 0
+    model, _ = clipforge.load(run / "final")
+    t = model.config.text
+    assert (t.hf_pooling, t.hf_proj) == ("mean", "mlp")
+    pretrained = transformers.AutoModel.from_pretrained(enc).state_dict()
+    ours = model.text.model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in pretrained.items() if k in ours and not k.startswith("pooler"))

@@ -94,9 +94,14 @@ def plan_steps(cfg: TrainConfig, loader: Any, main: bool) -> tuple[int | None, T
 
 
 def _with_text_model(arch: ClipConfig, text_model: str) -> ClipConfig:
+    from clipforge.model.hf_source import with_text_model
     from clipforge.model.hf_text import hf_text_config
 
     try:
+        if arch.text.hf_model is not None and arch.text.hf_proj != "matrix":
+            # OpenCLIP's Hugging Face tower (xlm-roberta-*, nllb-clip-*, ...): its own pooling and
+            # head, the encoder's config and pretrained weights read from this folder
+            return with_text_model(arch, text_model)
         text = hf_text_config(text_model, context_length=arch.text.context_length)
     except ClipforgeError as e:
         raise ConfigError(f"text_model: {e}") from None
