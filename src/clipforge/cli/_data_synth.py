@@ -44,7 +44,8 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=_positive, default=None, help="processes (default: all CPUs)")
     p.add_argument("--format", choices=("csv", "wds"), default="csv",
                    help="images + CSV per split, or WebDataset tar shards" + d)
-    p.add_argument("--image-format", choices=("png", "jpg"), default="png", help="JPEG is written at quality 95" + d)
+    p.add_argument("--image-format", choices=("png", "jpg", "bmp"), default="png",
+                   help="JPEG is written at quality 95; BMP uncompressed (fastest to write and read)" + d)
     p.add_argument("--heldout-pairs", type=_count, default=5,
                    help="(colour, shape) pairs seen only in test_heldout" + d)
     p.add_argument("--max-objects", type=_positive, default=3, help="most objects in one image, 1..3" + d)

@@ -128,7 +128,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # 1. The data world (reused when already generated with the same settings).
     world_dir = out / "world"
     synth = SynthConfig(seed=cfg.seed, image_size=cfg.image_size, train=cfg.train_samples, val=cfg.val_samples,
-                        test=cfg.test_samples, shifted=cfg.shifted_samples)
+                        test=cfg.test_samples, shifted=cfg.shifted_samples, image_format="bmp")
     _say(cfg, f"[1/4] data world -> {world_dir}")
     generate_world(synth, world_dir, workers=None, progress=cfg.progress)
     timings["world_s"] = time.time() - t_start
