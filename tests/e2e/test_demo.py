@@ -39,6 +39,9 @@ def test_short_demo_writes_report(tmp_path, capsys):
     assert sum(g["num_samples"] for g in held["by_group"].values()) == held["num_samples"]
     assert "held-out colour-shape pairs: shape" in printed and "(target: within 10)" in printed
     assert "per pair: " in printed and "held-out colour-shape pairs" in page
+    # The account of the run: its steps, and why a target was missed.
+    assert summary["verdict"][0].startswith("trained 4 steps of 16")
+    assert "fewer than the ~2,000 the targets take" in summary["verdict"][1] and summary["verdict"][1] in printed
     # A second run reuses the generated world rather than rendering it again.
     world_json = (out / "world" / "world.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(out), "--steps", "1", "--model", "nano", "--train-samples", "96",
@@ -81,3 +84,25 @@ def test_calibration_times_real_training_steps(tmp_path):
         steps, per_step = calibrate_steps("nano", 8, 60.0, 0, data, OptimConfig(), precision, timed=3)
         assert per_step > 0
         assert steps == max(10, int(60.0 / (per_step * 1.10)))
+
+
+def _summary(steps: int, per_step: float | None, shape: float, held: float) -> dict:
+    zs = {"shape": {"test": {"ensemble": shape}, "test_heldout": {"ensemble": held}},
+          "colour": {"test": {"ensemble": 0.99}}}
+    return {"results": {"zeroshot": zs}, "targets": {"shape": 0.95, "colour": 0.98}, "heldout_gap_target": 0.10,
+            "steps_for_targets": 2000, "reference_step_s": 0.095, "seconds_per_step_calibrated": per_step,
+            "train": {"steps": steps, "wall_time_s": 250.0},
+            "config": {"batch_size": 128, "train_samples": 20000, "minutes": 5.0}}
+
+
+def test_verdict_says_what_was_missed_and_why():
+    from clipforge.demo.report import verdict_lines
+
+    ok = verdict_lines(_summary(2400, 0.1, 0.97, 0.90))
+    assert ok == ["trained 2,400 steps of 128 (15.4 epochs) in 250 s, 100 ms a step: every target met"]
+    busy = verdict_lines(_summary(1216, 0.2, 0.912, 0.771))
+    assert busy[1].startswith("missed: shape 91.2% (target 95%); held-out gap 14.1 points (target 10).")
+    assert "1,216 steps is fewer than the ~2,000" in busy[1] and "200 ms against ~95 ms" in busy[1]
+    assert "--minutes 10" in busy[1]
+    unlucky = verdict_lines(_summary(2600, 0.09, 0.94, 0.90))
+    assert "had the steps the targets usually take" in unlucky[1] and "busy" not in unlucky[1]

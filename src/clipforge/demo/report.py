@@ -132,6 +132,43 @@ def heldout_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def missed_targets(summary: dict[str, Any]) -> list[str]:
+    """Each missed target as 'task 93.1% (target 95%)'; the held-out gap as 'held-out gap 12.3 points'."""
+    zs, missed = summary["results"]["zeroshot"], []
+    for task, target in summary["targets"].items():
+        t = zs.get(task, {}).get("test")
+        if t and t["ensemble"] < target:
+            missed.append(f"{task} {_pct(t['ensemble'])} (target {100 * target:.0f}%)")
+    shape = zs.get("shape", {})
+    test, held, limit = shape.get("test"), shape.get("test_heldout"), summary.get("heldout_gap_target")
+    if test and held and limit is not None and test["ensemble"] - held["ensemble"] > limit:
+        missed.append(f"held-out gap {100 * (test['ensemble'] - held['ensemble']):.1f} points (target {100 * limit:.0f})")
+    return missed
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """How long training ran and, when a target was missed, why that is the likely cause."""
+    train, cfg = summary["train"], summary["config"]
+    steps, per_step = train["steps"], summary.get("seconds_per_step_calibrated")
+    pace = f", {1000 * per_step:.0f} ms a step" if per_step else ""
+    lines = [f"trained {steps:,} steps of {cfg['batch_size']} ({steps * cfg['batch_size'] / cfg['train_samples']:.1f} "
+             f"epochs) in {train['wall_time_s']:.0f} s{pace}"]
+    missed = missed_targets(summary)
+    if not missed:
+        return [lines[0] + ": every target met"]
+    need, ref = summary.get("steps_for_targets"), summary.get("reference_step_s")
+    why = f"missed: {'; '.join(missed)}."
+    if need and steps < need:
+        why += f" {steps:,} steps is fewer than the ~{need:,} the targets take"
+        if per_step and ref and per_step > 1.2 * ref:
+            why += (f": each step took {1000 * per_step:.0f} ms against ~{1000 * ref:.0f} ms on an idle reference "
+                    "machine, so this machine was slower or busy")
+        why += f". A longer budget (--minutes {2 * cfg['minutes']:g}) or an idle machine gives the steps."
+    else:
+        why += " The run had the steps the targets usually take; runs vary by seed and by the host's pace."
+    return lines + [why]
+
+
 def write_report(summary: dict[str, Any], world: Path, run_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results = summary["results"]
@@ -169,6 +206,7 @@ is the prediction; no classifier was trained on these labels.</p>
 <h2>Zero-shot accuracy (template ensemble unless stated)</h2>
 <table><tr><th>task</th><th>name only</th><th>one template</th>{head}<th>target</th></tr>{''.join(rows)}</table>
 {''.join(f"<p>{html.escape(line)}</p>" for line in heldout_lines(summary))}
+{''.join(f"<p><b>{html.escape(line)}</b></p>" for line in verdict_lines(summary))}
 <h2>Retrieval on {r['num_texts']} test captions</h2>
 <p>text→image recall@1 {_pct(r['image_retrieval_recall@1'])}, @5 {_pct(r['image_retrieval_recall@5'])},
 @10 {_pct(r['image_retrieval_recall@10'])}; image→text recall@1 {_pct(r['text_retrieval_recall@1'])},
@@ -207,4 +245,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     tm = summary["timings"]
     print(f"time: world {tm['world_s']:.0f}s, training {tm['train_s']:.0f}s, evaluation {tm['eval_s']:.0f}s, "
           f"total {tm.get('total_s', 0):.0f}s")
+    for line in verdict_lines(summary):
+        print(line)
     print(f"report: {summary.get('report')}")
