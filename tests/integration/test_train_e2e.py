@@ -183,3 +183,20 @@ def test_periodic_validation_reports_retrieval_and_zero_shot(tmp_path):
     for key in ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@10", "zeroshot_acc1"):
         assert 0.0 <= summary["eval"][key] <= 1.0, key
     assert summary["eval"]["image_retrieval_recall@10"] == 1.0  # 8 images: every caption finds its image in 10
+
+
+def test_sparse_embeddings_train_checkpoint_and_resume(tmp_path):
+    """--sparse-embeddings: the token table trains at its batch's rows, and a run stopped at a
+    checkpoint resumes to the same weights as one that ran straight through."""
+    data = write_csv(tmp_path / "data", n=16)
+    straight = trainer_mod.train(nano_config(str(data), tmp_path / "a", steps=4, sparse_embeddings=True),
+                                 progress=False)
+    assert straight["steps"] == 4
+    first = trainer_mod.train(nano_config(str(data), tmp_path / "b", steps=2, sparse_embeddings=True,
+                                          save_every=2), progress=False)
+    assert first["steps"] == 2
+    resumed = trainer_mod.train(nano_config(str(data), tmp_path / "b", steps=4, sparse_embeddings=True,
+                                            resume="auto"), progress=False)
+    assert resumed["steps"] == 4
+    a, b = (clipforge.load(tmp_path / d / "final")[0].state_dict() for d in ("a", "b"))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())

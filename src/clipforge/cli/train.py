@@ -70,6 +70,8 @@ _SWITCHES = [
     ("--lock-text", "freeze the text tower"),
     ("--fsdp", "shard parameters with FSDP2 (fully_shard) instead of DDP"),
     ("--resampled", "sample shards with replacement (an endless stream)"),
+    ("--sparse-embeddings", "update the token table only at the rows a batch uses (one process; faster for "
+                            "small models on a CPU)"),
 ]
 
 

@@ -34,6 +34,9 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # The text tower's token table updated only at the rows a batch uses (lazy Adam moments):
+    # faster on a CPU for small models whose table is most of the parameters (train.sparse_rows).
+    sparse_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -209,6 +212,7 @@ FLAT_KEYS: dict[str, tuple[str, ...]] = {
     "beta2": ("optim", "beta2"),
     "eps": ("optim", "eps"),
     "grad_clip": ("optim", "grad_clip"),
+    "sparse_embeddings": ("optim", "sparse_embeddings"),
     "warmup": ("schedule", "warmup_steps"),
     "schedule": ("schedule", "kind"),
     "cooldown": ("schedule", "cooldown_steps"),

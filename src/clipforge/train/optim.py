@@ -13,7 +13,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from clipforge.train.config import OptimConfig, ScheduleConfig
+from clipforge.train.config import ConfigError, OptimConfig, ScheduleConfig
+from clipforge.train.sparse_rows import RowAdamW, sparse_tables
 
 _NO_DECAY_NAMES = ("embedding", "logit_scale", "logit_bias")
 
@@ -41,6 +42,14 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with the fused (single-kernel) implementation
     when all parameters share one CUDA or CPU device: one kernel instead of one per tensor."""
+    if cfg.sparse_embeddings:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            raise ConfigError("sparse_embeddings is for single-process training (DDP/FSDP reduce dense gradients)")
+        try:
+            sparse_tables(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     groups = param_groups(model.named_parameters(), cfg.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -48,9 +57,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     devices = {p.device for p in params}
     fused = len(devices) == 1 and next(iter(devices)).type in ("cuda", "cpu") and not any(
         _is_dtensor(p) or not p.is_floating_point() for p in params)
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if fused else None
-    )
+    # RowAdamW: AdamW that also takes the sparse gradient of a token table (cfg.sparse_embeddings)
+    kind = RowAdamW if cfg.sparse_embeddings else torch.optim.AdamW
+    return kind(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if fused else None)
 
 
 def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int | None) -> float:

@@ -23,6 +23,7 @@ from clipforge.train.accumulation import accumulated_contrastive_backward
 from clipforge.train.coca_loss import caption_loss
 from clipforge.train.distributed import all_reduce_sum
 from clipforge.train.loss import ContrastiveLoss
+from clipforge.train.sparse_rows import sparse_grad_norm
 from clipforge.utils import autocast
 
 
@@ -38,16 +39,26 @@ def clip_gradients(opt: torch.optim.Optimizer, max_norm: float, device: torch.de
     """Global gradient norm of ``opt``'s parameters, clipped to ``max_norm`` when it is > 0. Under
     FSDP the sharded and the replicated parameters (separate groups) are measured apart, then combined."""
     utils = torch.nn.utils
-    norms = []
+    norms, sparse = [], []
     for group in opt.param_groups:
-        grads = [p.grad for p in group["params"] if p.grad is not None]
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:  # a token table's rows (train.sparse_rows)
+                p.grad = p.grad.coalesce()
+                sparse.append(p)
+        grads = [p.grad for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
         if grads:
             n = utils.get_total_norm(grads)
             norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)  # DTensor under FSDP
+    if sparse:
+        norms.append(sparse_grad_norm(p.grad for p in sparse).to(device))
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=device)
     if max_norm > 0:
         for group in opt.param_groups:
-            utils.clip_grads_with_norm_(group["params"], max_norm, total)
+            utils.clip_grads_with_norm_([p for p in group["params"] if p.grad is None or not p.grad.is_sparse],
+                                        max_norm, total)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grads_with_norm_'s rule
+        for p in sparse:
+            p.grad.mul_(coef)
     return total
 
 
