@@ -41,6 +41,11 @@ without --stemact a model keeps its own first activation, --stemact relu gives t
   python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 2800 --warmup 100 \
       --lr 2e-3 --seed 0/1/2 [--stemact relu | --stemact absmix]
 
+The token table updated at its batch's rows only (RESULTS.md, "Half the compute"):
+
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 100 \
+      --lr 2e-3 --threads 1 [--sparse 1]
+
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
 colour/shape/size/position/count word swapped) as extra columns of the image->text softmax;
@@ -188,6 +193,7 @@ p.add_argument('--stemnorm', default='bn', choices=['bn', 'gn'], help="the conv 
 p.add_argument('--stemact', default=None, choices=['relu', 'abs1', 'absmix'], help="the conv stem's first activation: ReLU, |x|, or half |x| before BatchNorm + half ReLU [the model's own]")
 p.add_argument('--vpool', default='cls', choices=['cls', 'mean'], help='image embedding: class token or mean of patch tokens')
 p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
+p.add_argument('--sparse', type=int, default=0, help='update the token table at its batch rows only (lazy Adam)')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
 a = p.parse_args()
@@ -286,7 +292,10 @@ for n, p_ in model.named_parameters():
     wd_ = a.wd if (p_.ndim >= 2 and 'embedding' not in n) else 0.0
     lr_ = a.lr * (a.tlr if n.startswith('text.') else 1.0)
     groups_.append({'params': [p_], 'weight_decay': wd_, 'lr': lr_, 'base': lr_})
-opt = torch.optim.AdamW(groups_, lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+if a.sparse:  # the token table at its batch's rows only (OptimConfig.sparse_embeddings)
+    from clipforge.train.sparse_rows import RowAdamW, sparse_tables
+    sparse_tables(model)
+opt = (RowAdamW if a.sparse else torch.optim.AdamW)(groups_, lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
 train_step = TrainStep(model, opt, grad_clip=1.0)
 lossf = ContrastiveLoss(kind='siglip' if a.siglip else 'clip')
 SINGLE = torch.tensor([i for i, r in enumerate(rows) if r['count'] == '1'])

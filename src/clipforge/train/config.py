@@ -34,8 +34,8 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    # The text tower's token table updated only at the rows a batch uses (lazy Adam moments):
-    # faster on a CPU for small models whose table is most of the parameters (train.sparse_rows).
+    # The text tower's token table given a sparse gradient, AdamW run on its used rows only (the same
+    # weights): faster on a CPU for small models whose table is most of the parameters (train.sparse_rows).
     sparse_embeddings: bool = False
 
     def __post_init__(self) -> None:

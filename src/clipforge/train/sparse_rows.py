@@ -1,13 +1,13 @@
-"""Token tables updated only at the rows a batch uses (``OptimConfig.sparse_embeddings``).
+"""Token tables that AdamW updates without touching their unused rows (``OptimConfig.sparse_embeddings``).
 
 CLIP's token table has 49,408 rows, and a small model on a small vocabulary (the demo's world uses a
 few hundred tokens) spends a large part of each CPU step on it: zeroing a dense gradient the size of
 the table, measuring its norm and running AdamW over every row. With the table's gradient sparse
-(``nn.Embedding(sparse=True)``: the rows a batch looked up), ``RowAdamW`` updates only those rows,
-with Adam's moments kept per row and advanced when the row is used ("lazy" Adam, as PyTorch's
-SparseAdam); every other parameter goes through AdamW as before (its fused kernel). The table is
-never weight-decayed (``optim.decays``), so a row left alone is exactly where AdamW without momentum
-would leave it; what differs is that an unused row does not keep drifting on its old momentum.
+(``nn.Embedding(sparse=True)``: the rows a batch looked up), ``RowAdamW`` runs AdamW's update on the
+rows that have ever been used (their moments keep decaying when a batch skips them, as AdamW's do)
+and leaves the others, whose moments and gradient are zero, where AdamW would leave them too: the
+same weights as AdamW, at the cost of the used rows only. Every other parameter goes through AdamW
+itself (its fused kernel).
 
 Single process only: the trainer refuses the option under DDP/FSDP, whose gradient reduction is
 built for dense tensors.
@@ -32,8 +32,8 @@ def sparse_tables(model: nn.Module) -> list[nn.Embedding]:
 
 
 class RowAdamW(torch.optim.AdamW):
-    """AdamW, except that parameters whose gradient is sparse are updated at their gradient's rows only
-    (lazy Adam moments per row); its ``state_dict`` has AdamW's layout, so checkpoints resume as AdamW's."""
+    """AdamW that also takes sparse gradients (a token table's), updating only the rows ever used;
+    its ``state_dict`` is AdamW's plus each table's ``seen`` rows, so either optimizer resumes the other's."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -54,24 +54,31 @@ class RowAdamW(torch.optim.AdamW):
         return loss
 
     def _row_update(self, p: nn.Parameter, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        rows, values = grad.indices()[0], grad.values()  # [R], [R, D]
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # Rows with a moment: every row any batch has used. The others have zero moments and a zero
+        # gradient, so AdamW would leave them where they are; these rows are all it would move.
+        if "seen" not in state:  # kept between steps (a state from plain AdamW: read off its moments)
+            state["seen"] = state["exp_avg_sq"].abs().sum(1) > 0  # [N]
+        seen = state["seen"]
+        seen[grad.indices()[0]] = True
+        rows = seen.nonzero().squeeze(1)  # [R], sorted
+        g = torch.zeros(len(rows), p.shape[1], dtype=p.dtype, device=p.device)
+        g[torch.searchsorted(rows, grad.indices()[0])] = grad.values().to(p.dtype)
         state["step"] += 1
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        m = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
-        v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        if wd:  # decoupled decay moves every row, used or not
+            p.mul_(1 - lr * wd)
+        m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)
+        v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
         denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        update = m.div_(denom).mul_(lr / (1 - beta1**step))
-        if wd:
-            update.add_(p[rows], alpha=lr * wd)  # decoupled decay, at the rows updated
-        p.index_add_(0, rows, update, alpha=-1.0)
+        p.index_add_(0, rows, m.div_(denom), alpha=-lr / (1 - beta1**step))
 
 
 def sparse_grad_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
