@@ -5,6 +5,7 @@
     .venv/bin/python research/bench_demo_step.py --compare pool    # class-token embedding vs mean of patches
     .venv/bin/python research/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
     .venv/bin/python research/bench_demo_step.py --compare alloc   # freed memory kept for reuse vs glibc default
+    .venv/bin/python research/bench_demo_step.py --compare sparse  # token table's used rows vs dense gradient
 
 One step is the trainer's own (``clipforge.train.step.TrainStep``: clear the gradients, bf16
 autocast forward of ``tiny-bow``, the contrastive loss in fp32, backward, clipping at 1.0, fused
@@ -37,6 +38,7 @@ VARIANTS = {
     "pool": ("class token", "mean of patch tokens"),
     "act": ("|x| first stage", "ReLU first stage"),
     "alloc": ("freed memory reused", "glibc default"),
+    "sparse": ("token table's rows (sparse_embeddings)", "dense token table gradient"),
 }
 
 
@@ -63,7 +65,8 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
         model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
     if alternative and compare == "act":
         model.visual.conv1[2] = torch.nn.ReLU(inplace=True)  # the stem's first activation
-    opt = build_optimizer(model, OptimConfig(lr=2e-3, weight_decay=0.1))
+    sparse = compare != "sparse" or not alternative  # the demo now trains with sparse_embeddings
+    opt = build_optimizer(model, OptimConfig(lr=2e-3, weight_decay=0.1, sparse_embeddings=sparse))
     if alternative and compare == "grads":  # the step clears with set_to_none=True; zero in place instead
         opt.zero_grad = functools.partial(type(opt).zero_grad, opt, set_to_none=False)
     step = TrainStep(model, opt, grad_clip=1.0, precision="bf16", device="cpu")

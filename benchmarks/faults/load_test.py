@@ -1,6 +1,7 @@
 """Load test: concurrent clients against a real ``clipforge serve`` on 127.0.0.1, bounded in time.
 
     .venv/bin/python benchmarks/faults/load_test.py [--seconds 60] [--clients 50] [--items 100000]
+    .venv/bin/python benchmarks/faults/load_test.py --runtime onnx-int8    # the model's int8 ONNX export
 
 Builds (or reuses, with --work) an index of ``--items`` synthetic unit vectors with metadata
 (path, caption, label) directly through ``clipforge.search`` — text and embedding queries need
@@ -48,6 +49,18 @@ WORDS = ["cat", "dog", "car", "tree", "boat", "house", "bird", "flower", "red", 
          "on the beach", "at night", "in the snow", "close-up", "painting", "sketch"]
 LABEL_SETS = [["cat", "dog"], ["car", "boat", "plane"], list(LABELS), ["day", "night"], ["red", "green", "blue"]]
 MIB = 2**20
+
+
+def onnx_model(model_dir: Path, runtime: str) -> Path:
+    """The nano model's ONNX export (``--runtime onnx``), int8 for ``onnx-int8``; made once, reused."""
+    from clipforge.cli import main as cli
+
+    out = model_dir.parent / f"model-{runtime}"
+    if not (out / "onnx.json").exists():
+        args = ["convert", "--model", str(model_dir), "--to", "onnx", "--out", str(out)]
+        if cli(args + (["--quantize", "int8"] if runtime == "onnx-int8" else [])) != 0:
+            raise SystemExit(f"could not export {model_dir} to ONNX")
+    return out
 
 
 def build(work: Path, items: int, kind: str) -> tuple[Path, Path, dict]:
@@ -180,7 +193,9 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=100_000, help="vectors in the synthetic index")
     ap.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
     ap.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
-    ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (--threads)")
+    ap.add_argument("--server-threads", type=int, default=1, help="model threads of the server (--threads)")
+    ap.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                    help="the server's model: PyTorch, or its ONNX export (fp32 or int8) in ONNX Runtime")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="where the index is built (reused when present)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -191,7 +206,10 @@ def main() -> int:
     print(f"index: {args.items} vectors ({args.kind}) in {work} ...", flush=True)
     model_dir, index_dir, built = build(work, args.items, args.kind)
     print(f"  {built}", flush=True)
-    server, url = start_server(index_dir, model_dir, work / "logs", ["--threads", str(args.server_threads)])
+    if args.runtime != "torch":
+        model_dir = onnx_model(model_dir, args.runtime)
+    server, url = start_server(index_dir, model_dir, work / "logs", ["--threads", str(args.server_threads),
+                                                                     "--runtime", args.runtime.split("-")[0]])
     try:
         import httpx
 
@@ -219,6 +237,8 @@ def main() -> int:
         "python": platform.python_version(),
         "setup": {"items": args.items, "clients": args.clients, "seconds": args.seconds, "server_threads":
                   args.server_threads, "model": "nano (64-d, random weights)", "index": built,
+                  "runtime": {k: health.get(k) for k in ("runtime", "precision")},
+                  "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                   "mix": "text 40% (10% filtered), image 30%, classify 30% (25% of them fresh label sets)"},
         "summary": s, "passed": passed, "errors": run["errors"][:20], "rss_series_mib": run["rss"],
     }

@@ -81,11 +81,29 @@ def test_small_collection_is_exact_and_filters_work(tmp_path, monkeypatch):
     sel = [int(i) for i in exact if i % 3 == 1][:4]
     got = idx.search(x[4:5], 4, {"label": "c1"})[0]
     assert [h["id"] for h in got] == sel and all(h["label"] == "c1" for h in got)
-    # Same answer through the FAISS id-selector path used for large filter matches.
+    # Same answer through the FAISS id-selector path used for large filter matches (a fresh
+    # SearchIndex: the first one remembers which filters were small).
     monkeypatch.setattr(searcher, "EXACT_FILTER_LIMIT", 0)
+    idx = searcher.SearchIndex(tmp_path / "ix")
     assert [h["id"] for h in idx.search(x[4:5], 4, {"label": "c1"})[0]] == sel
     assert {h["label"] for h in idx.search(x[4:5], 10, {"label": ["c0", "c2"]})[0]} == {"c0", "c2"}
     assert idx.search(x[4:5], 3, {"label": "none"})[0] == []
+
+
+def test_a_repeated_filter_is_answered_without_scanning_the_metadata_again(tmp_path, monkeypatch):
+    x = write_clustered_embeddings(tmp_path / "emb", 300)
+    build_or_update([str(tmp_path / "emb")], tmp_path / "ix", _cfg())
+    idx = searcher.SearchIndex(tmp_path / "ix")
+    scans = []
+    filter_ids = idx.store.filter_ids
+    monkeypatch.setattr(idx.store, "filter_ids", lambda flt, limit: scans.append(flt) or filter_ids(flt, limit))
+    first = idx.search(x[:2], 5, {"label": ["c0", "c2"]})
+    assert idx.search(x[:2], 5, {"label": ["c0", "c2"]}) == first and len(scans) == 1
+    assert idx.search(x[:1], 5, {"label": "c1"})[0] != first[0] and len(scans) == 2  # another filter: its own scan
+    monkeypatch.setattr(searcher, "FILTER_CACHE", 1)
+    idx.search(x[:1], 5, {"label": "c0"})  # evicts the oldest
+    idx.search(x[:1], 5, {"label": ["c0", "c2"]})
+    assert len(scans) == 4 and len(idx._filters) == 1
 
 
 def test_updates_add_new_parts_replace_paths_and_remove(tmp_path):

@@ -8,6 +8,11 @@ OpenAI/OpenCLIP state dict, Hugging Face CLIP directory) and writes one of:
   openclip   directory with open_clip_config.json (open_clip.create_model('local-dir:DIR')),
              or a single state-dict file when --out ends in .safetensors/.pt/.bin
   openai     OpenAI-layout state dict (.pt) for openai/CLIP's clip.load(path, jit=False)
+  onnx       directory: image.onnx + text.onnx (dynamic batch; texts of any length up to the
+             context), onnx.json, config.json and the tokenizer's files, for ONNX Runtime
+             (clipforge.load(DIR), embed/serve --runtime onnx); --quantize int8 for int8 weights.
+             Checked against the PyTorch model before it is kept. --model may also be an fp32
+             ONNX export, to quantise it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMATS = ("clipforge", "hf", "openclip", "openai")
+FORMATS = ("clipforge", "hf", "openclip", "openai", "onnx")
 DTYPES = ("fp32", "fp16", "bf16")
 # The flag every command that loads a model takes, for OpenCLIP's Hugging Face text towers.
 HELP_TEXT_MODEL_DIR = ("local folder with the config.json and tokenizer files of a Hugging Face text tower that "
                        "the checkpoint names by hub id (OpenCLIP's roberta-*, xlm-roberta-*, mt5-*, nllb-clip-*); "
                        "default: fetched from the hub (never its weights)")
+
+RUNTIMES = ("auto", "torch", "onnx")
+HELP_RUNTIME = ("torch: the PyTorch model; onnx: an ONNX export (clipforge convert --to onnx) in ONNX Runtime on "
+                "the CPU; auto (default): onnx for an ONNX export directory, torch otherwise")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class ConvertConfig:
     quick_gelu: bool | None = None
     dtype: str = "fp32"
     text_model_dir: Path | None = None  # a Hugging Face text tower's config + tokenizer, for hub ids
+    quantize: str | None = None  # onnx only: "int8"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,12 +59,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "state dicts, GELU for OpenCLIP training checkpoints)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the written weights")
     p.add_argument("--text-model-dir", type=Path, default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="--to onnx: int8 weights (ONNX Runtime's dynamic quantisation of the MatMuls; default none)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ConvertConfig(model=args.model, to=args.to, out=args.out, arch=args.arch,
-                        quick_gelu=args.quick_gelu, dtype=args.dtype, text_model_dir=args.text_model_dir)
+                        quick_gelu=args.quick_gelu, dtype=args.dtype, text_model_dir=args.text_model_dir,
+                        quantize=None if args.quantize == "none" else args.quantize)
     written = convert(cfg)
     print(f"wrote {cfg.to} checkpoint to {written}")
     return 0
@@ -63,13 +76,31 @@ def run(args: argparse.Namespace) -> int:
 def convert(cfg: ConvertConfig) -> Path:
     import torch
 
+    from clipforge.cli import CliError
     from clipforge.model import checkpoints, pretrained
 
     if cfg.out.resolve() == Path(cfg.model).resolve():
-        from clipforge.cli import CliError
-
         raise CliError("--out must differ from --model")
+    if cfg.to != "onnx" and cfg.quantize:
+        raise CliError("--quantize applies to --to onnx only")
+    if cfg.to == "onnx":
+        return _to_onnx(cfg)
     model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu,
                                     text_model_dir=cfg.text_model_dir)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     return checkpoints.export(model.to(dtype).eval(), cfg.to, cfg.out)
+
+
+def _to_onnx(cfg: ConvertConfig) -> Path:
+    from clipforge.cli import CliError
+    from clipforge.model import onnx_export, onnx_runtime, pretrained
+
+    if cfg.dtype != "fp32":
+        raise CliError("--to onnx writes fp32 graphs (--quantize int8 for int8 weights), not --dtype " + cfg.dtype)
+    if onnx_runtime.is_onnx_export(Path(cfg.model)):  # an fp32 export, to quantise
+        if not cfg.quantize:
+            raise CliError(f"{cfg.model} is already an ONNX export; --quantize int8 quantises it")
+        return onnx_export.quantize_export(Path(cfg.model), cfg.out)
+    model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu,
+                                    text_model_dir=cfg.text_model_dir)
+    return onnx_export.export_onnx(model, cfg.out, quantize=cfg.quantize)

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from clipforge.cli.convert import HELP_TEXT_MODEL_DIR
+from clipforge.cli.convert import HELP_RUNTIME, HELP_TEXT_MODEL_DIR, RUNTIMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint path or pretrained name: anything clipforge.load accepts")
     p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
     p.add_argument("--text-model-dir", default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=HELP_RUNTIME)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="image folder (recursive), .csv/.tsv/.parquet of paths, .tar shard(s) or "
                                      "a brace pattern like 'shards/{00000..00099}.tar'")  # fmt: skip
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.part_size < 1:
         raise CliError("--batch-size and --part-size must be at least 1")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    model, _ = clipforge.load(args.model, arch=args.arch, text_model_dir=args.text_model_dir, runtime=args.runtime)
+    if getattr(model, "runtime", "torch") == "onnx":
+        _onnx_settings(args)
     cfg = EmbedConfig(
         batch_size=args.batch_size, part_size=args.part_size,
         num_workers=decode.default_workers() if args.workers is None else args.workers,
@@ -61,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, embed_captions=args.embed_captions,
         rank=rank, world_size=world, progress=not args.no_progress,
     )  # fmt: skip
-    model, _ = clipforge.load(args.model, arch=args.arch, text_model_dir=args.text_model_dir)
     if args.texts:
         texts = sources.read_texts(args.texts, args.caption_column)
         summary = embed_texts(model, texts, args.out, cfg, source=os.path.abspath(args.texts))
@@ -80,6 +83,17 @@ def run(args: argparse.Namespace) -> int:
         if summary.unreadable:
             print(f"{summary.unreadable} unreadable input(s) listed in {os.path.join(args.out, 'skipped.tsv')}")
     return 0
+
+
+def _onnx_settings(args: argparse.Namespace) -> None:
+    """An ONNX export runs on the CPU in its own precision: other settings are refused, "auto" becomes those."""
+    from clipforge.cli import CliError
+
+    wrong = [f"--device {args.device}"] if args.device not in ("auto", "cpu") else []
+    wrong += [f"--precision {args.precision}"] if args.precision not in ("auto", "fp32") else []
+    if wrong:
+        raise CliError(f"the onnx runtime runs on the CPU in the export's precision; drop {' and '.join(wrong)}")
+    args.device, args.precision = "cpu", "fp32"
 
 
 def _only_new(table, index_dir: str):

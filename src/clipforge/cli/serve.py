@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
-from clipforge.cli.convert import HELP_TEXT_MODEL_DIR
+from clipforge.cli.convert import HELP_RUNTIME, HELP_TEXT_MODEL_DIR, RUNTIMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model the embeddings were made with: a checkpoint path or a pretrained name")
     p.add_argument("--arch", default=None, help="architecture name for state dicts that do not reveal it")
     p.add_argument("--text-model-dir", default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=HELP_RUNTIME + " (shown in /health)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
@@ -35,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "names and the address a request came to are always served")  # fmt: skip
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="serve even when the model's weights are not those the index was built with (logged)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the model, torch's or ONNX Runtime's (default: torch's default)")
     p.set_defaults(func=run)
 
 
@@ -79,6 +82,8 @@ def build_app(args: argparse.Namespace):
     import torch
 
     import clipforge
+    from clipforge.cli import CliError
+    from clipforge.model.onnx_runtime import is_onnx_export
     from clipforge.search.service import ServeSettings, create_app
     from clipforge.utils import resolve_device
 
@@ -89,6 +94,10 @@ def build_app(args: argparse.Namespace):
         max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
         trusted_hosts=_trusted_hosts(args), allow_model_mismatch=args.allow_model_mismatch,
     )  # fmt: skip
-    model, preprocess = clipforge.load(args.model, device=resolve_device(args.device), arch=args.arch,
-                                       text_model_dir=args.text_model_dir)
+    runtime = getattr(args, "runtime", "auto")
+    onnx = runtime == "onnx" or (runtime == "auto" and is_onnx_export(Path(args.model)))
+    if onnx and args.device not in ("cpu", "auto"):
+        raise CliError(f"the onnx runtime runs on the CPU; drop --device {args.device}")
+    model, preprocess = clipforge.load(args.model, device="cpu" if onnx else resolve_device(args.device),
+                                       arch=args.arch, text_model_dir=args.text_model_dir, runtime=runtime)
     return create_app(args.index, model, preprocess, settings), settings

@@ -159,6 +159,9 @@ def load_any(path: str | Path, arch: str | None = None, *, quick_gelu: bool | No
         oc_weights = first_of(path, OPENCLIP_WEIGHTS)
         if (path / OPENCLIP_CONFIG).is_file() and oc_weights:
             return load_state_file(oc_weights, arch=arch, quick_gelu=quick_gelu, text_model_dir=text_model_dir)
+        if (path / "onnx.json").is_file():  # onnx_runtime.MANIFEST: graphs, not weights to rebuild a model from
+            raise CheckpointError(f"{path}: an ONNX export; it runs in the onnx runtime (clipforge.load, "
+                                  "--runtime onnx) and cannot be read back as PyTorch weights")
         raise CheckpointError(
             f"{path}: directory holds no recognised checkpoint (expected clipforge's config.json + "
             f"{WEIGHTS_NAME}, a Hugging Face config.json + model.safetensors/pytorch_model.bin, or "

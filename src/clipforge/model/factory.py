@@ -5,19 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from clipforge.config import DEFAULT_CROP_SCALE, ClipConfig
-from clipforge.model import checkpoints
+from clipforge.errors import CheckpointError
+from clipforge.model import checkpoints, onnx_runtime
 from clipforge.model import pretrained as pretrained_weights
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower
+from clipforge.model.onnx_runtime import OnnxCLIP
 from clipforge.model.pretrained import list_pretrained
 from clipforge.model.registry import get_config, list_models
 from clipforge.model.transforms import eval_transform, train_transform
 
+Runtime = Literal["auto", "torch", "onnx"]
 __all__ = ["list_models", "list_pretrained", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess"]
 
 
@@ -41,11 +44,11 @@ def create_model(
     return model.to(dtype) if dtype is not None else model
 
 
-def get_preprocess(model_or_config: CLIP | ClipConfig, train: bool = False,
+def get_preprocess(model_or_config: CLIP | OnnxCLIP | ClipConfig, train: bool = False,
                    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> Callable[[Any], torch.Tensor]:
     """The model's image transform: evaluation (resize, centre crop, normalise) or, with
     ``train``, a random resized crop keeping ``crop_scale`` of the area, then normalise."""
-    cfg = model_or_config.config if isinstance(model_or_config, CLIP) else model_or_config
+    cfg = model_or_config if isinstance(model_or_config, ClipConfig) else model_or_config.config
     return train_transform(cfg.preprocess, crop_scale) if train else eval_transform(cfg.preprocess)
 
 
@@ -59,7 +62,8 @@ def load(
     pretrained: str | None = None,
     cache_dir: str | Path | None = None,
     text_model_dir: str | Path | None = None,
-) -> tuple[CLIP, Callable[[Any], torch.Tensor]]:
+    runtime: Runtime = "auto",
+) -> tuple[CLIP | OnnxCLIP, Callable[[Any], torch.Tensor]]:
     """Load weights by path or by name; returns (model in eval mode, preprocess).
 
     ``path`` is a checkpoint file or directory (format auto-detected), a pretrained name
@@ -76,11 +80,34 @@ def load(
     text tower that OpenCLIP's config (or ``arch``) names by hub id (``xlm-roberta-base-ViT-B-32``,
     ``nllb-clip-base``, ...); without it they are fetched from the hub (never the encoder's weights:
     the checkpoint holds them).
+
+    ``runtime``: "torch" builds the PyTorch model; "onnx" runs an ONNX export directory (``image.onnx``
+    + ``text.onnx``, from ``clipforge convert --to onnx``) in ONNX Runtime on the CPU, returned as an
+    ``OnnxCLIP`` with CLIP's encode_image / encode_text; "auto" picks "onnx" for such a directory.
     """
+    if _runtime_for(path, runtime) == "onnx":
+        if torch.device(device).type != "cpu" or dtype != torch.float32:
+            raise CheckpointError(f"{path}: an ONNX export runs on the CPU in its own precision "
+                                  f"(asked for {device}, {dtype})")
+        onnx_model = onnx_runtime.load_onnx(path)
+        return onnx_model, get_preprocess(onnx_model.config)
     model = pretrained_weights.load_weights(path, pretrained=pretrained, arch=arch, quick_gelu=quick_gelu,
                                             cache_dir=cache_dir, text_model_dir=text_model_dir)
     model = model.to(device=device, dtype=dtype).eval()
     return model, get_preprocess(model)
+
+
+def _runtime_for(path: str | Path, runtime: Runtime) -> str:
+    """The runtime that runs ``path``, or a one-line error where it cannot."""
+    export = onnx_runtime.is_onnx_export(Path(str(path)).expanduser())
+    if runtime not in ("auto", "torch", "onnx"):
+        raise CheckpointError(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
+    if runtime == "onnx" and not export:
+        raise CheckpointError(f"{path}: the onnx runtime needs an ONNX export (a directory with image.onnx and "
+                              "text.onnx, written by `clipforge convert --to onnx`)")
+    if runtime == "torch" and export:
+        raise CheckpointError(f"{path}: an ONNX export runs only in the onnx runtime")
+    return "onnx" if export else "torch"
 
 
 def save(model: CLIP, out_dir: str | Path) -> Path:

@@ -76,7 +76,10 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / "embeddings.json"
     if path.exists():
         old = json.loads(path.read_text())
-        for key in ("kind", "inputs", "input_fingerprint", "part_size", "model_fingerprint"):
+        # Parts of one directory come from one runtime (int8 weights embed a little differently);
+        # manifests written before the runtime was recorded resume under either.
+        for key in ("kind", "inputs", "input_fingerprint", "part_size", "model_fingerprint") + \
+                (("runtime",) if "runtime" in old else ()):
             if old.get(key) != manifest.get(key):
                 raise DataError(
                     f"{out} holds embeddings of different {key.replace('_', ' ')} "
@@ -129,7 +132,9 @@ def _save_parquet(path: Path, table: pa.Table) -> None:
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _resolve(cfg: EmbedConfig) -> tuple[torch.device, Precision]:
+def _resolve(cfg: EmbedConfig, model) -> tuple[torch.device, Precision]:
+    if getattr(model, "runtime", "torch") == "onnx":  # its sessions run on the CPU, in the export's precision
+        return torch.device("cpu"), "fp32"
     device = resolve_device(cfg.device)
     if device.type == "cuda" and cfg.world_size > 1 and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", cfg.rank)) % torch.cuda.device_count())
@@ -137,6 +142,13 @@ def _resolve(cfg: EmbedConfig) -> tuple[torch.device, Precision]:
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
     return device, precision
+
+
+def runtime_of(model, precision: Precision) -> dict[str, str]:
+    """What computes the embeddings: {"runtime": "torch" or "onnx", "precision": fp32/bf16/fp16 (torch's
+    autocast) or the ONNX export's fp32/int8}."""
+    runtime = getattr(model, "runtime", "torch")
+    return {"runtime": runtime, "precision": model.precision if runtime == "onnx" else precision}
 
 
 def _my_parts(n_parts: int, out: Path, cfg: EmbedConfig) -> tuple[list[int], int]:
@@ -149,7 +161,7 @@ def embed_images(model, table: pa.Table, out_dir: str | Path, cfg: EmbedConfig, 
     """Embed every row of ``table`` (from ``sources.list_images``) into parts under ``out_dir``."""
     start = time.perf_counter()
     out = Path(out_dir)
-    device, precision = _resolve(cfg)
+    device, precision = _resolve(cfg, model)
     model = model.to(device).eval()
     from clipforge.search.sources import input_fingerprint
 
@@ -161,7 +173,7 @@ def embed_images(model, table: pa.Table, out_dir: str | Path, cfg: EmbedConfig, 
         "format": FORMAT, "kind": "image", "inputs": n, "input": source, "input_fingerprint": input_fingerprint(table),
         "part_size": cfg.part_size, "parts": n_parts, "embed_dim": model.config.embed_dim,
         "model": model.config.name, "model_fingerprint": model_fingerprint(model),
-        "text_embeddings": bool(cfg.embed_captions and "caption" in table.column_names),
+        "text_embeddings": bool(cfg.embed_captions and "caption" in table.column_names), **runtime_of(model, precision),
     }  # fmt: skip
     _check_manifest(out, manifest)
     todo, already = _my_parts(n_parts, out, cfg)
@@ -313,7 +325,7 @@ def embed_texts(model, texts: list[str], out_dir: str | Path, cfg: EmbedConfig, 
     """Texts (e.g. queries, class names) into ``text_emb`` parts with a ``caption`` metadata column."""
     start = time.perf_counter()
     out = Path(out_dir)
-    device, precision = _resolve(cfg)
+    device, precision = _resolve(cfg, model)
     model = model.to(device).eval()
     n = len(texts)
     if n == 0:
@@ -323,7 +335,7 @@ def embed_texts(model, texts: list[str], out_dir: str | Path, cfg: EmbedConfig, 
     manifest = {
         "format": FORMAT, "kind": "text", "inputs": n, "input": source, "input_fingerprint": fp,
         "part_size": cfg.part_size, "parts": n_parts, "embed_dim": model.config.embed_dim,
-        "model": model.config.name, "model_fingerprint": model_fingerprint(model),
+        "model": model.config.name, "model_fingerprint": model_fingerprint(model), **runtime_of(model, precision),
     }  # fmt: skip
     _check_manifest(out, manifest)
     todo, already = _my_parts(n_parts, out, cfg)

@@ -88,7 +88,10 @@ class Engine:
 
     def __init__(self, index: SearchIndex, model, preprocess, settings: ServeSettings) -> None:
         self.index, self.model, self.preprocess, self.settings = index, model.eval(), preprocess, settings
-        self.device = next(model.parameters()).device
+        param = next(model.parameters(), None)  # an ONNX export has none: it runs on the CPU
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.runtime = getattr(model, "runtime", "torch")
+        self.precision = getattr(model, "precision", None) if self.runtime == "onnx" else _dtype_name(param)
         self.dim = index.dim
         self.image_size = model.config.preprocess.image_size
         self._lock = _FairLock()  # the model
@@ -113,6 +116,7 @@ class Engine:
         return {
             "status": "ok", "items": len(self.index), "dim": self.dim, "index": self.index.kind,
             "model": self.model.config.name, "model_matches_index": self.model_matches,
+            "runtime": self.runtime, "precision": self.precision,
             "auth": self.settings.api_key is not None, "limits": _limits(self.settings),
         }  # fmt: skip
 
@@ -268,6 +272,11 @@ def _decode_rgb(im: Image.Image, size: int) -> Image.Image:
         return decode.prepare(im)
     im.load()
     return imageio.to_rgb(imageio.upright(im).reduce(factor))
+
+
+def _dtype_name(param: torch.Tensor | None) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(param.dtype, str(param.dtype)) if param is not None else "fp32"
 
 
 _REDUCIBLE = {"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}

@@ -111,6 +111,8 @@ class Health(BaseModel):
     model: str
     model_matches_index: bool
     auth: bool
+    runtime: str = "torch"  # torch, or onnx (an ONNX export in ONNX Runtime)
+    precision: str | None = None  # fp32/bf16/fp16 (torch), fp32/int8 (onnx)
 
 
 def form_list(values: list[Any]) -> list[str]:

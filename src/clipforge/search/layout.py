@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from clipforge.errors import DataError
+from clipforge.model.identity import model_fingerprint  # noqa: F401 (the readers' and writers' name for it)
 
 EMB_FORMAT = "clipforge-embeddings/1"
 INDEX_FORMAT = "clipforge-index/1"
@@ -30,17 +28,6 @@ def finished_parts(out_dir: str | Path) -> list[int]:
     if not meta.is_dir():
         return []
     return sorted(int(p.stem.rsplit("_", 1)[1]) for p in meta.glob("metadata_*.parquet"))
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Cheap identity of the weights (a few tensors), so parts from two models are never mixed.
-    Stored as ``model_fingerprint`` in embedding manifests and ``index.json``."""
-    h = hashlib.sha256()
-    params = list(model.state_dict().items())
-    for name, t in params[:4] + params[-4:]:
-        h.update(name.encode() + str(tuple(t.shape)).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:65536])
-    return h.hexdigest()[:16]
 
 
 def index_files(index_dir: Path) -> tuple[Path, Path, Path]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from clipforge.search.store import Store
 # A filter matching at most this many items is answered exactly over their vectors; larger
 # ones go through FAISS with an id selector (HNSW cannot route a search through a tiny subset).
 EXACT_FILTER_LIMIT = 20_000
+FILTER_CACHE = 256  # distinct filters remembered (each at most EXACT_FILTER_LIMIT ids: <= 40 MB in all)
 
 
 class SearchIndex:
@@ -38,6 +41,7 @@ class SearchIndex:
         self._lock = threading.Lock()  # sqlite connection and the lazy direct map
         self._direct_map = False
         self._id_map: np.ndarray | None = None
+        self._filters: OrderedDict[str, np.ndarray | None] = OrderedDict()  # _small_filter's answers
 
     @property
     def dim(self) -> int:
@@ -51,7 +55,7 @@ class SearchIndex:
         with self._lock:
             return self.store.get(ids)
 
-    def vectors(self, ids: list[int]) -> np.ndarray:
+    def vectors(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Stored vectors by id ([n, d]; approximate for IVF-PQ)."""
         import faiss
 
@@ -59,10 +63,9 @@ class SearchIndex:
             if self.kind in ("ivf", "ivfpq") and not self._direct_map:
                 faiss.extract_index_ivf(self.index).set_direct_map_type(faiss.DirectMap.Hashtable)
                 self._direct_map = True
-        out = np.empty((len(ids), self.dim), np.float32)
-        for j, i in enumerate(ids):
-            out[j] = self.index.reconstruct(int(i))
-        return out
+        if not len(ids):
+            return np.empty((0, self.dim), np.float32)
+        return self.index.reconstruct_batch(np.asarray(ids, np.int64))  # one call: no Python loop per vector
 
     def search(self, queries: np.ndarray, k: int, flt: dict[str, Any] | None = None) -> list[list[dict[str, Any]]]:
         """Best-first hits per query row; each hit is the item's metadata plus ``score`` (cosine)."""
@@ -79,8 +82,7 @@ class SearchIndex:
         """(scores [q, k], ids [q, k]) best first; id -1 where fewer than k items qualify."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)  # [q, d]
         if flt:
-            with self._lock:
-                ids = self.store.filter_ids(flt, EXACT_FILTER_LIMIT)
+            ids = self._small_filter(flt)
             if ids is not None:
                 scores, found = self._exact_subset(queries, ids, k)
             else:
@@ -93,14 +95,30 @@ class SearchIndex:
             scores, found = self.index.search(queries, k)
         return scores, found
 
-    def _exact_subset(self, queries: np.ndarray, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not ids:
+    def _small_filter(self, flt: dict[str, Any]) -> np.ndarray | None:
+        """Ids matching ``flt`` when at most ``EXACT_FILTER_LIMIT`` do, else None. Remembered per
+        distinct filter (the last ``FILTER_CACHE`` of them): the SQL scan reads every row's metadata
+        (tens of ms at 100k items) and the served index does not change while it is open."""
+        key = json.dumps(flt, sort_keys=True)
+        with self._lock:
+            if key in self._filters:
+                self._filters.move_to_end(key)
+                return self._filters[key]
+            found = self.store.filter_ids(flt, EXACT_FILTER_LIMIT)
+            ids = None if found is None else np.array(found, np.int64)
+            self._filters[key] = ids
+            while len(self._filters) > FILTER_CACHE:
+                self._filters.popitem(last=False)
+        return ids
+
+    def _exact_subset(self, queries: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not len(ids):
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         vecs = self.vectors(ids)  # [m, d]
         scores = queries @ vecs.T  # [q, m]
         kk = min(k, len(ids))
         top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]  # [q, kk]
-        return np.take_along_axis(scores, top, 1), np.array(ids, np.int64)[top]
+        return np.take_along_axis(scores, top, 1), ids[top]
 
     def _selector(self, ids: np.ndarray, keep: bool):
         import faiss
