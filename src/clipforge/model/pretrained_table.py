@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from clipforge.config import OPENAI_MEAN, OPENAI_STD
+from clipforge.config import OPENAI_MEAN, OPENAI_STD, TextConfig
 
 INCEPTION = (0.5, 0.5, 0.5)  # mean and std of SigLIP, PE-Core, LAION's ViT-L-14 (timm's "inception" constants)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -53,16 +53,17 @@ class Pretrained:
     @property
     def tokenizer(self) -> str:
         """What the text tower reads: CLIP's BPE, or the Hugging Face tokenizer the architecture names."""
-        from clipforge.model.registry import get_config
-
-        text = get_config(self.arch).text
+        text = self._text()
         return text.hf_tokenizer_name or text.hf_model or "clip-bpe"
 
     @property
     def context_length(self) -> int:
-        from clipforge.model.registry import get_config
+        return self._text().context_length
 
-        return get_config(self.arch).text.context_length
+    def _text(self) -> TextConfig:
+        from clipforge.model.registry import get_config  # the registry's zoo imports the interop layer
+
+        return get_config(self.arch).text
 
 
 _AZURE = "https://openaipublic.azureedge.net/clip/models"
