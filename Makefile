@@ -24,6 +24,8 @@ $(VENV)/.demo: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -e '.[dev]'
+	# clip-retrieval for its ClipClient only: its own requirements pin numpy<2 and a Flask back end
+	$(PY) -m pip install -q --no-deps 'clip-retrieval>=2.44,<3'
 	touch $@ $(VENV)/.demo
 
 install-demo: $(VENV)/.demo

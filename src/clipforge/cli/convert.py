@@ -88,7 +88,13 @@ def convert(cfg: ConvertConfig) -> Path:
     model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu,
                                     text_model_dir=cfg.text_model_dir)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
-    return checkpoints.export(model.to(dtype).eval(), cfg.to, cfg.out)
+    written = checkpoints.export(model.to(dtype).eval(), cfg.to, cfg.out)
+    if cfg.to == "hf":  # the model card goes along: the source's (training, results) or a fresh one
+        from clipforge.model.card import read_card_data, write_card
+
+        data = read_card_data(cfg.model) if Path(cfg.model).is_dir() else {}
+        write_card(written, model.config, data.get("training"), data.get("results"), library="transformers")
+    return written
 
 
 def _to_onnx(cfg: ConvertConfig) -> Path:

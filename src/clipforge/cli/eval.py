@@ -176,9 +176,23 @@ def _finish(args: argparse.Namespace, task: str, dataset: str, out: dict[str, An
     result = make_result(task, str(args.model), dataset, out["metrics"], out.get("details"),
                          _options_record(settings), _command_line(settings))
     write_result(result, args.out)
+    _update_card(Path(str(args.model)), result)
     shown = {k: v for k, v in out["metrics"].items() if isinstance(v, float)}
     print(" ".join(f"{k}={v:.4f}" for k, v in list(shown.items())[:8]) + f"  -> {args.out}")
     return 0
+
+
+def _update_card(model_dir: Path, result: dict[str, Any]) -> None:
+    """A clipforge model directory's card gains this result (a pretrained name has no card here)."""
+    from clipforge.config import ClipConfig
+    from clipforge.model.card import add_result
+    from clipforge.model.checkpoints import CONFIG_NAME, is_own_format
+
+    if is_own_format(model_dir):
+        try:
+            add_result(model_dir, ClipConfig.from_json(model_dir / CONFIG_NAME), result)
+        except OSError as e:  # a read-only model directory: the result file is what was asked for
+            print(f"note: model card not updated ({e})")
 
 
 def _with_skipped_rows(out: dict[str, Any], data: Any) -> dict[str, Any]:

@@ -37,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "names and the address a request came to are always served")  # fmt: skip
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="serve even when the model's weights are not those the index was built with (logged)")
+    p.add_argument("--index-name", default=None,
+                   help="the index's name in clip-retrieval's API (/indices-list; default: the index directory's name)")
+    p.add_argument("--allow-image-url", action="store_true",
+                   help="let clip-retrieval's /knn-service fetch an image_url: the server then requests any "
+                        "address a client names (default: refused)")  # fmt: skip
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (e.g. http://localhost:1235, where clip-front runs) whose pages may call "
+                        "clip-retrieval's routes from a browser (repeatable)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the model, torch's or ONNX Runtime's (default: torch's default)")
     p.set_defaults(func=run)
@@ -93,6 +101,8 @@ def build_app(args: argparse.Namespace):
         max_request_bytes=int(args.max_request_mb * 2**20), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_labels=args.max_labels, api_key=args.api_key or os.environ.get("CLIPFORGE_API_KEY"),
         trusted_hosts=_trusted_hosts(args), allow_model_mismatch=args.allow_model_mismatch,
+        index_name=getattr(args, "index_name", None), allow_image_url=getattr(args, "allow_image_url", False),
+        cors_origins=tuple(getattr(args, "cors_origin", None) or ()),
     )  # fmt: skip
     runtime = getattr(args, "runtime", "auto")
     onnx = runtime == "onnx" or (runtime == "auto" and is_onnx_export(Path(args.model)))

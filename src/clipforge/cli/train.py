@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 # Flags whose value goes into the TrainConfig (flat names, see clipforge.train.config.FLAT_KEYS).
 _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped at step {summary['steps']} on request; continue with --resume auto")
         return 0
     shown = {k: summary.get(k) for k in ("steps", "samples_seen", "final_loss", "skipped", "wall_time_s")}
+    _card_with_training(cfg, summary)
     print(json.dumps(shown))
     print(f"model: {summary['final_model']}  summary: {os.path.join(cfg.out, 'summary.json')}")
     return 0
@@ -157,3 +159,19 @@ def _quiet_fd_sharing_thread() -> None:
 
     hook.clipforge_quiet = True  # type: ignore[attr-defined]
     threading.excepthook = hook
+
+
+def _card_with_training(cfg, summary: dict) -> None:
+    """The final model's card, now with the run's settings and summary (the trainer wrote it bare)."""
+    import dataclasses
+
+    from clipforge.config import ClipConfig
+    from clipforge.model.card import training_record, write_card
+    from clipforge.model.checkpoints import CONFIG_NAME
+
+    final = Path(summary["final_model"])
+    flat = {**dataclasses.asdict(cfg.optim), **dataclasses.asdict(cfg.schedule), **dataclasses.asdict(cfg)}
+    flat = {k: v for k, v in flat.items() if isinstance(v, (str, int, float, bool))}
+    flat["data"] = cfg.data.path if cfg.data is not None else None
+    flat["warmup"] = flat.get("warmup_steps")
+    write_card(final, ClipConfig.from_json(final / CONFIG_NAME), training=training_record(flat, summary))

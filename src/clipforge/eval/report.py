@@ -1,7 +1,8 @@
 """Evaluation results on disk, and reports that aggregate them.
 
 One JSON per (model, dataset, task) with CLIP_benchmark's fields (``dataset``, ``model``,
-``task``, ``metrics``) plus ``details`` (confusion matrix, per-template accuracy, ...), the
+``pretrained``, ``task``, ``metrics``: ``clip_benchmark build`` reads these files) plus
+``details`` (confusion matrix, per-template accuracy, ...), the
 options, the command line and library versions. :func:`write_report` turns a folder of them
 into ``report.md``, ``report.csv`` (long format: one metric per row) and ``report.html`` with
 plots. Plots use matplotlib's object API on the Agg canvas, so no display or global backend
@@ -78,6 +79,9 @@ def make_result(
     return {
         "dataset": dataset,
         "model": model,
+        # CLIP_benchmark's weights tag beside the architecture; `clip_benchmark build` needs the
+        # field. clipforge names the weights in `model` (a path or a pretrained name): empty.
+        "pretrained": "",
         "task": task,
         "metrics": metrics,
         "details": details or {},

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from clipforge.config import ClipConfig
 from clipforge.errors import CheckpointError
+from clipforge.model.card import write_card
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_source import hub_name, with_text_model
 from clipforge.model.hf_text import HFTextTower, check_saved_source
@@ -76,6 +77,7 @@ def write_config(model: CLIP, out: Path) -> Path:
         model.text.save_assets(out / TEXT_MODEL_DIR)
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, hf_model=TEXT_MODEL_DIR, hf_hub_id=hub_name(cfg.text)))
     cfg.to_json(out / CONFIG_NAME)
+    write_card(out, cfg)  # README.md, keeping the training record and results of a card already there
     return out / CONFIG_NAME
 
 
