@@ -2,6 +2,7 @@
 
     config, errors, utils, version, shards, imageio  <-  model  <-  {data, eval}  <-  train  <-  {demo, experiments}  <-  cli
     search  <-  model, eval
+    hygiene  <-  model, data, eval, search      (and hygiene  <-  cli)
 
 Nothing below the CLI imports the front door (``clipforge/__init__.py``, ``api.py``). Imports
 inside functions count too: a lazy import is still an arrow. ``if TYPE_CHECKING:`` blocks do not.
@@ -25,12 +26,14 @@ ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "data": {"model"},
     "eval": {"model"},
-    "search": {"model", "eval"},
+    "explanations": {"model"},
+    "search": {"model", "eval", "explanations"},
+    "hygiene": {"model", "data", "eval", "search"},
     "train": {"model", "data", "eval"},
     "demo": {"model", "data", "eval", "train"},
     "experiments": {"model", "data", "eval", "train"},
-    "front": {"model"},
-    "cli": {"model", "data", "eval", "train", "demo", "experiments", "search", "front"},
+    "front": {"model", "explanations"},
+    "cli": {"model", "data", "eval", "explanations", "train", "demo", "experiments", "search", "hygiene", "front"},
     "__main__": {"cli"},
 }
 # Inside search/, the readers never import the writers.

@@ -29,6 +29,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {value}")
+    return value
+
+
 def register(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "synth", help="generate the built-in data world", description=__doc__)
@@ -50,6 +60,21 @@ def register(actions: argparse._SubParsersAction) -> None:
                    help="(colour, shape) pairs seen only in test_heldout" + d)
     p.add_argument("--max-objects", type=_positive, default=3, help="most objects in one image, 1..3" + d)
     p.add_argument("--shard-size", type=_positive, default=1000, help="samples per tar shard with --format wds" + d)
+    # The paper's mechanisms, each off by default (the plain world keeps its bytes).
+    p.add_argument("--caption-style", choices=("alt", "sentence"), default="alt",
+                   help="keyword-style alt text (often a bare label) or full sentences (a bare label is rare)" + d)
+    p.add_argument("--polysemy", action="store_true",
+                   help="add a gemstone that captions also call 'diamond', and a 'sense' task on the two")
+    p.add_argument("--spurious", type=_rate, default=0.0, metavar="P",
+                   help="P(background texture follows the shape) in train/val/test; the shifted splits break "
+                        "it" + d)
+    p.add_argument("--template-set", choices=("basic", "paper"), default="basic",
+                   help="the tasks' template ensembles: 4-6 templates, or the paper's 80 of varied context" + d)
+    p.add_argument("--mismatch-rate", type=_rate, default=0.0,
+                   help="also write train_flawed.csv with this fraction of captions swapped among rows" + d)
+    p.add_argument("--plant-duplicates", type=_count, default=0,
+                   help="also put this many edited copies of test images into train_flawed.csv (flaws.json "
+                        "records which)" + d)
     p.add_argument("--force", action="store_true", help="regenerate even if OUT already holds this world")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -60,10 +85,16 @@ def run(args: argparse.Namespace) -> int:
 
     from clipforge.data.synth import SynthConfig, generate_world
 
+    if (args.mismatch_rate or args.plant_duplicates) and args.format != "csv":
+        from clipforge.cli import CliError
+
+        raise CliError("--mismatch-rate and --plant-duplicates need --format csv")
     cfg = SynthConfig(  # validates ranges, raising DataError with a one-line message
         seed=args.seed, image_size=args.image_size, train=args.train, val=args.val, test=args.test,
         shifted=args.shifted, format=args.format, image_format=args.image_format,
         heldout_pairs=args.heldout_pairs, max_objects=args.max_objects, shard_size=args.shard_size,
+        caption_style=args.caption_style, polysemy=args.polysemy, spurious=args.spurious,
+        template_set=args.template_set,
     )
     start = time.perf_counter()
     manifest = generate_world(cfg, args.out, workers=args.workers, progress=not args.no_progress, force=args.force)
@@ -73,5 +104,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<22}{split['size']:>8}  {where}")
     print(f"tasks: {', '.join(manifest['tasks'])} (in {args.out / 'tasks'})")
     print(f"held-out pairs: {', '.join(' '.join(p) for p in manifest['heldout_pairs']) or 'none'}")
+    if manifest.get("mechanisms"):
+        print(f"mechanisms: {', '.join(manifest['mechanisms'])} (world.json)")
+    if args.mismatch_rate or args.plant_duplicates:
+        from clipforge.data.synth.flaws import FlawConfig, add_flaws
+
+        flaws = add_flaws(args.out, FlawConfig(args.mismatch_rate, args.plant_duplicates, seed=args.seed))
+        print(f"train_flawed.csv: {len(flaws['mismatched'])} mismatched captions, {len(flaws['planted'])} planted "
+              f"near-duplicates of test images (flaws.json)")
     print(f"world written to {args.out} in {seconds:.1f}s")
     return 0

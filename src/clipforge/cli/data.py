@@ -1,4 +1,5 @@
-"""``clipforge data {synth,pack}``: generate the built-in data world; pack datasets into shards.
+"""``clipforge data {synth,pack,overlap,curate}``: generate the built-in data world; pack datasets into
+shards; find train/test overlap; curate training pairs.
 
 Each action registers itself from its own module (``_data_<action>.py``).
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-ACTIONS = ("synth", "pack")
+ACTIONS = ("synth", "pack", "overlap", "curate")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,9 @@
 
 Modules: ``world`` (attributes, config, scene sampling), ``render`` (Pillow drawing),
 ``captions`` (free-form captions), ``tasks`` (label columns, zero-shot tasks), ``writer``
-(parallel generation, CSV / WebDataset output, manifest).
+(parallel generation, CSV / WebDataset output, manifest); the paper's mechanisms, off by default:
+``styles`` (sentence captions), ``ensembles`` (80-template ensembles), ``mechanisms`` (their
+record in world.json and their measures).
 """
 
 from clipforge.data.synth.world import SHIFTED_SPLITS, SPLITS, Scene, SynthConfig, World

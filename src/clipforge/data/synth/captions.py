@@ -4,7 +4,8 @@ Variety comes from synonyms, word orders, frames ("a photo of ..."), partial des
 (any attribute may be left out), counts in words or digits, groups ("two red circles") and
 relations ("a red circle to the left of a blue star"). Every phrase is built from the
 ``Scene``, and synonyms never cross class boundaries (a "disc" is always a circle, never a
-ring), so a caption's words can be checked against the scene (see tests/unit/test_synth*).
+ring), so a caption's words can be checked against the scene (see tests/unit/test_synth*). The
+one exception is made on purpose: a world with ``polysemy`` calls two shapes "diamond".
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipforge.data.synth.world import Obj, Scene, relations
+from clipforge.data.synth.world import GEM, Obj, Scene, relations
 
 SHAPE_WORDS = {
     "circle": ("circle", "disc"),
@@ -65,13 +66,22 @@ RELATION_PHRASES = {
     "below": ("below", "beneath", "under"),
 }
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# A world with polysemy has a gemstone that captions call by the rhombus's name. Some captions
+# add a context word after the name, and those are the only captions that tell the two apart.
+POLYSEMOUS_WORD = "diamond"
+SENSE_CONTEXTS = {"diamond": ("card symbol", "card suit"), GEM: ("gemstone", "jewel")}
+CONTEXT_RATE = 0.35  # of the polysemous name's uses in a noun phrase
 
 
 class _Writer:
     """Random phrase choices for one caption."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, polysemy: bool = False) -> None:
         self.rng = rng
+        self.polysemy = polysemy
+
+    def shape_word(self, shape: str) -> str:
+        return POLYSEMOUS_WORD if shape == GEM else self.pick(SHAPE_WORDS[shape])
 
     def pick(self, options: Sequence[str]) -> str:
         return options[int(self.rng.integers(len(options)))]
@@ -96,7 +106,10 @@ class _Writer:
         use_colour, use_shape = self.chance(colour), self.chance(shape)
         if not (use_colour or use_shape):
             use_shape = True
-        noun = self.pick(SHAPE_WORDS[obj.shape]) if use_shape else self.pick(GENERIC_NOUNS)
+        noun = self.shape_word(obj.shape) if use_shape else self.pick(GENERIC_NOUNS)
+        # Only a polysemy world draws here, so the plain world's random stream is untouched.
+        if self.polysemy and noun == POLYSEMOUS_WORD and self.chance(CONTEXT_RATE):
+            noun += " " + self.pick(SENSE_CONTEXTS[obj.shape])
         size_word = self.pick(SIZE_WORDS[obj.size]) + " " if self.chance(size) else ""
         if use_colour and use_shape and free_order and self.chance(0.15):
             tail = self.pick((" in {}", " that is {}", ", colored {}", " coloured {}"))
@@ -116,7 +129,7 @@ class _Writer:
         size_word = self.pick(SIZE_WORDS[first.size]) + " " if len(sizes) == 1 and self.chance(0.3) else ""
         alone = sum(o.shape == first.shape for o in scene.objects) == len(objs)
         colour = "" if alone and self.chance(0.15) else first.colour + " "
-        return f"{count} {size_word}{colour}{plural(self.pick(SHAPE_WORDS[first.shape]))}"
+        return f"{count} {size_word}{colour}{plural(self.shape_word(first.shape))}"
 
 
 def article(phrase: str) -> str:
@@ -128,8 +141,9 @@ def plural(noun: str) -> str:
     return noun[: len(noun) - len(last)] + _IRREGULAR_PLURALS.get(last, last + "s")
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    w = _Writer(rng)
+def caption(scene: Scene, rng: np.random.Generator, polysemy: bool = False) -> str:
+    """Alt-text style: often a bare label or a keyword list (see styles.py for sentences)."""
+    w = _Writer(rng, polysemy)
     text = _single(scene, w) if scene.count == 1 else _multi(scene, w)
     if w.chance(0.4):
         text = text[0].upper() + text[1:]
@@ -149,8 +163,19 @@ def _single(scene: Scene, w: _Writer) -> str:
     )
     frame = w.pick(frames)
     if frame == "{bare}" and w.chance(0.3):  # keyword-style alt text: "circle, red"
-        return f"{w.pick(SHAPE_WORDS[obj.shape])}, {obj.colour}"
+        return f"{w.shape_word(obj.shape)}, {obj.colour}"
     return frame.format(np=np_, bare=bare, bg=w.backdrop(scene), one=w.number(1))
+
+
+def relation_parts(w: _Writer, pairs: list) -> tuple[str, str, str]:
+    """(noun phrase, relation, noun phrase) of one pair of different objects, either way round
+    (the same draws, in the same order, whatever caption style frames them)."""
+    a, b = pairs[int(w.rng.integers(len(pairs)))]
+    rel = w.pick(relations(a, b))
+    if w.chance(0.4):
+        a, b, rel = b, a, INVERSE[rel]
+    return (w.noun_phrase(a, colour=0.9, size=0.2, free_order=False), rel,
+            w.noun_phrase(b, colour=0.9, size=0.2, free_order=False))
 
 
 def _multi(scene: Scene, w: _Writer) -> str:
@@ -161,12 +186,7 @@ def _multi(scene: Scene, w: _Writer) -> str:
         mode = "list"
     n = w.number(len(objs))
     if mode == "relation":
-        a, b = pairs[int(w.rng.integers(len(pairs)))]
-        rel = w.pick(relations(a, b))
-        if w.chance(0.4):
-            a, b, rel = b, a, INVERSE[rel]
-        npa = w.noun_phrase(a, colour=0.9, size=0.2, free_order=False)
-        npb = w.noun_phrase(b, colour=0.9, size=0.2, free_order=False)
+        npa, rel, npb = relation_parts(w, pairs)
         verb = w.pick((" ", " is "))
         text = f"{npa}{verb}{w.pick(RELATION_PHRASES[rel])} {npb}"
         if len(objs) > 2 and w.chance(0.5):
@@ -176,7 +196,7 @@ def _multi(scene: Scene, w: _Writer) -> str:
         colours, shapes = {o.colour for o in objs}, {o.shape for o in objs}
         if len(shapes) == 1 and w.chance(0.5):
             where = f" on a {w.backdrop(scene)}" if w.chance(0.5) else ""
-            return f"{n} {plural(w.pick(SHAPE_WORDS[objs[0].shape]))}{where}"
+            return f"{n} {plural(w.shape_word(objs[0].shape))}{where}"
         if len(colours) == 1 and w.chance(0.5):
             return f"{n} {objs[0].colour} {w.pick(GENERIC_NOUNS)}s"
         frame = w.pick(

@@ -60,6 +60,9 @@ UNIT_POLYGONS: dict[str, list[Point]] = {
     "diamond": [(0.0, -1.0), (0.62, 0.0), (0.0, 1.0), (-0.62, 0.0)],
     "hexagon": _regular(6, 0.95, 0),
     "crescent": _crescent(),
+    # a cut gemstone's side view (flat table, sloping crown, pointed pavilion): the second
+    # "diamond" of a world with polysemy, wider than the rhombus and flat on top
+    "gem": [(-0.45, -0.8), (0.45, -0.8), (0.95, -0.35), (0.0, 0.85), (-0.95, -0.35)],
 }
 CIRCLE_RADIUS = 0.9
 RING_INNER = 0.58  # inner radius of a ring, relative to its outer radius
@@ -75,8 +78,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -> lis
     return [(cx + r * (u * c + v * s), cy + r * (-u * s + v * c)) for u, v in UNIT_POLYGONS[shape]]
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, side: int, outline: bool) -> None:
-    colour = COLOURS[obj.colour]
+def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, side: int, outline: bool, colour=None) -> None:
+    colour = COLOURS[obj.colour] if colour is None else colour
     cx, cy, r = obj.x * side, obj.y * side, obj.extent * side / 2
     width = max(2, round(0.035 * side))  # sketch stroke: ~2 px at 64 px output
 
@@ -164,3 +167,12 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
         arr = np.asarray(image, np.float32) + rng.normal(0.0, scene.noise, (image_size, image_size, 3))
         image = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     return image
+
+
+def object_mask(obj: Obj, image_size: int = 64, outline: bool = False) -> np.ndarray:
+    """[S, S] bool: the pixels ``obj`` covers in a render at ``image_size`` (at least half covered
+    after the same supersampling and box filter), for checks of where a model looks."""
+    ss = supersampling(image_size)
+    canvas = Image.new("L", (image_size * ss,) * 2, 0)
+    _draw_object(ImageDraw.Draw(canvas), obj, image_size * ss, outline, colour=255)
+    return np.asarray(canvas.reduce(ss)) >= 128

@@ -7,6 +7,11 @@ always filled. The ``relation`` of ``rel_a`` to ``rel_b`` is filled only for two
 whose objects differ in colour or shape and share a grid row or column, so exactly one of the
 four relations holds. A task's label column holds its class names verbatim (so a generic tool
 maps labels through the classes file), and its rows are those with that column non-empty.
+
+A world with ``polysemy`` adds the ``sense`` column and task: which of the two things called
+"diamond" a one-object image holds. Its classes carry their context ("diamond gemstone"), and its
+``names`` hold the bare word for each class, identical for both: prompts built from ``names``
+cannot tell the senses apart, prompts built from the classes can.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from clipforge.data.synth.captions import article
-from clipforge.data.synth.world import COLOURS, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, SynthConfig, relations
+from clipforge.data.synth.captions import POLYSEMOUS_WORD, SENSE_CONTEXTS, article
+from clipforge.data.synth.ensembles import paper_templates
+from clipforge.data.synth.world import (
+    COLOURS, GEM, POSITIONS, RELATIONS, SHAPES, SIZES, Scene, SynthConfig, relations,
+)
 
 LABEL_COLUMNS = (
     "count", "count_class", "colour", "shape", "size", "position",
@@ -29,11 +37,22 @@ LABEL_RULE = (
     "count_class always; relation (of rel_a to rel_b) only for two different objects sharing a grid row or "
     "column; label columns hold the task's class names verbatim; objects lists every object as JSON"
 )
+# The sense task's classes: the polysemous name with one of its sense's context words.
+SENSE_CLASSES = {shape: f"{POLYSEMOUS_WORD} {contexts[0]}" for shape, contexts in SENSE_CONTEXTS.items()}
+SENSE_RULE = f"; sense (polysemy) only for one-object images of a shape called '{POLYSEMOUS_WORD}'"
 
 
-def labels(scene: Scene) -> dict[str, Any]:
+def label_columns(cfg: SynthConfig) -> tuple[str, ...]:
+    return LABEL_COLUMNS + ("sense",) if cfg.polysemy else LABEL_COLUMNS
+
+
+def label_rule(cfg: SynthConfig) -> str:
+    return LABEL_RULE + SENSE_RULE if cfg.polysemy else LABEL_RULE
+
+
+def labels(scene: Scene, polysemy: bool = False) -> dict[str, Any]:
     """The structured label columns of one sample (``objects`` is a list; CSV stores it as JSON)."""
-    row: dict[str, Any] = {c: "" for c in LABEL_COLUMNS}
+    row: dict[str, Any] = {c: "" for c in LABEL_COLUMNS + (("sense",) if polysemy else ())}
     row["count"] = scene.count
     row["count_class"] = COUNT_CLASSES[scene.count - 1]
     row["background"] = scene.background
@@ -41,6 +60,8 @@ def labels(scene: Scene) -> dict[str, Any]:
     if len(objs) == 1:
         o = objs[0]
         row.update(colour=o.colour, shape=o.shape, size=o.size, position=o.position)
+        if polysemy and o.shape in SENSE_CLASSES:
+            row["sense"] = SENSE_CLASSES[o.shape]
     if len(objs) == 2 and objs[0].identity != objs[1].identity:
         rels = relations(objs[0], objs[1])
         if len(rels) == 1:
@@ -58,10 +79,10 @@ def labels(scene: Scene) -> dict[str, Any]:
 
 def _task(name: str, description: str, column: str, classes: list[str],
           template: str, templates: list[str], splits: list[str], plain: str = "{}",
-          fields: dict[str, str] | None = None) -> dict[str, Any]:
+          fields: dict[str, str] | None = None, names: list[str] | None = None) -> dict[str, Any]:
     usage = (f"clipforge eval zeroshot --data <world>/<split>.csv --label-key {column} "
              f"--classes <world>/tasks/{name}_classes.txt --templates <world>/tasks/{name}_templates.txt ...")
-    return {
+    task = {
         "name": name,
         "description": description,
         "label_column": column,  # CSV column (WebDataset: key of the sample's .json); holds class names
@@ -75,11 +96,15 @@ def _task(name: str, description: str, column: str, classes: list[str],
         "templates_file": f"{name}_templates.txt",
         "usage": "" if fields else usage,
     }
+    if names is not None:  # only the sense task has them, so other task files keep their bytes
+        task["names"] = names
+    return task
 
 
 def build_tasks(cfg: SynthConfig) -> dict[str, dict[str, Any]]:
     splits = [s for s, n in cfg.split_sizes().items() if s != "train" and n > 0]
     single = "images with exactly one object"
+    shapes = list(SHAPES) + ([GEM] if cfg.polysemy else [])
     tasks = {
         "colour": _task(
             "colour", f"colour of the object ({single})", "colour", list(COLOURS),
@@ -89,7 +114,7 @@ def build_tasks(cfg: SynthConfig) -> dict[str, dict[str, Any]]:
             splits,
         ),
         "shape": _task(
-            "shape", f"shape of the object ({single})", "shape", list(SHAPES),
+            "shape", f"shape of the object ({single})", "shape", shapes,
             "a photo of a {}.",
             ["a photo of a {}.", "a drawing of a {}.", "a picture of a {}.", "an image of a {}.",
              "a {} on a background.", "a {} icon."],
@@ -125,6 +150,21 @@ def build_tasks(cfg: SynthConfig) -> dict[str, dict[str, Any]]:
             ["a photo of {a} {} {b}.", "{a} is {} {b}.", "a picture of {a} {} {b}.", "{a} {} {b} on a background."],
             splits, plain="{a} {} {b}", fields={"a": "rel_a", "b": "rel_b"},
         )
+    if cfg.polysemy:
+        senses = list(SENSE_CLASSES.values())
+        tasks["sense"] = _task(
+            "sense",
+            f"which of the two things called '{POLYSEMOUS_WORD}' the object is ({single} of either). "
+            f"'names' holds the bare name of each class, the same for both: a prompt from the names is "
+            f"ambiguous, a prompt from the classes (which add a context word) is not",
+            "sense", senses, "a photo of a {}.",
+            ["a photo of a {}.", "a drawing of a {}.", "a picture of a {}.", "an image of a {}.",
+             "a {} on a background.", "a {} icon."],
+            splits, names=[POLYSEMOUS_WORD] * len(senses),
+        )
+    if cfg.template_set == "paper":
+        for name, task in tasks.items():
+            task["templates"] = paper_templates(name)
     return tasks
 
 

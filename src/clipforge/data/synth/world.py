@@ -9,7 +9,7 @@ image side, so the same scene can be rendered at any resolution.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -39,6 +39,12 @@ CELL_CENTRES = (0.2, 0.5, 0.8)
 SEEN_BACKGROUNDS = ("plain", "gradient", "stripes", "dots", "checker")
 UNSEEN_BACKGROUNDS = ("waves", "grid", "marble")  # only in test_texture
 RELATIONS = ("left of", "right of", "above", "below")
+# The second sense of a polysemous name (``polysemy``): a cut gemstone, called "diamond" in
+# captions like the rhombus, so the word alone cannot say which of the two is meant.
+GEM = "gem"
+# Splits drawn from the training distribution, where a spurious cue (``spurious``) holds; every
+# other split draws its background independently of the class, so the cue is broken there.
+CUE_SPLITS = ("train", "val", "test")
 
 SPLITS = ("train", "val", "test", "test_heldout", "test_sketch", "test_noise", "test_texture", "test_scale_rotation")
 SHIFTED_SPLITS = SPLITS[3:]
@@ -54,6 +60,11 @@ SPLIT_DESCRIPTIONS = {
 }
 
 Style = Literal["fill", "outline"]
+CaptionStyle = Literal["alt", "sentence"]
+TemplateSet = Literal["basic", "paper"]
+# The options that add the paper's mechanisms. At these values the world is the plain one, and
+# world.json leaves them out of its config so that the plain world keeps its bytes.
+MECHANISM_DEFAULTS = {"caption_style": "alt", "polysemy": False, "spurious": 0.0, "template_set": "basic"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,11 @@ class SynthConfig:
     heldout_pairs: int = 5  # (colour, shape) pairs kept out of every split but test_heldout
     max_objects: int = 3
     shard_size: int = 1000  # samples per tar shard (format='wds')
+    # "alt": keyword-style alt text, often a bare label; "sentence": full sentences, a bare label is rare.
+    caption_style: CaptionStyle = "alt"
+    polysemy: bool = False  # add a gemstone that captions also call "diamond" (and a 'sense' task)
+    spurious: float = 0.0  # P(background texture follows the shape) in train/val/test; 0: independent
+    template_set: TemplateSet = "basic"  # "paper": 80 templates of varied context per task
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> DataError:
@@ -96,6 +112,20 @@ class SynthConfig:
             raise bad(f"shard_size must be positive, got {self.shard_size}")
         if not 0 <= self.seed < 2**63:
             raise bad(f"seed must be between 0 and 2**63-1, got {self.seed}")
+        if self.caption_style not in ("alt", "sentence"):
+            raise bad(f"caption_style must be 'alt' or 'sentence', got {self.caption_style!r}")
+        if not isinstance(self.polysemy, bool):
+            raise bad(f"polysemy must be true or false, got {self.polysemy!r}")
+        if isinstance(self.spurious, bool) or not isinstance(self.spurious, (int, float)) \
+                or not 0 <= self.spurious <= 1:
+            raise bad(f"spurious must be a number within 0..1, got {self.spurious!r}")
+        if self.template_set not in ("basic", "paper"):
+            raise bad(f"template_set must be 'basic' or 'paper', got {self.template_set!r}")
+
+    def record(self) -> dict[str, object]:
+        """The config as world.json stores it: mechanism options only where they are not off."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in MECHANISM_DEFAULTS or v != MECHANISM_DEFAULTS[k]}
 
     def split_sizes(self) -> dict[str, int]:
         """Samples per split, in generation order; test_heldout is absent when no pair is held out."""
@@ -184,6 +214,14 @@ class World:
     def __post_init__(self) -> None:
         object.__setattr__(self, "heldout", choose_heldout_pairs(self.config.seed, self.config.heldout_pairs))
 
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return SHAPES + (GEM,) if self.config.polysemy else SHAPES
+
+    def cue_background(self, shape: str) -> str:
+        """The background texture that goes with ``shape`` where the spurious cue holds."""
+        return SEEN_BACKGROUNDS[self.shapes.index(shape) % len(SEEN_BACKGROUNDS)]
+
     def scene(self, split: str, index: int) -> Scene:
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
@@ -200,7 +238,7 @@ def _identities(world: World, split: str, n: int, rng: np.random.Generator) -> l
     """(colour, shape) per object. Repeats are made on purpose so captions can count
     ("two red circles") and group ("three green shapes")."""
     heldout = set(world.heldout)
-    colours, shapes = list(COLOURS), list(SHAPES)
+    colours, shapes = list(COLOURS), list(world.shapes)
 
     def draw(colour: str | None = None, shape: str | None = None) -> tuple[str, str]:
         while True:
@@ -269,6 +307,9 @@ def _sample_scene(world: World, split: str, index: int, rng: np.random.Generator
         background = "plain"
     else:
         background = str(rng.choice(SEEN_BACKGROUNDS))
+        # A stream of its own: the cue changes the background and nothing else of the scene.
+        if cfg.spurious and split in CUE_SPLITS and split_rng(cfg.seed, split, index, 2).random() < cfg.spurious:
+            background = world.cue_background(objects[0].shape)
     c1 = _grey(rng, 80, 175)
     # The second tone is a visible but gentle step away from the first, never near an object colour.
     step = rng.uniform(25, 50) * (1 if sum(c1) / 3 < 128 else -1)

@@ -29,9 +29,12 @@ from typing import Any
 from PIL import Image
 
 from clipforge.data.synth import world as W
-from clipforge.data.synth.captions import caption
+from clipforge.data.synth.mechanisms import mechanisms
 from clipforge.data.synth.render import render
-from clipforge.data.synth.tasks import LABEL_COLUMNS, LABEL_RULE, RELATION_CLASSES, build_tasks, labels, write_tasks
+from clipforge.data.synth.styles import write_caption
+from clipforge.data.synth.tasks import (
+    LABEL_COLUMNS, RELATION_CLASSES, build_tasks, label_columns, label_rule, labels, write_tasks,
+)
 
 MANIFEST = "world.json"
 GENERATOR_VERSION = 1  # bump when the same config would produce different samples
@@ -55,7 +58,8 @@ def _world(cfg: W.SynthConfig) -> W.World:
 def make_sample(cfg: W.SynthConfig, split: str, index: int) -> Sample:
     """Sample ``index`` of ``split``: a pure function of ``(cfg.seed, split, index)``."""
     scene = _world(cfg).scene(split, index)
-    return Sample(scene, caption(scene, W.split_rng(cfg.seed, split, index, 1)), labels(scene))
+    text = write_caption(scene, W.split_rng(cfg.seed, split, index, 1), cfg)
+    return Sample(scene, text, labels(scene, cfg.polysemy))
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -73,7 +77,11 @@ def _key_width(n: int) -> int:
     return max(6, len(str(max(n - 1, 0))))
 
 
-CSV_COLUMNS = ("image", "caption", *LABEL_COLUMNS)
+CSV_COLUMNS = ("image", "caption", *LABEL_COLUMNS)  # a plain world's; csv_columns(cfg) in general
+
+
+def csv_columns(cfg: W.SynthConfig) -> tuple[str, ...]:
+    return ("image", "caption", *label_columns(cfg))
 
 
 def _work(job: tuple[W.SynthConfig, str, int, int, int, str]) -> tuple[str, int, int, str]:
@@ -83,7 +91,7 @@ def _work(job: tuple[W.SynthConfig, str, int, int, int, str]) -> tuple[str, int,
     width, ext = _key_width(n), cfg.image_format
     members: list[tuple[str, bytes]] = []
     lines = io.StringIO()
-    rows = csv.DictWriter(lines, fieldnames=CSV_COLUMNS, lineterminator="\r\n")
+    rows = csv.DictWriter(lines, fieldnames=csv_columns(cfg), lineterminator="\r\n")
     for i in range(start, stop):
         s = make_sample(cfg, split, i)
         data = _encode(s.image(cfg.image_size), ext)
@@ -111,10 +119,10 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     os.replace(tmp, path)
 
 
-def _write_csv(path: Path, chunks: list[str]) -> None:
+def _write_csv(path: Path, chunks: list[str], columns: tuple[str, ...]) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
-        csv.writer(f, lineterminator="\r\n").writerow(CSV_COLUMNS)
+        csv.writer(f, lineterminator="\r\n").writerow(columns)
         f.writelines(chunks)
     os.replace(tmp, path)
 
@@ -142,7 +150,7 @@ def _split_entry(cfg: W.SynthConfig, split: str, n: int) -> dict[str, Any]:
 
 
 def _is_complete(out: Path, manifest: dict[str, Any], cfg: W.SynthConfig) -> bool:
-    if manifest.get("version") != GENERATOR_VERSION or manifest.get("config") != dataclasses.asdict(cfg):
+    if manifest.get("version") != GENERATOR_VERSION or manifest.get("config") != cfg.record():
         return False
     paths = [out / p for p in manifest.get("tasks", {}).values()]
     for split, entry in manifest.get("splits", {}).items():
@@ -208,17 +216,17 @@ def generate_world(
         bar.close()
     if cfg.format == "csv":
         for split, parts in chunks.items():
-            _write_csv(out / f"{split}.csv", [parts[start] for start in sorted(parts)])
+            _write_csv(out / f"{split}.csv", [parts[start] for start in sorted(parts)], csv_columns(cfg))
     world = _world(cfg)
     tasks = build_tasks(cfg)
     manifest = {
         "name": "clipforge-synth",
         "version": GENERATOR_VERSION,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.record(),
         "image_size": cfg.image_size,
         "attributes": {
             "colours": {k: list(v) for k, v in W.COLOURS.items()},
-            "shapes": list(W.SHAPES),
+            "shapes": list(world.shapes),
             "sizes": dict(W.SIZE_EXTENT),
             "positions": list(W.POSITIONS),
             "relations": list(RELATION_CLASSES.values()),
@@ -226,11 +234,13 @@ def generate_world(
             "max_objects": cfg.max_objects,
         },
         "heldout_pairs": [list(p) for p in world.heldout],
-        "label_columns": list(LABEL_COLUMNS),
-        "label_rule": LABEL_RULE,
+        "label_columns": list(label_columns(cfg)),
+        "label_rule": label_rule(cfg),
         "splits": {s: _split_entry(cfg, s, n) for s, n in sizes.items()},
         "tasks": write_tasks(tasks, out / "tasks"),
     }
+    if extra := mechanisms(world):  # absent in a plain world, which keeps its world.json bytes
+        manifest["mechanisms"] = extra
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
