@@ -3,6 +3,7 @@
     import clipforge
     model, preprocess = clipforge.load("path/to/checkpoint")
     tokens = clipforge.tokenize(["a photo of a cat"])  # CLIP's BPE; any model: clipforge.tokenizer_for(model)
+    heat = clipforge.explain(model, image, "a photo of a cat")  # where in the image: [S, S] in [0, 1]
 
 Attributes are imported on first use, so ``import clipforge`` builds nothing and stays cheap.
 """
@@ -14,7 +15,8 @@ from typing import Any
 from clipforge.version import __version__ as __version__
 
 __all__ = [
-    "list_models", "list_pretrained", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess", "ClipConfig", "CLIP"
+    "list_models", "list_pretrained", "create_model", "load", "save", "tokenize", "tokenizer_for", "get_preprocess", "explain",
+    "ClipConfig", "CLIP"
 ]
 
 
@@ -23,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from clipforge.model import factory
 
         return getattr(factory, name)
+    if name == "explain":  # explanation maps (clipforge.explanations: dense similarity, relevance, Grad-CAM)
+        from clipforge.explanations import explain
+
+        return explain
     if name == "ClipConfig":
         from clipforge.config import ClipConfig
 

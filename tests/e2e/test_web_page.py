@@ -181,6 +181,20 @@ def _file_js(var: str, path: Path, mime: str) -> str:
             f"{json.dumps(path.name)}, {{type: '{mime}'}});")  # fmt: skip
 
 
+def _shot(browser, clip: dict) -> np.ndarray:
+    png = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png", "clip": clip})["data"])
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB").resize((round(clip["width"]),
+                                                                          round(clip["height"]))), np.float32)
+
+
+def _post_explain(url: str, fields: dict) -> bytes:
+    import httpx
+
+    r = httpx.post(f"{url}/explain", data=fields, files={"_": ("", b"", "text/plain")}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
 @pytest.mark.slow
 def test_search_drop_classify_and_screenshot(server, browser, tmp_path):
     url, photos = server
@@ -191,6 +205,23 @@ def test_search_drop_classify_and_screenshot(server, browser, tmp_path):
     assert len(cards) == 4 and cards == sorted(cards, reverse=True)
     assert browser.wait_for("[...document.images].filter(i => i.closest('.result')).every(i => i.complete && i.naturalWidth > 0)")
     assert "6 images" in browser.eval("document.getElementById('info').textContent")
+
+    # 1b. "why?" on the first result shows its explanation map in place of the thumbnail: the
+    # pixels on screen are the map the server draws for that item and query, and differ from the photo.
+    img_js = "document.querySelector('#results .result img')"
+    rect = browser.eval(f"(() => {{ const r = {img_js}.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }})()")
+    clip = {"x": rect[0], "y": rect[1], "width": rect[2], "height": rect[3], "scale": 1}
+    before = _shot(browser, clip)
+    browser.eval("document.querySelector('#results .result .explain-toggle').click(); true")
+    browser.wait_for(f"{img_js}.dataset.explained === '1' && {img_js}.complete && {img_js}.naturalWidth === 224")
+    after = _shot(browser, clip)
+    item = browser.eval("document.querySelector('#results .result').dataset.id")
+    drawn = _post_explain(url, {"id": item, "text": "a photo of a cat"})
+    expected = np.asarray(Image.open(io.BytesIO(drawn)).convert("RGB").resize(after.shape[1::-1]), np.float32)
+    assert np.abs(after - expected).mean() < 12, "the page does not show the server's map"
+    assert np.abs(before - expected).mean() > 2 * np.abs(after - expected).mean()
+    browser.eval("document.querySelector('#results .result .explain-toggle').click(); true")  # toggled back
+    assert browser.wait_for(f"{img_js}.dataset.explained === '0'")
 
     # 2. Drag and drop a photo onto the page: it comes back first.
     browser.eval("document.body.dataset.state = 'idle'")
@@ -215,6 +246,16 @@ def test_search_drop_classify_and_screenshot(server, browser, tmp_path):
     assert sorted(label for label, _ in rows) == ["cat", "coffee cup", "rocket"]
     probs = [p for _, p in rows]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+
+    # 3b. A label's map replaces the classified image's preview, and the next label's map replaces it.
+    preview = "document.getElementById('cls-preview')"
+    browser.eval("document.querySelectorAll('.label-row .explain-toggle')[0].click(); true")
+    browser.wait_for(f"{preview}.dataset.explained === '1' && {preview}.complete && {preview}.naturalWidth === 224")
+    first_map = browser.eval(f"{preview}.src")
+    browser.eval("document.querySelectorAll('.label-row .explain-toggle')[1].click(); true")
+    browser.wait_for(f"{preview}.src !== {json.dumps(first_map)} && {preview}.dataset.explained === '1'")
+    browser.eval("document.querySelectorAll('.label-row .explain-toggle')[1].click(); true")
+    browser.wait_for(f"{preview}.dataset.explained === '0' && {preview}.src.startsWith('blob:')")
 
     # 4. A screenshot of results + classification renders something (not a blank page).
     png = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"})["data"])

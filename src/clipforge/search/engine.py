@@ -53,6 +53,7 @@ class ServeSettings:
     max_text_chars: int = 1000
     max_prompt_chars: int = 300  # a filled /classify prompt (template + label); 77 tokens are ~300 characters
     max_texts: int = 64  # per /embed/text request
+    max_explain_shifts: int = 2  # /explain's shifted passes per axis (each a forward, and a backward for gradients)
     api_key: str | None = None  # required on every endpoint but /health and the page's static files
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     thumbnail_size: int = 256
@@ -61,6 +62,14 @@ class ServeSettings:
     # Serve with a model whose weights differ from the index's (its results then mean little):
     # refused unless asked for, and logged when it is.
     allow_model_mismatch: bool = False
+    # clip-retrieval's API (knn_compat.py): the name /indices-list gives (default: the index
+    # directory's name), the most ids one /knn-service answer lists (clip-front asks for 3,000),
+    # whether image_url may make the server fetch a URL (a request to any address it can reach),
+    # and the web origins (clip-front's page) allowed to call those routes from a browser.
+    index_name: str | None = None
+    max_result_ids: int = 3000
+    allow_image_url: bool = False
+    cors_origins: tuple[str, ...] = ()
 
 
 class _FairLock:
@@ -145,6 +154,27 @@ class Engine:
     def _pixels(self, data: bytes) -> torch.Tensor:
         return self.preprocess(self._open(data))  # [3, S, S]
 
+    async def decoded_image(self, data: bytes) -> Image.Image:
+        """An uploaded image decoded to RGB (reduced to about twice the model's input size)."""
+        return await self._decode_slot(self._open, data)
+
+    async def indexed_image(self, item_id: int) -> Image.Image:
+        """An indexed item's image, decoded as an upload is (404 when the id or its file is not there)."""
+        items = await run_in_threadpool(self.index.items, [item_id]) if 0 <= item_id < 2**63 else {}
+        if item_id not in items:
+            raise HTTPException(404, f"no indexed item with id {item_id}")
+        item = items[item_id]
+        try:
+            data = await run_in_threadpool(decode.read_bytes, item["path"], item.get("tar_offset"), item.get("nbytes"))
+        except (decode.UnreadableImage, OSError) as e:
+            raise HTTPException(404, f"image of item {item_id} is not readable: {e}") from None
+        return await self.decoded_image(data)
+
+    @property
+    def model_lock(self) -> _FairLock:
+        """Held for every model pass; an explanation holds it for its forward and backward passes."""
+        return self._lock
+
     def _open(self, data: bytes) -> Image.Image:
         if not data:
             raise HTTPException(422, "image: the uploaded file is empty")
@@ -175,14 +205,19 @@ class Engine:
         return F.normalize(torch.cat(feats), dim=-1).cpu().numpy()
 
     # -- endpoints' work -----------------------------------------------------------------------
-    def search_vector(self, vec, k: int, flt: dict | None) -> list[dict]:
+    def unit_query(self, vec, field: str = "embedding") -> np.ndarray:
+        """A query vector as [1, d] float32 of unit norm; 422 naming ``field`` when it has the wrong
+        size, is not finite or is all zeros."""
         q = np.asarray(vec, np.float32).reshape(1, -1)  # [1, d]
         if q.shape[1] != self.dim:
-            raise HTTPException(422, f"embedding: expected {self.dim} numbers, got {q.shape[1]}")
+            raise HTTPException(422, f"{field}: expected {self.dim} numbers, got {q.shape[1]}")
         norm = float(np.linalg.norm(q))
         if not np.isfinite(norm) or norm == 0:
-            raise HTTPException(422, "embedding: must be finite and not all zeros")
-        return self.index.search(q / norm, k, flt)[0]
+            raise HTTPException(422, f"{field}: must be finite and not all zeros")
+        return q / norm
+
+    def search_vector(self, vec, k: int, flt: dict | None) -> list[dict]:
+        return self.index.search(self.unit_query(vec), k, flt)[0]
 
     def search_text(self, text: str, k: int, flt: dict | None) -> list[dict]:
         return self.search_vector(self.text_vectors([text])[0], k, flt)
@@ -286,5 +321,5 @@ def _limits(s: ServeSettings) -> dict:
     return {
         "max_request_bytes": s.max_request_bytes, "max_image_pixels": s.max_image_pixels, "max_k": s.max_k,
         "max_labels": s.max_labels, "max_templates": s.max_templates, "max_text_chars": s.max_text_chars,
-        "max_prompt_chars": s.max_prompt_chars,
+        "max_prompt_chars": s.max_prompt_chars, "max_explain_shifts": s.max_explain_shifts,
     }  # fmt: skip

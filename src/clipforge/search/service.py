@@ -6,9 +6,11 @@
     POST /embed/text          JSON {"texts": [...]} -> unit embeddings
     POST /embed/image         multipart image -> unit embedding
     GET  /thumbnail/{id}      JPEG thumbnail of an indexed image (only ids in the index)
+    POST /explain             multipart image (or id) + a query: explanation map, PNG or JSON (explain_route.py)
     GET  /openapi.json        the OpenAPI document (behind the key when one is set)
     GET  /docs                a local page listing the endpoints from it (no external fetches)
     GET  /                    the web page (static/, no external fetches)
+    /knn-service, /indices-list, /metadata: clip-retrieval's back-end API (knn_compat.py)
 
 Every limit (request bytes, image pixels, labels, templates, prompt and text length, k) is in
 ``ServeSettings``; a request over one, or malformed, gets a 4xx whose ``detail`` names it.
@@ -58,6 +60,8 @@ from clipforge.search.http import (
     search_body_schema,
     validation_message,
 )  # fmt: skip
+from clipforge.search.explain_route import add_explain_route
+from clipforge.search.knn_compat import add_clip_retrieval_routes
 from clipforge.search.searcher import SearchIndex
 
 STATIC = Path(__file__).parent / "static"
@@ -167,6 +171,8 @@ def create_app(
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    add_explain_route(app, engine, auth)
+    add_clip_retrieval_routes(app, engine, auth)  # /knn-service, /indices-list, /metadata: clip-retrieval's API
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

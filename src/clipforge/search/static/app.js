@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let clsFile = null;
+let lastQuery = null;  // what the shown results answer: {text} or {file}; their maps explain it
 
 function apiKey() { return $("key").value.trim(); }
 function authHeaders() { const k = apiKey(); return k ? { "X-API-Key": k } : {}; }
@@ -68,7 +69,13 @@ function render(results) {
     name.className = "name";
     name.textContent = r.caption || r.path.split("/").pop();
     name.title = r.path;
-    meta.append(score, name);
+    meta.append(score, name, explainToggle(img, () => {
+      const form = new FormData();
+      form.append("id", String(r.id));
+      if (lastQuery && lastQuery.file) form.append("query_image", lastQuery.file, lastQuery.file.name || "image");
+      else form.append("text", lastQuery ? lastQuery.text : "");
+      return form;
+    }));
     card.append(img, meta);
     grid.append(card);
   }
@@ -94,7 +101,49 @@ async function runSearch(build, label) {
   }
 }
 
+// A toggle that swaps ``img`` between what it shows and the explanation map the server draws for
+// ``buildForm()``'s request (fetched once, on the first click). Several toggles may share one
+// image (the classifier's labels): the last one clicked shows its map.
+function explainToggle(img, buildForm) {
+  const btn = document.createElement("button");
+  btn.type = "button";
+  btn.className = "explain-toggle";
+  btn.textContent = "why?";
+  btn.title = "show where the model finds the query in this image";
+  let mapUrl = null;
+  btn.addEventListener("click", async (e) => {
+    e.stopPropagation();
+    if (img.activeToggle === btn) {
+      img.src = img.dataset.original; img.dataset.explained = "0"; img.activeToggle = null;
+      btn.textContent = "why?"; return;
+    }
+    btn.disabled = true;
+    try {
+      if (!mapUrl) {
+        const res = await fetch("explain", { method: "POST", body: buildForm(), headers: authHeaders() });
+        if (!res.ok) {
+          let detail = res.statusText;
+          try { detail = (await res.json()).detail || detail; } catch (_) { /* not JSON */ }
+          throw new Error(`${res.status}: ${detail}`);
+        }
+        btn.dataset.method = res.headers.get("X-Explain-Method") || "";
+        mapUrl = URL.createObjectURL(await res.blob());
+      }
+      if (img.activeToggle) img.activeToggle.textContent = "why?";
+      else img.dataset.original = img.src;
+      img.activeToggle = btn;
+      img.src = mapUrl; img.dataset.explained = "1"; btn.textContent = "image";
+    } catch (err) {
+      btn.title = err.message; btn.textContent = "no map";
+    } finally {
+      btn.disabled = false;
+    }
+  });
+  return btn;
+}
+
 function searchText(text) {
+  lastQuery = { text };
   return runSearch(() => {
     const body = { text, k: kValue() };
     const f = filterValue();
@@ -104,6 +153,7 @@ function searchText(text) {
 }
 
 function searchImage(file) {
+  lastQuery = { file };
   return runSearch(() => {
     const form = new FormData();
     form.append("image", file, file.name || "image");
@@ -132,6 +182,9 @@ function setClassifyImage(file) {
   clsFile = file;
   $("cls-name").textContent = file.name || "image";
   const img = $("cls-preview");
+  img.activeToggle = null;  // maps of the previous image no longer apply
+  img.dataset.explained = "0";
+  $("cls-results").replaceChildren();
   img.src = URL.createObjectURL(file);
   img.hidden = false;
 }
@@ -162,7 +215,14 @@ async function classify() {
       const bar = document.createElement("div");
       bar.className = "bar";
       bar.style.width = `${(100 * r.probability).toFixed(1)}%`;
-      li.append(bar);
+      const file = clsFile;
+      li.append(explainToggle($("cls-preview"), () => {
+        const form = new FormData();
+        form.append("image", file, file.name || "image");
+        form.append("label", r.label);
+        for (const t of templates) form.append("templates", t);
+        return form;
+      }), bar);
       list.append(li);
     }
     status(st, `${body.templates.length} template(s)`);

@@ -1,0 +1,7 @@
+"""Explanation maps: where in an image a CLIP model finds a text or another image
+(``explain``), by dense patch similarity, attention relevance or Grad-CAM; overlays and panels
+(``render``)."""
+
+from clipforge.explanations.core import DEFAULT_METHOD, METHODS, explain, methods_for
+
+__all__ = ["explain", "methods_for", "METHODS", "DEFAULT_METHOD"]

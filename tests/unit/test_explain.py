@@ -1,0 +1,148 @@
+"""Explanation maps: every method on every tower kind finds a planted object whose answer is
+known (hand-set weights, ``support.planted``), maps have the right shape and range, and misuse
+gets a one-line error."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+from clipforge.errors import ClipforgeError
+from clipforge.explanations import METHODS, explain, methods_for
+from clipforge.explanations.render import colourise, model_view, overlay, panel
+from support import planted
+
+
+@pytest.fixture(scope="module")
+def base():
+    return clipforge.create_model("nano").config
+
+
+def _peak(m: torch.Tensor) -> tuple[int, int]:
+    y, x = np.unravel_index(int(m.argmax()), tuple(m.shape))
+    return int(y), int(x)
+
+
+def _inside(point, box) -> bool:
+    y, x = point
+    left, top, right, bottom = box
+    return left <= x < right and top <= y < bottom
+
+
+# (builder, image size, red box, blue box): boxes on the towers' grids (8 px patches; 32 px cells for the ResNet)
+CASES = {
+    "vit": (planted.planted_vit, 32, (0, 0, 8, 8), (16, 24, 32, 32)),
+    "siglip": (planted.planted_siglip, 32, (24, 0, 32, 16), (0, 16, 8, 24)),
+    "resnet": (planted.planted_resnet, 64, (0, 0, 32, 32), (32, 32, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_every_method_finds_the_planted_object(base, kind):
+    build, size, red, blue = CASES[kind]
+    model = build(base)
+    image = planted.scene(size, red, blue)
+    dim = model.config.embed_dim
+    for method in methods_for(model):
+        maps = explain(model, image, [planted.query(0, dim), planted.query(1, dim)], method=method)
+        assert maps.shape == (2, size, size) and maps.dtype == torch.float32
+        assert float(maps.min()) >= 0 and float(maps.max()) <= 1 and float(maps.max()) == 1
+        assert _inside(_peak(maps[0]), red), (kind, method, "red")
+        assert _inside(_peak(maps[1]), blue), (kind, method, "blue")
+        # the named object holds more of the map than the other one does
+        r = maps[0][red[1]:red[3], red[0]:red[2]].mean()
+        b = maps[0][blue[1]:blue[3], blue[0]:blue[2]].mean()
+        assert r > b, (kind, method)
+
+
+def test_methods_offered_per_tower(base):
+    assert methods_for(planted.planted_vit(base)) == ["relevance", "dense", "gradcam"]  # default first
+    assert methods_for(planted.planted_siglip(base)) == ["relevance", "dense", "gradcam"]
+    assert methods_for(planted.planted_resnet(base)) == ["dense", "gradcam"]
+    with pytest.raises(ClipforgeError, match="not available for this resnet"):
+        explain(planted.planted_resnet(base), planted.scene(64, (0, 0, 8, 8), (8, 8, 16, 16)), "x", method="relevance")
+
+
+def test_text_and_image_queries_and_model_state_is_restored(base):
+    model = clipforge.create_model("nano", seed=0).train()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    one = explain(model, img, "a red circle")
+    assert one.shape == (64, 64) and model.training  # a single query gives one map; training mode kept
+    both = explain(model, img, ["a red circle", img], method="relevance")
+    shifted = explain(model, img, ["a red circle", img], method="dense", shifts=2)
+    assert shifted.shape == (2, 64, 64) and not torch.allclose(shifted, explain(model, img, ["a red circle", img],
+                                                                                  method="dense"))
+    assert both.shape == (2, 64, 64)
+    assert torch.allclose(explain(model, img, ["a red circle"], method="relevance")[0], both[0], atol=1e-5)
+    # recording attention left the model's own forward in place: same features as before
+    x = clipforge.get_preprocess(model)(img).unsqueeze(0)
+    model.eval()
+    ref = clipforge.create_model("nano", seed=0).eval()
+    assert torch.allclose(model.encode_image(x), ref.encode_image(x), atol=1e-6)
+    assert model.visual.transformer.pooled_last_block
+
+
+def test_misuse_is_one_clear_error(base):
+    model = planted.planted_vit(base)
+    img = planted.scene(32, (0, 0, 8, 8), (8, 8, 16, 16))
+    with pytest.raises(ClipforgeError, match="unknown explanation method"):
+        explain(model, img, planted.query(0, 4), method="saliency")
+    with pytest.raises(ClipforgeError, match="shifts must be >= 1"):
+        explain(model, img, planted.query(0, 4), shifts=0)
+    with pytest.raises(ClipforgeError, match="at least one query"):
+        explain(model, img, [])
+    with pytest.raises(ClipforgeError, match="shape"):
+        explain(model, img, torch.zeros(7))
+    with pytest.raises(ClipforgeError, match="one image"):
+        explain(model, torch.zeros(2, 3, 32, 32), planted.query(0, 4))
+    with pytest.raises(ClipforgeError, match="image tower"):
+        explain(torch.nn.Linear(2, 2), img, "x")
+
+
+@pytest.mark.parametrize("name, pool, proj, size", [
+    ("convnext_atto", "avg", "linear", 64),
+    ("vit_tiny_patch16_224", "token", "linear", 224),
+    ("vit_tiny_patch16_224", "map", "none", 224),
+])  # fmt: skip
+def test_timm_towers(base, name, pool, proj, size):
+    from dataclasses import replace
+
+    from clipforge.config import VisionConfig
+    from clipforge.model.clip import CLIP
+
+    pytest.importorskip("timm")
+    v = VisionConfig(arch="timm", timm_model_name=name, image_size=size, timm_pool=pool, timm_proj=proj)
+    cfg = replace(base, vision=v, embed_dim=192 if proj == "none" else 64,
+                  preprocess=replace(base.preprocess, image_size=size))
+    torch.manual_seed(0)
+    model = CLIP(cfg).eval()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    expected = ["dense", "gradcam"] if name.startswith("convnext") else ["relevance", "dense", "gradcam"]
+    assert methods_for(model) == expected
+    for method in expected:
+        maps = explain(model, img, [torch.randn(cfg.embed_dim), torch.randn(cfg.embed_dim)], method=method)
+        assert maps.shape == (2, size, size) and 0 <= float(maps.min()) and float(maps.max()) <= 1
+        assert float(maps.std()) > 0  # a real map, not a constant
+
+
+def test_render_overlay_and_panel(base):
+    heat = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    colours = colourise(heat)
+    assert colours.shape == (64, 64, 3) and colours.dtype == np.uint8
+    assert tuple(colours[0, 0]) == (68, 1, 84) and tuple(colours[-1, -1]) == (253, 231, 37)
+    wide = Image.new("RGB", (400, 200), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 100, 200))  # the left quarter: outside the centre crop
+    view = model_view(wide, base.preprocess)
+    assert view.size == (224, 224) and view.getpixel((5, 100)) == (255, 0, 0)
+    over = overlay(view, heat)
+    assert over.size == (224, 224) and over.getpixel((220, 220)) != view.getpixel((220, 220))
+    pic = panel(view, [heat, heat[::-1]], ["a red circle", "x" * 80])
+    assert pic.size == (224 * 3 + 8, 224 + 18)
+
+
+def test_method_names_and_the_front_door():
+    import clipforge.explanations  # noqa: F401 - importing the package must not shadow the function
+
+    assert METHODS == ("dense", "relevance", "gradcam")
+    assert clipforge.explain is explain
