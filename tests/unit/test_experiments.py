@@ -120,7 +120,7 @@ def test_supervised_baseline_trains_and_reports_accuracy_per_task():
     images = (torch.arange(32) % 3 * 100).view(32, 1, 1, 1).expand(32, 3, 64, 64).to(torch.uint8).contiguous()
     split = SplitData(images, rows, [])
     assert split.labels(tasks["colour"]).tolist()[:3] == [0, 1, -1]
-    loop = LoopConfig(steps=40, batch_size=16, lr=1e-2, weight_decay=0.0, warmup=1, seed=0, augment=False)
+    loop = LoopConfig(steps=40, batch_size=16, lr=1e-2, weight_decay=0.0, warmup=1, seed=0)
     model, history = train_supervised(PICO.vision, split, tasks, loop, {"test": split}, [20, 40])
     assert [h["step"] for h in history["history"]] == [20, 40]
     assert history["train"]["final_loss"] < history["train"]["first_loss"]

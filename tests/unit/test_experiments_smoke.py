@@ -10,7 +10,7 @@ import pytest
 from clipforge.cli import main
 from clipforge.experiments import FINDINGS
 
-VERDICTS = {"reproduced", "partly", "not reproduced"}
+VERDICTS = {"reproduced", "partly", "not reproduced", "not learnt"}
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,7 @@ def test_finding_writes_record_and_plot(smoke, finding):
     rec = json.loads((out / f"{finding}.json").read_text())  # strict JSON: no NaN
     assert rec["finding"] == finding
     assert rec["verdict"]["verdict"] in VERDICTS and rec["verdict"]["criterion"]
+    assert "learnt" in rec["verdict"]["criterion"] and rec["verdict"]["learnt"]["not_learnt"] is not None
     assert rec["scale"]["name"] == "smoke" and rec["seeds"] == [0]
     assert rec["command"].startswith("clipforge experiment")
     assert rec["summary"] and rec["environment"]["torch"]
@@ -40,10 +41,11 @@ def test_report_covers_every_finding(smoke):
     root, _, _ = smoke
     report = (root / "REPORT.md").read_text()
     for title in ("Contrastive vs. predictive", "prompt engineering", "few-shot", "supervised baseline",
-                  "distribution shift", "Scaling"):
+                  "distribution shift", "Scaling", "natural category"):
         assert title in report
     assert "not run yet" not in report
     assert report.count("**Verdict:") == len(FINDINGS)
+    assert report.count("**Learnt.**") == len(FINDINGS)
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 Each finding trains what it needs on the built-in data world (shared models are trained once
 per seed and cached under --work), prints a table, and writes <finding>.json and <finding>.png
-under --out. ``all`` runs the six in turn; ``report`` writes REPORT.md from the JSON results.
-The default scale runs everything on two CPU cores in well under an hour; --scale medium/large
+under --out. ``all`` runs the seven in turn; ``report`` writes REPORT.md from the JSON results.
+The default scale runs everything on two CPU cores within an hour; --scale medium/large
 are the same experiments at GPU sizes.
 """
 
@@ -13,7 +13,7 @@ import argparse
 import os
 import shlex
 
-ACTIONS = ("objectives", "prompts", "fewshot", "probe", "robustness", "scaling", "all", "report")
+ACTIONS = ("objectives", "prompts", "fewshot", "probe", "robustness", "scaling", "labelset", "all", "report")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="REPORT.md path [<out>/../REPORT.md]")
     p.add_argument("--scale", default="small", help="smoke | small | medium | large [small]")
     p.add_argument("--seeds", type=int, default=None, help="seeds per experiment [scale's, 3 for small]")
-    p.add_argument("--clip-steps", type=int, default=None, help="steps of the shared CLIP models (findings 2-5)")
+    p.add_argument("--clip-steps", type=int, default=None, help="steps of the shared CLIP models (findings 2-5, 7)")
     p.add_argument("--objectives-steps", type=int, default=None, help="steps per objective (finding 1)")
     p.add_argument("--scaling-steps", type=int, default=None, help="steps per model size (finding 6)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda [auto]")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch per job (sets OMP_NUM_THREADS; use 1 on a busy machine)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="'all' only: run findings 1+6 in a second process beside 2-5 [2 on a CPU with 2+ cores]")
+                   help="'all' only: run findings 1+6 in a second process beside 2-5, 7 [2 on a CPU with 2+ cores]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

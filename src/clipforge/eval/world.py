@@ -84,12 +84,15 @@ def _encode(model: nn.Module, texts: list[str], options: FeatureOptions) -> torc
 
 
 def _class_prompt_sets(model: nn.Module, task: dict[str, Any], options: FeatureOptions) -> dict[str, torch.Tensor]:
-    """Classifier [E, C] for each prompt set: bare name, one template, ensemble of templates."""
+    """Classifier [E, C] for each prompt set: bare name, one template, ensemble of templates.
+    The bare name is the task's ``names`` entry where it has them: a polysemous class's bare word
+    ("diamond" for "diamond gemstone"), since a bare name carries no context to disambiguate it."""
     classes = task["classes"]
     sets = {"plain": [task.get("plain_template", "{}")], "template": [task["template"]], "ensemble": task["templates"]}
     out = {}
     for name, templates in sets.items():
-        emb = _encode(model, [fill(t, c) for t in templates for c in classes], options)
+        words = task.get("names", classes) if name == "plain" else classes
+        emb = _encode(model, [fill(t, c) for t in templates for c in words], options)
         out[name] = ensemble_prompts(emb.reshape(len(templates), len(classes), -1))  # [E, C]
     return out
 

@@ -8,7 +8,8 @@
 Findings (one module each, ``run(cfg) -> record``): ``objectives`` (f1: contrastive vs predictive
 objectives), ``prompts`` (f2: prompt engineering), ``fewshot`` (f3: zero-shot vs k-shot probes),
 ``probe`` (f4: linear probe vs a supervised model), ``robustness`` (f5: effective robustness),
-``scaling`` (f6: error vs compute). Shared CLIP models, supervised baselines and features are
+``scaling`` (f6: error vs compute), ``labelset`` (f7: adding a group's natural category to the
+label set cuts its misclassification). Shared CLIP models, supervised baselines and features are
 trained once per seed and cached under ``cfg.work`` (``shared``); the predictive baselines live in
 ``objectives`` and ``supervised``. ``clipforge experiment`` is the command line.
 """
@@ -25,12 +26,12 @@ from clipforge.experiments.config import FINDINGS, SCALES, ExperimentConfig, Sca
 __all__ = ["FINDINGS", "SCALES", "ExperimentConfig", "Scale", "get_scale", "run_finding", "run_all", "write_report"]
 
 MODULES = {"objectives": "f1_objectives", "prompts": "f2_prompts", "fewshot": "f3_fewshot", "probe": "f4_probe",
-           "robustness": "f5_robustness", "scaling": "f6_scaling"}
+           "robustness": "f5_robustness", "scaling": "f6_scaling", "labelset": "f7_labelset"}
 # Shared models first (prompts trains the CLIP runs, probe the supervised ones), the longest last.
-RUN_ORDER = ("prompts", "fewshot", "probe", "robustness", "scaling", "objectives")
-# With two jobs: findings 2-5 (the shared models) beside 1 and 6 (their own models), about equal
-# CPU time each; shared artefacts are trained once under file locks, whichever stream asks first.
-STREAMS = (("prompts", "fewshot", "probe", "robustness"), ("objectives", "scaling"))
+RUN_ORDER = ("prompts", "fewshot", "probe", "robustness", "labelset", "scaling", "objectives")
+# With two jobs: findings 2-5 and 7 (the shared models) beside 1 and 6 (their own models), about
+# equal CPU time each; shared artefacts are trained once under file locks, whichever asks first.
+STREAMS = (("prompts", "fewshot", "probe", "robustness", "labelset"), ("objectives", "scaling"))
 
 
 def run_finding(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -73,9 +74,21 @@ def _run_stream(names: tuple[str, ...], cfg: ExperimentConfig, threads: int | No
 
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the trainer sizes its thread pool from it
         torch.set_num_threads(threads)
-    for n in names:
+    import time
+
+    t0 = time.time()
+    for i, n in enumerate(names, 1):
         rec = run_finding(n, cfg)
         print(f"[{n}] {rec['verdict']['verdict']} ({rec['wall_s']:.0f} s) -> {cfg.out / n}.json", flush=True)
+        print(progress_line(names, i, time.time() - t0), flush=True)
+
+
+def progress_line(names: tuple[str, ...], done: int, elapsed: float) -> str:
+    """'[2/5 findings of this stream, 4.0 min elapsed, ~6.0 min left]': the ETA at the mean pace
+    so far (the first findings train the shared models, so it errs long, not short)."""
+    left = elapsed / done * (len(names) - done)
+    return (f"[{done}/{len(names)} findings of this stream ({', '.join(names)}), {elapsed / 60:.1f} min elapsed, "
+            f"~{left / 60:.1f} min left]")
 
 
 def write_report(*args: Any, **kwargs: Any) -> Any:

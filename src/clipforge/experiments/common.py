@@ -2,9 +2,9 @@
 loop for the baselines, seeds, result records and plots.
 
 The baselines (predictive objectives, supervised classifier) train from uint8 image tensors held
-in memory with the trainer's augmentation (random resized crop, scale 0.9-1) and its optimisation
-step (``train.step.TrainStep``: AdamW with CLIP's decay exclusions, clipping, warm-up + cosine), so
-that the objective is the only difference between runs that are compared.
+in memory with the scale's recipe (its crop scale, precision, sparse token tables) and the
+trainer's optimisation step (``train.step.TrainStep``: AdamW with CLIP's decay exclusions,
+clipping, warm-up + cosine), so that the objective is the only difference between runs compared.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from clipforge.config import OPENAI_MEAN, OPENAI_STD
-from clipforge.experiments.config import ExperimentConfig, Scale
+from clipforge.experiments.config import ExperimentConfig
 from clipforge.imageio import as_rgb
 
 # -- the world ------------------------------------------------------------------------------
@@ -55,7 +55,9 @@ def ensure_world(cfg: ExperimentConfig) -> Path:
 
     w = cfg.scale.world
     path = cfg.scale_dir / "world"
-    synth = SynthConfig(seed=w.seed, image_size=w.image_size, train=w.train, val=w.val, test=w.test, shifted=w.shifted)
+    synth = SynthConfig(seed=w.seed, image_size=w.image_size, train=w.train, val=w.val, test=w.test, shifted=w.shifted,
+                        caption_style=w.caption_style, polysemy=w.polysemy, spurious=w.spurious,  # type: ignore[arg-type]
+                        template_set=w.template_set, image_format="bmp")  # type: ignore[arg-type]
     with locked(cfg.scale_dir / ".world.lock"):
         generate_world(synth, path, workers=None, progress=cfg.progress)
     return path
@@ -153,13 +155,17 @@ class LoopConfig:
     weight_decay: float
     warmup: int
     seed: int = 0
-    augment: bool = True
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # (1, 1): no crop, as the demo trains
     device: str = "cpu"
+    precision: str = "fp32"
+    sparse_embeddings: bool = False
 
     @classmethod
-    def from_scale(cls, scale: Scale, steps: int, seed: int, device: str) -> "LoopConfig":
+    def from_scale(cls, cfg: ExperimentConfig, steps: int, seed: int, device: str) -> "LoopConfig":
+        scale = cfg.scale
         return cls(steps=steps, batch_size=scale.batch_size, lr=scale.lr, weight_decay=scale.weight_decay,
-                   warmup=min(scale.warmup, max(1, steps // 10)), seed=seed, device=device)
+                   warmup=min(scale.warmup, max(1, steps // 10)), seed=seed, crop_scale=scale.crop_scale,
+                   device=device, precision=cfg.precision(device), sparse_embeddings=scale.sparse_embeddings)
 
 
 StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images [B,3,H,W] float, row idx [B]) -> loss
@@ -184,9 +190,12 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
     if device.type == "cpu":
         reuse_freed_memory()  # as the trainer does
     model.to(device).train()
-    opt = build_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
+    # only a CLIP text tower has a token table; the predictive and supervised models have none
+    sparse = cfg.sparse_embeddings and isinstance(getattr(getattr(model, "text", None), "token_embedding", None),
+                                                  nn.Embedding)
+    opt = build_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, sparse_embeddings=sparse))
     sched = LrSchedule(opt, ScheduleConfig(kind="cosine", warmup_steps=cfg.warmup), cfg.steps)
-    train_step = TrainStep(model, opt, grad_clip=1.0, device=device)
+    train_step = TrainStep(model, opt, grad_clip=1.0, precision=cfg.precision, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = images.shape[0]
     per_epoch = n // cfg.batch_size
@@ -202,8 +211,8 @@ def fit(model: nn.Module, step_loss: StepLoss, images: torch.Tensor, cfg: LoopCo
                 order = torch.randperm(n, generator=gen)
             idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]  # [B]
             batch = images[idx]
-            if cfg.augment:
-                batch = random_resized_crop(batch, gen)
+            if cfg.crop_scale != (1.0, 1.0):
+                batch = random_resized_crop(batch, gen, cfg.crop_scale)
             x = normalize(batch.to(device))
             result = train_step.minimise(lambda: step_loss(x, idx))
             if not result.applied:

@@ -20,6 +20,7 @@ from clipforge.experiments.common import (
     log_spaced_steps, mean_std, normalize, print_table, read_json, record, save_figure, seed_everything, write_json,
 )
 from clipforge.experiments.config import ExperimentConfig, model_config
+from clipforge.experiments.learnt import chance_levels, gate, learnt_check
 from clipforge.experiments.objectives import KINDS, Objective, Vocab, build_objective
 from clipforge.utils import resolve_device
 
@@ -84,7 +85,8 @@ def _run_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, test
     scale = cfg.scale
     cache = cfg.scale_dir / "objectives" / f"{kind}-s{seed}.json"
     key = {"model": scale.objectives_model, "steps": scale.objectives_steps, "batch": scale.batch_size,
-           "evals": scale.objectives_evals, "eval_images": len(test.rows), "lr": scale.lr}
+           "evals": scale.objectives_evals, "eval_images": len(test.rows), "lr": scale.lr,
+           "crop_scale": list(scale.crop_scale), "precision": cfg.precision(str(resolve_device(cfg.device)))}
     with locked(cache.with_suffix(".lock")):
         if cache.is_file() and read_json(cache).get("key") == key:
             return read_json(cache)
@@ -108,7 +110,7 @@ def _train_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, te
         curve.append({"step": step, "samples": step * scale.batch_size, "acc": accs,
                       "mean": float(np.mean(list(accs.values())))})
 
-    loop = LoopConfig.from_scale(scale, scale.objectives_steps, seed, str(device))
+    loop = LoopConfig.from_scale(cfg, scale.objectives_steps, seed, str(device))
     stats = fit(obj.model, obj.loss, train.images, loop, on_eval, log_spaced_steps(scale.objectives_steps,
                 scale.objectives_evals), cfg.progress, desc=f"{kind} seed {seed}")
     params = sum(p.numel() for p in obj.model.parameters())
@@ -152,7 +154,10 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
         "params_m": {k: rs[0]["params"] / 1e6 for k, rs in runs.items()},
         "vocab_size": len(vocab),
     }
-    verdict = _verdict(summary)
+    # The contrastive model is the one every ratio is measured against: its tasks must be learnt.
+    check = learnt_check({t: [r["curve"][-1]["acc"][t] for r in runs["contrastive"]] for t in tasks},
+                         chance_levels(tasks), scale.learnt_margin, "contrastive objective, final, one template, test")
+    verdict = gate(verdict_rule(summary), check)
     print_table(f"Finding 1: zero-shot accuracy (mean of {len(tasks)} tasks, %) vs samples seen, "
                 f"{len(cfg.seeds)} seeds",
                 ["samples", *KINDS], [[s, *(f"{100 * curves[k]['mean'][i]:.1f}±{100 * curves[k]['std'][i]:.1f}"
@@ -166,7 +171,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     return rec
 
 
-def _verdict(summary: dict[str, Any]) -> dict[str, Any]:
+def verdict_rule(summary: dict[str, Any]) -> dict[str, Any]:
     eff = summary["efficiency"]
     bow_ok = all(r > 1 for r in eff["bow_vs_caption"]["per_seed"])
     con_ok = all(r > 1 for r in eff["contrastive_vs_bow"]["per_seed"])

@@ -16,6 +16,7 @@ import numpy as np
 
 from clipforge.experiments.common import ensure_world, figure, mean_std, print_table, record, save_figure, write_json
 from clipforge.experiments.config import ExperimentConfig
+from clipforge.experiments.learnt import chance_levels, gate, learnt_check
 from clipforge.experiments.shared import class_tasks, clip_world_eval, features
 
 NAME = "fewshot"
@@ -90,7 +91,9 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     m = summary["per_task"]["mean"]
     summary["zero_shot_beats_1shot"] = [s["mean"]["zero_shot"] > s["mean"]["probe"][0] for s in per_seed]
     summary["mean_equivalent_k"] = m["equivalent_k_median"]
-    verdict = _verdict(summary)
+    check = learnt_check({t: [s[t]["zero_shot"] for s in per_seed] for t in tasks}, chance_levels(tasks),
+                         scale.learnt_margin, "zero-shot CLIP, template ensemble, test")
+    verdict = gate(verdict_rule(summary), check)
     rows = [[n, f"{100 * summary['per_task'][n]['zero_shot'][0]:.1f}",
              *(f"{100 * a:.1f}" for a, _ in summary["per_task"][n]["probe"]),
              _k(summary["per_task"][n]["equivalent_k_median"])] for n in names]
@@ -107,7 +110,7 @@ def _k(k: float) -> str:
     return "<1" if k == 0 else ">max" if not np.isfinite(k) else f"{k:.1f}"
 
 
-def _verdict(summary: dict[str, Any]) -> dict[str, Any]:
+def verdict_rule(summary: dict[str, Any]) -> dict[str, Any]:
     k = summary["mean_equivalent_k"]
     dip = all(summary["zero_shot_beats_1shot"])
     near = 2 <= k <= 8  # within a factor 2 of the paper's 4 shots

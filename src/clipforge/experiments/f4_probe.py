@@ -20,6 +20,7 @@ from clipforge.experiments.common import (
     ensure_world, figure, mean_std, pm, print_table, record, save_figure, write_json,
 )
 from clipforge.experiments.config import ExperimentConfig
+from clipforge.experiments.learnt import chance_levels, gate, learnt_check, merge_checks
 from clipforge.experiments.shared import (
     class_tasks, clip_world_eval, features, fitted_probe, probe_accuracy, supervised_model,
 )
@@ -67,7 +68,15 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     summary["transfer_tasks"] = list(TRANSFER)
     summary["mean_in_domain"] = {c: mean_std([np.mean([s[t][c] for t in summary["in_domain_tasks"]]) for s in per_seed])
                                  for c in ("clip_probe", "supervised_probe", "supervised_heads")}
-    verdict = _verdict(summary, tasks)
+    # Both feature extractors must have learnt the label tasks; the transfer task is what is measured.
+    labels = {t: tasks[t] for t in summary["in_domain_tasks"]}
+    margin = cfg.scale.learnt_margin
+    check = merge_checks(
+        learnt_check({t: [s[t]["clip_zero_shot"] for s in per_seed] for t in labels}, chance_levels(labels), margin,
+                     "zero-shot CLIP, template ensemble, test"),
+        learnt_check({t: [s[t]["supervised_heads"] for s in per_seed] for t in labels}, chance_levels(labels),
+                     margin, "supervised model's heads, test"))
+    verdict = gate(verdict_rule(summary, tasks), check)
     rows = [[t, *("-" if np.isnan(summary["per_task"][t][c][0]) else pm(*summary["per_task"][t][c]) for c in cols),
              f"{100 * summary['clip_minus_supervised_probe'][t][0]:+.1f}"] for t in tasks]
     print_table(f"Finding 4: linear probe accuracy (%) on test, {len(cfg.seeds)} seeds "
@@ -78,7 +87,7 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
     return rec
 
 
-def _verdict(summary: dict[str, Any], tasks: dict[str, Any]) -> dict[str, Any]:
+def verdict_rule(summary: dict[str, Any], tasks: dict[str, Any]) -> dict[str, Any]:
     wins = summary["clip_wins"]
     transfer_won = all(t in wins for t in TRANSFER)
     majority = len(wins) > len(tasks) / 2

@@ -21,6 +21,7 @@ TITLES = {
     "probe": "4. Linear probe vs. a supervised baseline",
     "robustness": "5. Robustness to distribution shift",
     "scaling": "6. Scaling: zero-shot error vs. compute",
+    "labelset": "7. Label sets: a group's natural category",
 }
 
 
@@ -135,9 +136,42 @@ def _scaling(s: dict[str, Any]) -> tuple[str, str]:
     return text, short
 
 
+def _labelset(s: dict[str, Any]) -> tuple[str, str]:
+    rows = [[g, _p(v["without"]), _p(v["with"])] for g, v in s["per_group"].items()]
+    rows.append(["**mean**", f"**{_p(s['error_without'])}**", f"**{_p(s['error_with'])}**"])
+    text = (_table(["group (shape)", "misfiled, its category left out (%)", "misfiled, its category in (%)"], rows)
+            + f"\n\nDrop in the group's error: {_d(s['drop'])} points (per seed "
+            + ", ".join(f"{100 * d:+.1f}" for d in s["drop_per_seed"])
+            + f"); the control images' error drops {_d(s['control_drop'])} points.")
+    short = (f"misfiling of a group {_p(s['error_without'])}% without its category, {_p(s['error_with'])}% with it "
+             f"(drop {_d(s['drop'])} pts)")
+    return text, short
+
+
+def learnt_text(verdict: dict[str, Any]) -> str:
+    """The learnt-above-chance check of a verdict: per model, task and seed, points above chance."""
+    check = verdict.get("learnt")
+    if not check:
+        return ""
+    checks = check.get("checks", [check])
+    rows = []
+    for c in checks:
+        for task, above in c["above_chance"].items():
+            cells = ", ".join("–" if a is None else f"{100 * a:+.1f}" for a in above)
+            ok = all(a is not None and a >= c["margin"] for a in above)
+            rows.append([c["what"], task, f"{100 * c['chance'][task]:.1f}", cells, "yes" if ok else "**no**"])
+    margin = checks[0]["margin"]
+    head = (f"**Learnt.** Each task averaged over, per seed, in points above chance (learnt: at least "
+            f"+{100 * margin:.0f} in every seed)")
+    if not check["all_learnt"]:
+        head += (f"; not learnt: {', '.join(check['not_learnt'])}, so no conclusion is drawn (the rule alone would "
+                 f"have said *{verdict.get('verdict_if_learnt')}*)")
+    return head + ".\n\n" + _table(["model", "task", "chance (%)", "above chance per seed (pts)", "learnt"], rows)
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "objectives": _objectives, "prompts": _prompts, "fewshot": _fewshot, "probe": _probe,
-    "robustness": _robustness, "scaling": _scaling}
+    "robustness": _robustness, "scaling": _scaling, "labelset": _labelset}
 
 
 def _rerun(command: str, name: str) -> str:
@@ -175,6 +209,8 @@ def write_report(results: Path, report: Path) -> Path:
             f"![{name}]({(rel / f'{name}.png').as_posix()})",
             f"**Verdict: {v['verdict']}.** Criterion: {v['criterion']}.",
         ]
+        if learnt_text(v):
+            parts.insert(-1, learnt_text(v))
         if discussion.is_file():
             parts.append(discussion.read_text().strip())
         sections.append("\n\n".join(parts) + "\n")

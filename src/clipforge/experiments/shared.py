@@ -2,8 +2,8 @@
 
 * CLIP models are trained by the library's trainer (``train(TrainConfig(...))``) on the world's
   ``train.csv``, exactly as ``clipforge train`` would, and loaded back with ``clipforge.load``.
-  Findings 2-5 share one per seed; finding 6 adds other sizes (its ``clip_model`` point is the
-  same run when the step counts agree).
+  Findings 2-5 and 7 share one per seed; finding 6 adds other sizes (its ``clip_model`` point is
+  the same run when the step counts agree). All train with the scale's recipe (the demo's).
 * Their world evaluation (``evaluate_world``), the supervised baselines and image features are
   cached next to them, so each finding can be run alone, in any order, and reruns are cheap.
 """
@@ -62,11 +62,11 @@ def _train_clip(cfg: ExperimentConfig, seed: int, size: str, steps: int, run: Pa
     scale = cfg.scale
     device = resolve_device(cfg.device)
     tcfg = TrainConfig(
-        data=DataConfig(path=str(world / "train.csv")), model=size, out=str(run), steps=steps,
+        data=DataConfig(path=str(world / "train.csv"), cache_mb=1024), model=size, out=str(run), steps=steps,
         batch_size=scale.batch_size, workers=0, seed=seed, device=device.type,
-        precision=scale.precision if device.type == "cuda" else "fp32",  # type: ignore[arg-type]
+        precision=cfg.precision(device.type), crop_scale=scale.crop_scale,  # type: ignore[arg-type]
         save_every=0, keep_last=1, tensorboard=False, log_every=max(1, min(20, steps // 20)),
-        optim=OptimConfig(lr=scale.lr, weight_decay=scale.weight_decay),
+        optim=OptimConfig(lr=scale.lr, weight_decay=scale.weight_decay, sparse_embeddings=scale.sparse_embeddings),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=min(scale.warmup, max(1, steps // 10))),
     )
     torch.manual_seed(seed)
@@ -124,7 +124,7 @@ def _train_supervised(cfg: ExperimentConfig, seed: int, path: Path, world: Path,
     seed_everything(seed)
     train = load_split(world, "train")
     evals = {s: load_split(world, s) for s in EVAL_SPLITS}
-    loop = LoopConfig.from_scale(scale, scale.supervised_steps, seed, device)
+    loop = LoopConfig.from_scale(cfg, scale.supervised_steps, seed, device)
     model, history = train_supervised(vision, train, tasks, loop, evals,
                                       log_spaced_steps(scale.supervised_steps, scale.supervised_evals), cfg.progress)
     path.mkdir(parents=True, exist_ok=True)
