@@ -12,6 +12,7 @@ batch, DataLoader workers and model threads on every side:
   torch-fp32   ``clipforge.search.embed.embed_images`` with the PyTorch model (what ``clipforge embed`` ran before)
   onnx-fp32    the same with the model's ONNX export (``clipforge embed --runtime onnx``)
   onnx-int8    the same with the export's int8 weights (``clipforge convert --to onnx --quantize int8``)
+  onnx-int8-static  int8 with activation scales calibrated on 32 other JPEGs (``--quantize int8-static``)
   torch-bf16   PyTorch under bf16 autocast (``clipforge embed --precision bf16``), for comparison
 Setups: ``ViT-B-32`` (224 px; on a CPU the network dominates) and ``small`` (the registered 64 px ViT:
 the input pipeline dominates). Random weights (seed 0); embeddings are compared with OpenCLIP's and
@@ -24,7 +25,9 @@ alternate between the servers (A B C / C B A). Reports p50/p99/mean latency per 
 tower alone in this process (batch of one caption) for each.
 
 ``accuracy``: zero-shot accuracy per data-world task and retrieval recall@1 of a trained model through
-``clipforge eval``, with the PyTorch model, its fp32 export and its int8 export.
+``clipforge eval``, with the PyTorch model, its fp32 export and its int8 exports (dynamic, and static
+calibrated on ``--calibration``, by default the world's val split: images and captions the test split
+does not hold).
 
 Every server and model uses ``--threads`` threads (torch's and ONNX Runtime's intra-op threads).
 """
@@ -53,16 +56,23 @@ WORDS = ["a", "photo", "of", "the", "red", "small", "dog", "cat", "bicycle", "on
          "people", "walking", "in", "city", "old", "house", "near", "river", "with", "trees", "blue", "car", "sketch"]
 
 
-def exports(model, root: Path) -> dict[str, Path]:
-    """fp32 and int8 ONNX exports of ``model`` (checked against it as they are written), with export seconds."""
+def exports(model, root: Path, calibration: Path | None = None) -> dict[str, Path]:
+    """fp32 and int8 ONNX exports of ``model`` (checked against it as they are written), with export
+    seconds; a statically quantised one too, given a calibration folder or CSV."""
     from clipforge.model.onnx_export import export_onnx, quantize_export
+    from clipforge.model.onnx_static import read_calibration
 
     t0 = time.perf_counter()
     fp32 = export_onnx(model, root / "onnx-fp32")
     t1 = time.perf_counter()
-    int8 = quantize_export(fp32, root / "onnx-int8")
-    print(f"  export {t1 - t0:.1f} s, int8 {time.perf_counter() - t1:.1f} s", flush=True)
-    return {"onnx-fp32": fp32, "onnx-int8": int8}
+    paths = {"onnx-fp32": fp32, "onnx-int8": quantize_export(fp32, root / "onnx-int8")}
+    t2 = time.perf_counter()
+    print(f"  export {t1 - t0:.1f} s, int8 {t2 - t1:.1f} s", flush=True)
+    if calibration is not None:
+        cal = read_calibration(calibration, model.config.preprocess)
+        paths["onnx-int8-static"] = quantize_export(fp32, root / "onnx-int8-static", calibration=cal)
+        print(f"  int8-static {time.perf_counter() - t2:.1f} s", flush=True)
+    return paths
 
 
 def embed_with(model, folder: Path, out: Path, batch: int, workers: int, precision: str) -> np.ndarray:
@@ -102,9 +112,12 @@ def run_embed(name: str, args) -> dict:
     ref = openclip_twin(model).eval()
     size = model.config.preprocess.image_size
     print(f"{name}: exporting ...", flush=True)
-    paths = exports(model, work)
-    models = {"torch-fp32": (model, "fp32"), "onnx-fp32": (load_onnx(paths["onnx-fp32"], args.threads), "fp32"),
-              "onnx-int8": (load_onnx(paths["onnx-int8"], args.threads), "fp32"), "torch-bf16": (model, "bf16")}
+    calib = make_photos(args.cache / f"calib-n32-s{args.seed + 1}", 32, args.seed + 1)[0].parent  # not the timed files
+    paths = exports(model, work, calib if args.static else None)
+    models = {"torch-fp32": (model, "fp32"), "torch-bf16": (model, "bf16")}
+    models.update({k: (load_onnx(p, args.threads), "fp32") for k, p in paths.items()})
+    models = {k: models[k] for k in ("torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int8-static", "torch-bf16")
+              if k in models}
     if not args.bf16:
         models.pop("torch-bf16")
     warm = work / "warm"
@@ -249,7 +262,8 @@ def run_accuracy(args) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="cf-bench-acc-"))
     model = clipforge.load(args.model)[0]
-    paths = {"torch-fp32": args.model, **exports(model, work)}
+    calibration = args.calibration or args.world / "val.csv"
+    paths = {"torch-fp32": args.model, **exports(model, work, calibration)}
     test = args.world / "test.csv"
     metrics: dict[str, dict[str, float]] = {k: {} for k in paths}
     for runtime, path in paths.items():
@@ -266,15 +280,16 @@ def run_accuracy(args) -> dict:
     manifests = {k: json.loads((p / "onnx.json").read_text()) for k, p in paths.items() if k != "torch-fp32"}
     shutil.rmtree(work, ignore_errors=True)
     ref = metrics["torch-fp32"]
-    res = {"model": str(args.model), "world": str(args.world), "metrics": metrics,
+    int8 = [k for k in paths if k.startswith("onnx-int8")]
+    res = {"model": str(args.model), "world": str(args.world), "calibration": str(calibration), "metrics": metrics,
            "points_vs_torch_fp32": {k: {m: round(100 * (v[m] - ref[m]), 2) for m in ref} for k, v in metrics.items()},
-           "int8_precision": manifests["onnx-int8"]["precision"],
-           "int8_cosine_min_vs_fp32_on_probes": manifests["onnx-int8"]["quantization"]["cosine_min_vs_fp32"],
+           "int8_precision": {k: manifests[k]["precision"] for k in int8},
+           "int8_cosine_min_vs_fp32_on_probes": {k: manifests[k]["quantization"]["cosine_min_vs_fp32"] for k in int8},
            "fp32_check": manifests["onnx-fp32"]["check"]}
-    rows = [(m, *(f"{100 * metrics[k][m]:.2f}" for k in paths), f"{res['points_vs_torch_fp32']['onnx-int8'][m]:+.2f}")
-            for m in ref]
+    rows = [(m, *(f"{100 * metrics[k][m]:.2f}" for k in paths),
+             *(f"{res['points_vs_torch_fp32'][k][m]:+.2f}" for k in int8)) for m in ref]
     print(f"\n{args.model} on {test} (percent)")
-    res["table"] = print_table(rows, ("metric", *paths, "int8 - torch (points)"))
+    res["table"] = print_table(rows, ("metric", *paths, *(f"{k[5:]} - torch (points)" for k in int8)))
     return res
 
 
@@ -288,6 +303,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for every side")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="embed: leave out the torch-bf16 side")
+    ap.add_argument("--no-static", dest="static", action="store_false",
+                    help="embed: leave out the onnx-int8-static side")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="accuracy: calibration images/captions for int8-static (default: WORLD/val.csv)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--block", type=int, default=20, help="query: requests per server before switching")
     ap.add_argument("--items", type=int, default=10_000, help="query: vectors in the index (exact search)")

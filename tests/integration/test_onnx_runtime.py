@@ -1,4 +1,5 @@
-"""The ONNX runtime through the commands: ``clipforge convert --to onnx`` (and ``--quantize int8``),
+"""The ONNX runtime through the commands: ``clipforge convert --to onnx`` (and ``--quantize int8`` or
+``int8-static --calibration``),
 ``embed --runtime onnx`` giving torch's embeddings with the runtime in the manifest, ``serve --runtime onnx``
 saying so in /health and answering as the torch service does, ``eval`` on an export, and one-line errors
 (exit 2) where a model is not an export or cannot be one."""
@@ -105,6 +106,18 @@ def test_serve_with_onnx_shows_the_runtime_and_answers_as_torch(world):
     assert [r["label"] for r in probs["onnx"]] == [r["label"] for r in probs["torch"]]
 
 
+def test_convert_with_calibration_embeds_as_torch(world, tmp_path):
+    root, torch_dir, emb = world
+    data = write_csv(tmp_path / "data", n=16)
+    assert _run("convert", "--model", torch_dir, "--to", "onnx", "--quantize", "int8-static", "--calibration", data,
+                "--out", tmp_path / "static") == 0
+    manifest = json.loads((tmp_path / "static" / "onnx.json").read_text())
+    assert (manifest["precision"], manifest["quantization"]["method"]) == ("int8", "static")
+    assert _run("embed", "--model", tmp_path / "static", "--input", root / "images", "--out", tmp_path / "e",
+                "--workers", "0", "--no-progress") == 0
+    assert (_vectors(emb["torch"]) * _vectors(tmp_path / "e")).sum(1).min() >= 0.99
+
+
 def test_eval_runs_on_an_export(world, tmp_path):
     root, torch_dir, _ = world
     data = write_csv(tmp_path / "data", n=12)
@@ -128,6 +141,12 @@ EMBED = ["--input", "{images}", "--out", "{tmp}/e"]
     (["convert", "--model", "{torch}", "--to", "onnx", "--dtype", "fp16", "--out", "{tmp}/c"], "fp32 graphs"),
     (["convert", "--model", "{onnx}", "--to", "onnx", "--out", "{tmp}/c"], "already an ONNX export"),
     (["convert", "--model", "{onnx}", "--to", "hf", "--out", "{tmp}/c"], "cannot be read back"),
+    (["convert", "--model", "{onnx}", "--to", "onnx", "--quantize", "int8-static", "--out", "{tmp}/c"],
+     "needs --calibration"),
+    (["convert", "--model", "{onnx}", "--to", "onnx", "--quantize", "int8", "--calibration", "{images}",
+      "--out", "{tmp}/c"], "needs --calibration"),
+    (["convert", "--model", "{onnx}", "--to", "onnx", "--quantize", "int8-static", "--calibration", "{tmp}/none",
+      "--out", "{tmp}/c"], "not a folder of images"),
 ])
 def test_what_cannot_run_is_one_line_and_exit_2(world, tmp_path, capsys, argv, message):
     root, torch_dir, _ = world

@@ -1,6 +1,7 @@
 """ONNX export of both towers (model/onnx_export.py) and its runtime (model/onnx_runtime.py): the graphs
 compute PyTorch's features for every small family, at any batch size and text length; int8 weights stay
-close; ``clipforge.load(DIR)`` runs an export as CLIP runs; what cannot be done is a one-line error."""
+close, with dynamic or calibrated (static) activations; ``clipforge.load(DIR)`` runs an export as CLIP runs;
+what cannot be done is a one-line error."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from clipforge.model import checkpoints, onnx_export, onnx_runtime  # noqa: E402
 from clipforge.model.identity import model_fingerprint  # noqa: E402
 from clipforge.model.onnx_export import export_onnx, quantize_export  # noqa: E402
 from clipforge.model.onnx_runtime import OnnxCLIP, keep_length  # noqa: E402
+from clipforge.model.onnx_static import activation_matmuls, read_calibration  # noqa: E402
+from support.datasets import write_csv, write_folder  # noqa: E402
 from support.parity import nudge  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore")]
@@ -102,6 +105,61 @@ def test_int8_weights_stay_close_and_shrink_the_image_graph(nano_export, nano_in
         quantize_export(nano_int8, nano_int8.parent / "again")
 
 
+def test_static_int8_calibrates_both_towers_and_keeps_the_attention_float(nano_export, nano, tmp_path):
+    import onnx
+
+    calibration = read_calibration(write_csv(tmp_path / "data", n=24), nano.config.preprocess)
+    assert (calibration.images.shape, len(calibration.texts)) == ((24, 3, 64, 64), 24)
+    out = quantize_export(nano_export, tmp_path / "static", calibration=calibration)
+    manifest = json.loads((out / "onnx.json").read_text())
+    q = manifest["quantization"]
+    assert (manifest["precision"], q["method"], manifest["image"]["quantization"], manifest["text"]["quantization"]) \
+        == ("int8", "static", "static", "static")
+    assert q["calibration"]["images"] == q["calibration"]["texts"] == 24
+    assert min(q["cosine_min_vs_fp32"].values()) >= 0.99
+    graph = onnx.load(str(out / "image.onnx")).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    ops = {n.op_type for n in graph.node}
+    assert "QuantizeLinear" in ops and "DynamicQuantizeLinear" not in ops
+    attention = set(activation_matmuls(nano_export / "image.onnx"))
+    for node in graph.node:  # weights' MatMuls read int8 weights; the attention's read float activations
+        if node.op_type == "MatMul":
+            assert (made_by.get(node.input[1]) == "DequantizeLinear") == (node.name not in attention), node.name
+        if node.op_type == "QuantizeLinear":  # no MatMul result is quantised: ONNX Runtime keeps it float
+            assert made_by.get(node.input[0]) != "MatMul"
+    model = OnnxCLIP(out)
+    images = torch.from_numpy(calibration.images[:8])
+    tokens = clipforge.tokenize(list(calibration.texts[:8]) + TEXTS)
+    with torch.no_grad():
+        assert _cos(model.encode_image(images), nano.encode_image(images)) >= 0.99
+        assert _cos(model.encode_text(tokens), nano.encode_text(tokens)) >= 0.99
+
+
+def test_static_int8_without_captions_quantises_the_text_tower_dynamically(nano_export, tmp_path):
+    folder = write_folder(tmp_path / "images", n=12)
+    (folder / "notes.txt").write_text("not an image")  # other files in the folder are passed over
+    calibration = read_calibration(folder, ClipConfig.from_json(nano_export / "config.json").preprocess)
+    assert calibration.images.shape[0] == 12 and calibration.texts == ()
+    out = quantize_export(nano_export, tmp_path / "s", calibration=calibration)
+    manifest = json.loads((out / "onnx.json").read_text())
+    assert (manifest["image"]["quantization"], manifest["text"]["quantization"]) == ("static", "dynamic")
+    assert manifest["quantization"]["activations"]["text"] == "uint8 per batch"
+
+
+def test_calibration_inputs_that_cannot_calibrate_are_one_line_errors(nano_export, nano, tmp_path):
+    few = write_folder(tmp_path / "few", n=3)
+    (tmp_path / "bad.csv").write_text("path,caption\na.png,a\n")
+    cases = [(lambda: read_calibration(few, nano.config.preprocess), "3 readable images"),
+             (lambda: read_calibration(tmp_path / "bad.csv", nano.config.preprocess), "'image' column"),
+             (lambda: read_calibration(tmp_path / "nowhere", nano.config.preprocess), "not a folder of images"),
+             (lambda: read_calibration(few, nano.config.preprocess, method="mode"), "unknown calibration method"),
+             (lambda: export_onnx(nano, tmp_path / "x", quantize="int8-static"), "needs calibration inputs")]
+    for case, message in cases:
+        with pytest.raises(ClipforgeError, match=message) as e:
+            case()
+        assert "\n" not in str(e.value)
+
+
 def test_load_runs_an_export_as_clip(nano_export, nano):
     from PIL import Image
 
@@ -145,8 +203,8 @@ def test_a_tower_that_cannot_export_is_a_one_line_error(nano, tmp_path, monkeypa
 
 def test_a_tower_whose_int8_graph_falls_short_stays_fp32(nano_export, tmp_path, monkeypatch):
     quantize_tower = onnx_export._quantize_tower
-    def text_misses(src, work, name, what, ref):  # the text tower's int8 graph "misses" the bar
-        return quantize_tower(src, work, name, what, ref) - (what == "text")
+    def text_misses(src, work, name, what, *rest):  # the text tower's int8 graph "misses" the bar
+        return quantize_tower(src, work, name, what, *rest) - (what == "text")
 
     monkeypatch.setattr(onnx_export, "_quantize_tower", text_misses)
     out = quantize_export(nano_export, tmp_path / "mixed")

@@ -10,9 +10,11 @@ OpenAI/OpenCLIP state dict, Hugging Face CLIP directory) and writes one of:
   openai     OpenAI-layout state dict (.pt) for openai/CLIP's clip.load(path, jit=False)
   onnx       directory: image.onnx + text.onnx (dynamic batch; texts of any length up to the
              context), onnx.json, config.json and the tokenizer's files, for ONNX Runtime
-             (clipforge.load(DIR), embed/serve --runtime onnx); --quantize int8 for int8 weights.
-             Checked against the PyTorch model before it is kept. --model may also be an fp32
-             ONNX export, to quantise it.
+             (clipforge.load(DIR), embed/serve --runtime onnx); --quantize int8 for int8 weights
+             (activations quantised per batch), --quantize int8-static --calibration PATH for
+             activation scales calibrated on a few dozen images (and captions). Checked against
+             the PyTorch model before it is kept. --model may also be an fp32 ONNX export, to
+             quantise it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class ConvertConfig:
     quick_gelu: bool | None = None
     dtype: str = "fp32"
     text_model_dir: Path | None = None  # a Hugging Face text tower's config + tokenizer, for hub ids
-    quantize: str | None = None  # onnx only: "int8"
+    quantize: str | None = None  # onnx only: "int8" or "int8-static"
+    calibration: Path | None = None  # int8-static: a folder of images or an image/caption CSV
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,15 +62,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "state dicts, GELU for OpenCLIP training checkpoints)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the written weights")
     p.add_argument("--text-model-dir", type=Path, default=None, metavar="DIR", help=HELP_TEXT_MODEL_DIR)
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="--to onnx: int8 weights (ONNX Runtime's dynamic quantisation of the MatMuls; default none)")
+    p.add_argument("--quantize", choices=["none", "int8", "int8-static"], default="none",
+                   help="--to onnx: int8 MatMul weights through ONNX Runtime, activations quantised per batch "
+                        "(int8) or with scales calibrated on --calibration (int8-static); default none")
+    p.add_argument("--calibration", type=Path, default=None, metavar="PATH",
+                   help="--quantize int8-static: a folder of images or a CSV with image (and caption) columns; "
+                        "up to 64 of them, spread through it, fix the activation scales")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ConvertConfig(model=args.model, to=args.to, out=args.out, arch=args.arch,
                         quick_gelu=args.quick_gelu, dtype=args.dtype, text_model_dir=args.text_model_dir,
-                        quantize=None if args.quantize == "none" else args.quantize)
+                        quantize=None if args.quantize == "none" else args.quantize, calibration=args.calibration)
     written = convert(cfg)
     print(f"wrote {cfg.to} checkpoint to {written}")
     return 0
@@ -83,6 +90,8 @@ def convert(cfg: ConvertConfig) -> Path:
         raise CliError("--out must differ from --model")
     if cfg.to != "onnx" and cfg.quantize:
         raise CliError("--quantize applies to --to onnx only")
+    if (cfg.quantize == "int8-static") != (cfg.calibration is not None):
+        raise CliError("--quantize int8-static needs --calibration PATH, and --calibration applies to it only")
     if cfg.to == "onnx":
         return _to_onnx(cfg)
     model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu,
@@ -99,6 +108,7 @@ def convert(cfg: ConvertConfig) -> Path:
 
 def _to_onnx(cfg: ConvertConfig) -> Path:
     from clipforge.cli import CliError
+    from clipforge.config import ClipConfig
     from clipforge.model import onnx_export, onnx_runtime, pretrained
 
     if cfg.dtype != "fp32":
@@ -106,7 +116,15 @@ def _to_onnx(cfg: ConvertConfig) -> Path:
     if onnx_runtime.is_onnx_export(Path(cfg.model)):  # an fp32 export, to quantise
         if not cfg.quantize:
             raise CliError(f"{cfg.model} is already an ONNX export; --quantize int8 quantises it")
-        return onnx_export.quantize_export(Path(cfg.model), cfg.out)
+        preprocess = ClipConfig.from_json(Path(cfg.model) / onnx_runtime.CONFIG_FILE).preprocess
+        return onnx_export.quantize_export(Path(cfg.model), cfg.out, calibration=_calibration(cfg, preprocess))
     model = pretrained.load_weights(cfg.model, arch=cfg.arch, quick_gelu=cfg.quick_gelu,
                                     text_model_dir=cfg.text_model_dir)
-    return onnx_export.export_onnx(model, cfg.out, quantize=cfg.quantize)
+    calibration = _calibration(cfg, model.config.preprocess)  # read first: a bad path fails before the export
+    return onnx_export.export_onnx(model, cfg.out, quantize=cfg.quantize, calibration=calibration)
+
+
+def _calibration(cfg: ConvertConfig, preprocess):
+    from clipforge.model import onnx_static
+
+    return None if cfg.calibration is None else onnx_static.read_calibration(cfg.calibration, preprocess)

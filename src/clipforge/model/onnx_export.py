@@ -1,5 +1,5 @@
 """A CLIP model's two towers as ONNX graphs (``clipforge convert --to onnx``), and int8 weights for
-an export through ONNX Runtime's dynamic quantisation. ``onnx_runtime`` runs what this writes.
+an export through ONNX Runtime's quantisation. ``onnx_runtime`` runs what this writes.
 
 Both graphs come from ``torch.onnx.export``'s ``torch.export`` path with symbolic shapes: a dynamic
 batch for both, and a dynamic sequence length for the text graph, which holds the tower's code
@@ -9,10 +9,10 @@ Runtime on probe images and texts (batches of 1 and 4, texts of several lengths)
 PyTorch model, and the cosines and largest difference are recorded in ``onnx.json``.
 
 int8 (``quantize_export``): MatMul weights per output channel, activations quantised per batch at
-run time (``quantize_dynamic``). Convolutions stay float: ONNX Runtime's integer convolution runs
-slower than its float one on the patch embedding. Static quantisation (calibrated activation
-scales, QDQ or QOperator) was measured slower than dynamic on ViT-B-32, so it is not offered.
-CoCa's captioning decoder is not exported: the graphs are its contrastive towers.
+run time (``quantize_dynamic``), or with scales calibrated once on a calibration set
+(``onnx_static``, ``int8-static``). Convolutions stay float: ONNX Runtime's integer convolution runs
+slower than its float one on the patch embedding. CoCa's captioning decoder is not exported: the
+graphs are its contrastive towers.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from torch import nn
 
 from clipforge.errors import CheckpointError, ClipforgeError
 from clipforge.model import onnx_runtime as rt
+from clipforge.model import onnx_static
 from clipforge.model.clip import CLIP
 from clipforge.model.hf_text import HFTextTower
 from clipforge.model.identity import model_fingerprint
@@ -128,14 +129,18 @@ def _tower_bytes(module: nn.Module) -> int:
     return sum(p.numel() * 4 for p in module.parameters())
 
 
-def export_onnx(model: CLIP, out: str | Path, quantize: Literal["int8"] | None = None, check: bool = True) -> Path:
+def export_onnx(model: CLIP, out: str | Path, quantize: Literal["int8", "int8-static"] | None = None,
+                check: bool = True, calibration: onnx_static.Calibration | None = None) -> Path:
     """Write ``model``'s towers as ``out/image.onnx`` and ``out/text.onnx`` with ``onnx.json``,
     ``config.json`` and the tokenizer's files, so ``out`` alone embeds images and texts
     (``clipforge.load(out)``). ``quantize='int8'`` then quantises both graphs' weights
-    (``quantize_export``). ``model`` is made float32 and put in eval mode in place."""
+    (``quantize_export``); ``'int8-static'`` with ``calibration``'s activation scales.
+    ``model`` is made float32 and put in eval mode in place."""
     _needs("onnx", "onnxscript")
-    if quantize not in (None, "int8"):
-        raise ClipforgeError(f"unknown quantization {quantize!r}; the choice is int8")
+    if quantize not in (None, "int8", "int8-static"):
+        raise ClipforgeError(f"unknown quantization {quantize!r}; the choices are int8, int8-static")
+    if (quantize == "int8-static") != (calibration is not None):
+        raise ClipforgeError("int8-static quantisation needs calibration inputs, and only it takes them")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -154,8 +159,8 @@ def export_onnx(model: CLIP, out: str | Path, quantize: Literal["int8"] | None =
     _write_manifest(out, _manifest(model))
     if check:
         _record_check(out, model, FP32_MIN_COSINE)
-    if quantize == "int8":
-        quantize_export(out, out)
+    if quantize:
+        quantize_export(out, out, calibration=calibration)
     return out
 
 
@@ -240,12 +245,15 @@ def _record_check(out: Path, model: CLIP, min_cosine: float) -> None:
                               f"{min_cosine}; max abs diff {result['max_abs_diff']}); it is kept for inspection")
 
 
-def quantize_export(src: str | Path, out: str | Path, min_cosine: float = INT8_MIN_COSINE) -> Path:
-    """An export with int8 MatMul weights (per output channel, dynamic activations) in ``out``
-    (``src`` itself when the same); the other files copied. Each tower's int8 graph is compared with
-    its fp32 graph on the probe inputs and kept where the smallest cosine reaches ``min_cosine``; a
-    tower that falls short stays fp32 (``onnx.json`` records each tower's precision and cosine), and
-    an error says so when both do. Returns ``out``."""
+def quantize_export(src: str | Path, out: str | Path, min_cosine: float = INT8_MIN_COSINE,
+                    calibration: onnx_static.Calibration | None = None) -> Path:
+    """An export with int8 MatMul weights (per output channel) in ``out`` (``src`` itself when the
+    same); the other files copied. Activations are quantised per batch at run time, or, given
+    ``calibration``, with scales fixed from it (the text tower only where it has captions). Each
+    tower's int8 graph is compared with its fp32 graph on the probe inputs (and the calibration
+    inputs) and kept where the smallest cosine reaches ``min_cosine``; a tower that falls short stays
+    fp32 (``onnx.json`` records each tower's precision, method and cosine), and an error says so when
+    both do. Returns ``out``."""
     _needs("onnx")
     src, out = Path(src), Path(out)
     manifest = rt.read_manifest(src)
@@ -255,7 +263,10 @@ def quantize_export(src: str | Path, out: str | Path, min_cosine: float = INT8_M
     work = out / ".int8"  # int8 graphs under their final names (a weights file beside one is named after it)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cosines = {what: _quantize_tower(src, work, f, what, reference) for what, f in _TOWERS.items()}
+    methods = {"image": "static" if calibration is not None else "dynamic",
+               "text": "static" if calibration is not None and calibration.texts else "dynamic"}
+    cosines = {what: _quantize_tower(src, work, f, what, reference, calibration if methods[what] == "static" else None)
+               for what, f in _TOWERS.items()}
     kept = [what for what, cos in cosines.items() if cos >= min_cosine]
     if not kept:
         shutil.rmtree(work)
@@ -271,30 +282,52 @@ def quantize_export(src: str | Path, out: str | Path, min_cosine: float = INT8_M
     shutil.rmtree(work)
     for what in _TOWERS:
         manifest[what]["precision"] = "int8" if what in kept else "fp32"
+        manifest[what]["quantization"] = methods[what] if what in kept else None
     manifest["precision"] = "int8" if len(kept) == 2 else f"int8-{kept[0]}"  # e.g. int8-image: text stays fp32
-    manifest["quantization"] = {"method": "dynamic", "weights": "int8 per output channel",
-                                "activations": "uint8 per batch", "ops": QUANTIZED_OPS, "min_cosine": min_cosine,
+    manifest["quantization"] = {"method": "static" if calibration is not None else "dynamic",
+                                "weights": "int8 per output channel", "ops": QUANTIZED_OPS, "min_cosine": min_cosine,
+                                "activations": {w: ACTIVATIONS[m] for w, m in methods.items() if w in kept},
                                 "cosine_min_vs_fp32": {k: round(v, 5) for k, v in cosines.items()}}
+    if calibration is not None:
+        manifest["quantization"]["calibration"] = calibration.describe()
     _write_manifest(out, manifest)
     return out
 
 
 _TOWERS = {"image": rt.IMAGE_FILE, "text": rt.TEXT_FILE}
+ACTIVATIONS = {"dynamic": "uint8 per batch", "static": "uint8 per tensor, calibrated (QDQ)"}
 
 
 @torch.no_grad()
-def _quantize_tower(src: Path, work: Path, name: str, what: str, reference: rt.OnnxCLIP) -> float:
-    """``src/name`` quantised into ``work/name``; the smallest cosine of its features to the fp32 graph's."""
+def _quantize_tower(src: Path, work: Path, name: str, what: str, reference: rt.OnnxCLIP,
+                    calibration: onnx_static.Calibration | None = None) -> float:
+    """``src/name`` quantised into ``work/name`` (statically given ``calibration``); the smallest
+    cosine of its features to the fp32 graph's, on the probes and the calibration inputs."""
     from onnxruntime.quantization import QuantType, quantize_dynamic  # after _needs: onnxruntime's own error
 
-    with _quiet():
-        quantize_dynamic(src / name, work / name, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=(src / f"{name}.data").exists())
-    session = rt.session(work / name, threads=1)
+    external = (src / f"{name}.data").exists()
     images, tokens = _probe(reference)
+
+    def trim(tokens: torch.Tensor) -> int:
+        return rt.keep_length(tokens, reference.manifest["text"]["trim"])
+
+    feeds = []
+    if calibration is not None:
+        feeds = (onnx_static.image_feeds(calibration) if what == "image" else
+                 onnx_static.text_feeds(calibration, _tokenizer(reference), trim))
+    with _quiet():
+        if calibration is None:
+            quantize_dynamic(src / name, work / name, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                             weight_type=QuantType.QInt8, use_external_data_format=external)
+        else:
+            onnx_static.quantize_tower(src / name, work / name, feeds, calibration.method, external)
+    session = rt.session(work / name, threads=1)
     if what == "image":
-        pairs = [(session.run(None, {"pixels": x.numpy()})[0], reference.encode_image(x).numpy()) for x in images]
+        inputs = [x.numpy() for x in images] + [f["pixels"] for f in feeds]
+        pairs = [(session.run(None, {"pixels": x})[0], reference.encode_image(torch.from_numpy(x)).numpy())
+                 for x in inputs]
     else:
-        trimmed = [t[:, : rt.keep_length(t, reference.manifest["text"]["trim"])] for t in (tokens, tokens[1:2])]
-        pairs = [(session.run(None, {"tokens": t.numpy()})[0], reference.encode_text(t).numpy()) for t in trimmed]
+        inputs = [t[:, : trim(t)].numpy() for t in (tokens, tokens[1:2])] + [f["tokens"] for f in feeds]
+        pairs = [(session.run(None, {"tokens": t})[0], reference.encode_text(torch.from_numpy(t)).numpy())
+                 for t in inputs]
     return min(float((rt.unit_rows(a) * rt.unit_rows(b)).sum(1).min()) for a, b in pairs)
