@@ -13,7 +13,7 @@ check, and the time per image.
 - Sanity check (Adebayo et al. 2018): the same maps from the same architecture with random weights;
   the Spearman rank correlation of each pair of maps, averaged. A method passes below 0.3.
 - Speed: seconds per 224 px image for ViT-B-32 (random weights) with each method, median of 5 after
-  a warm-up, at the machine's thread count.
+  a warm-up, at each of ``--speed-threads`` (default the machine's thread count).
 
 Writes results/explain-cpu-latest.json and, with --panel, a picture of maps from the model.
 """
@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--two", type=int, default=100, help="two-object images (each object named in turn)")
     ap.add_argument("--shifts", type=int, nargs="+", default=[1, 4], help="passes per axis to measure [1 4]")
     ap.add_argument("--speed-arch", default="ViT-B-32")
+    ap.add_argument("--speed-threads", type=int, nargs="+", default=None, metavar="N",
+                    help="thread counts to time at (default: the machine's)")
     ap.add_argument("--speed-from", default=None, metavar="RECORD",
                     help="keep the pointing and sanity figures of this record and measure only the speed again")
     ap.add_argument("--panel", default=None, help="PNG: maps of the model for one two-object image")
@@ -160,9 +162,12 @@ def main() -> None:
                   f"within {TOLERANCE * size:.1f} px; chance {100 * p1['chance']:4.1f}%)  two objects {100 * p2['hit']:5.1f}% "
                   f"({100 * p2['hit_tolerant']:5.1f}%; chance {100 * p2['chance']:4.1f}%)  spearman vs random weights "
                   f"{rho:+.3f}", flush=True)
+    timing = {}
+    for n in args.speed_threads or [threads]:
+        torch.set_num_threads(n)
+        timing[f"{n}_threads"] = speed(args.speed_arch)
+        print(f"seconds per 224 px image, {args.speed_arch}, {n} threads: {timing[f'{n}_threads']}")
     torch.set_num_threads(threads)
-    timing = speed(args.speed_arch)
-    print(f"seconds per 224 px image, {args.speed_arch}, {torch.get_num_threads()} threads: {timing}")
     best = max((m for m in record_methods if record_methods[m]["sanity_passed"]),
                key=lambda m: record_methods[m]["pointing_two_objects"] + record_methods[m]["pointing_one_object"])
     record = {
@@ -170,7 +175,8 @@ def main() -> None:
         "two_object_trials": len(two), "methods": record_methods, "best_method": best,
         "targets": {"pointing_one_object": 0.9, "pointing_two_objects": 0.8, "sanity_spearman_below": 0.3,
                     "seconds_per_image_default": 1.0},
-        "speed_arch": args.speed_arch, "threads": torch.get_num_threads(), "seconds_per_image": timing,
+        "speed_arch": args.speed_arch, "seconds_per_image": timing,
+        "pointing_from": json.loads(Path(args.speed_from).read_text())["file"] if args.speed_from else None,
         "default_method": methods_for(clipforge.create_model(args.speed_arch))[0],
     }  # fmt: skip
     print("record:", write_record("explain", record, out_dir=Path(args.out_dir) if args.out_dir else None))

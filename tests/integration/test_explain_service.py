@@ -142,3 +142,18 @@ def test_cli_writes_overlay_panel_and_arrays(served, tmp_path, capsys):
         base = ["explain", "--model", str(root / "model"), "--image", str(img)]
         assert cli_main(base + argv) == 2
         assert message in capsys.readouterr().err
+
+
+def test_every_data_route_needs_the_key(served):
+    """A route added without the key check would serve anyone: every route but the page, its static
+    files, the docs page and /health answers 401 without the key."""
+    from fastapi.routing import APIRoute
+
+    _, keyed, *_ = served
+    open_paths = {"/", "/docs", "/health"}
+    routes = [r for r in keyed.app.routes if isinstance(r, APIRoute) and r.path not in open_paths]
+    assert {"/explain", "/search", "/knn-service", "/thumbnail/{item_id}"} <= {r.path for r in routes}
+    for r in routes:
+        path = r.path.replace("{item_id}", "1")
+        for method in r.methods - {"HEAD", "OPTIONS"}:
+            assert keyed.request(method, path).status_code == 401, (method, path)

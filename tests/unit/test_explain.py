@@ -69,6 +69,7 @@ def test_text_and_image_queries_and_model_state_is_restored(base):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
     one = explain(model, img, "a red circle")
     assert one.shape == (64, 64) and model.training  # a single query gives one map; training mode kept
+    one_rel = explain(model, img, "a red circle", method="relevance")
     both = explain(model, img, ["a red circle", img], method="relevance")
     shifted = explain(model, img, ["a red circle", img], method="dense", shifts=2)
     assert shifted.shape == (2, 64, 64) and not torch.allclose(shifted, explain(model, img, ["a red circle", img],
@@ -81,6 +82,9 @@ def test_text_and_image_queries_and_model_state_is_restored(base):
     ref = clipforge.create_model("nano", seed=0).eval()
     assert torch.allclose(model.encode_image(x), ref.encode_image(x), atol=1e-6)
     assert model.visual.transformer.pooled_last_block
+    model.set_grad_checkpointing(True)  # a model set up for training explains the same
+    assert torch.allclose(explain(model, img, "a red circle", method="relevance"), one_rel, atol=1e-5)
+    assert model.visual.transformer.grad_checkpointing
 
 
 def test_misuse_is_one_clear_error(base):

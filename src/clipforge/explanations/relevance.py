@@ -168,6 +168,9 @@ def _recording(visual: nn.Module) -> Iterator[tuple[list[torch.Tensor], list[tor
             if transformer is not None and transformer.pooled_last_block:
                 transformer.pooled_last_block = False  # every row of the last block's attention
                 undo.append(lambda: setattr(transformer, "pooled_last_block", True))
+            if transformer is not None and transformer.grad_checkpointing:
+                transformer.grad_checkpointing = False  # recomputed blocks would record their attention twice
+                undo.append(lambda: setattr(transformer, "grad_checkpointing", True))
         yield attn, pool
     finally:
         for f in reversed(undo):
