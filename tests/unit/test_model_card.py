@@ -45,3 +45,16 @@ def test_saved_model_has_a_card_that_keeps_results_and_training(tmp_path):
     assert main(["convert", "--model", str(out), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf = (tmp_path / "hf" / "README.md").read_text()
     assert front_matter(hf)["library_name"] == "transformers" and "| test (shape) |" in hf
+
+
+def test_a_readme_that_is_not_a_card_is_never_overwritten(tmp_path, caplog):
+    import clipforge
+
+    model = clipforge.create_model("nano", seed=0)
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "README.md").write_text("# my notes\nkeep me\n")
+    clipforge.save(model, out)
+    write_card(out, model.config, training={"steps": 3})
+    assert (out / "README.md").read_text() == "# my notes\nkeep me\n"
+    assert "not a clipforge model card" in caplog.text

@@ -10,12 +10,14 @@ directory, and a copied card (``convert --to hf``) keeps them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 CARD_NAME = "README.md"
+log = logging.getLogger(__name__)
 _TAGS = ("clip", "clipforge", "zero-shot-image-classification", "image-text-retrieval")
 _DATA = re.compile(r"<!-- clipforge-card (\{.*?\}) -->", re.DOTALL)
 _TRAINING_KEYS = ("data", "model", "steps", "batch_size", "lr", "weight_decay", "warmup", "loss", "precision",
@@ -36,9 +38,13 @@ def read_card_data(model_dir: str | Path) -> dict[str, Any]:
 def write_card(model_dir: str | Path, config: Any, training: dict[str, Any] | None = None,
                results: list[dict[str, Any]] | None = None, license: str = "other",
                library: str = "clipforge") -> Path:  # fmt: skip
-    """(Re)write ``model_dir/README.md``; ``training``/``results`` left None keep the card's own.
+    """(Re)write ``model_dir/README.md``; ``training``/``results`` left None keep the card's own. A
+    README.md that is not a clipforge card is left untouched (a warning says so).
     ``library``: what reads the directory (``transformers`` for a Hugging Face export)."""
     out = Path(model_dir)
+    if _foreign(out / CARD_NAME):  # someone's own README (a hub repo's card, notes): never overwritten
+        log.warning("%s is not a clipforge model card; left as it is (no card written)", out / CARD_NAME)
+        return out / CARD_NAME
     kept = read_card_data(out)
     data = {"training": training if training is not None else kept.get("training"),
             "results": results if results is not None else kept.get("results", [])}  # fmt: skip
@@ -46,6 +52,14 @@ def write_card(model_dir: str | Path, config: Any, training: dict[str, Any] | No
     tmp.write_text(render(config, data, license, library), encoding="utf-8")
     tmp.replace(out / CARD_NAME)
     return out / CARD_NAME
+
+
+def _foreign(path: Path) -> bool:
+    """A README.md that this module did not write (no card data in it)."""
+    try:
+        return path.exists() and _DATA.search(path.read_text(encoding="utf-8", errors="replace")) is None
+    except OSError:
+        return False
 
 
 def add_result(model_dir: str | Path, config: Any, result: dict[str, Any]) -> Path:
