@@ -98,7 +98,7 @@ def main() -> None:
         "world": {"train": args.train, "test": args.test, "planted": args.plant, "mismatch_rate": args.mismatch,
                   "rows": flaws["rows"], "seconds": round(t1 - t0, 1)},
         "calibration": {"emb_threshold": t["emb_threshold"], "perceptual_threshold": t["perceptual_threshold"],
-                        "floor": t["floor"], "max_fpr": t["max_fpr"], "negatives": t["negatives"], "kinds": t["kinds"]},
+                        "fine_threshold": t["fine_threshold"], "floor": t["floor"], "max_fpr": t["max_fpr"], "negatives": t["negatives"], "kinds": t["kinds"]},
         "detection": detection, "overlap_fraction": report["overlap_fraction"],
         "accuracy": report.get("accuracy"), "curation": curation,
     }

@@ -74,6 +74,30 @@ def test_perceptual_check_undoes_every_edit_and_tells_strangers_apart():
             assert P.similarity(views, P.descriptor(copy)) > max(0.97, worst_stranger), kind
 
 
+def test_second_look_tells_apart_a_texture_the_thumbnail_blurs_away():
+    """The same picture under a fine checkerboard: the thumbnail rates it above some edited copies, the
+    sharper second look below every one."""
+    img = _picture(3)
+    yy, xx = np.mgrid[:64, :64]
+    checker = 90 * ((((yy // 4) + (xx // 4)) % 2) - 0.5)[..., None]  # [64, 64, 1]
+    alike = Image.fromarray((np.asarray(img, np.float32) + checker).clip(0, 255).astype(np.uint8))
+    views = P.views(img)
+    copies = [augment(img, kind, np.random.default_rng(seed))[0] for kind in KINDS for seed in range(3)]
+    coarse = [float(P.similarity(views, P.descriptor(c))) for c in copies]
+    fine = [P.fine_similarity(img, c, views) for c in copies]
+    assert P.similarity(views, P.descriptor(alike)) > min(coarse)
+    assert P.fine_similarity(img, alike, views) < min(fine) - 0.01
+
+
+def test_second_look_threshold_scales_with_the_search():
+    """Ten times the look-alikes per query in the search: the threshold passes ten times fewer test-pool pairs."""
+    neg = np.linspace(0.5, 0.99, 50)
+    assert C._scaled_threshold(neg, queries=100, ratio=1.0, max_fpr=0.1) == pytest.approx(neg[-11])
+    assert C._scaled_threshold(neg, queries=100, ratio=10.0, max_fpr=0.1) == pytest.approx(neg[-2])
+    assert C._scaled_threshold(neg, queries=100, ratio=100.0, max_fpr=0.1) == pytest.approx(neg[-1])
+    assert C._scaled_threshold(neg[:5], queries=100, ratio=1.0, max_fpr=0.1) == -1.0  # too few to constrain
+
+
 def _overlap_sides(tmp_path: Path, fingerprint_test: str = "fp"):
     rng = np.random.default_rng(0)
     train = _unit(rng.standard_normal((400, 32)))
@@ -147,6 +171,7 @@ def test_calibration_separates_generated_pairs_with_a_pixel_model():
     assert cal.kinds["jpeg"]["emb_recall"] >= 0.9 and cal.kinds["resize"]["emb_recall"] >= 0.9
     assert cal.kinds["flip"]["emb_recall"] == 1.0  # the mirrored query view
     assert all(k["perceptual_recall"] >= 0.9 for k in cal.kinds.values()), cal.kinds
+    assert cal.negatives["pool"] == 39 and cal.negatives["search_size"] == 39  # no search size given: no scaling
 
 
 def test_split_accuracy_and_interval():

@@ -4,7 +4,8 @@ Embeds both sides with --model (or reads precomputed ``clipforge embed`` parts, 
 index), searches the training side through a FAISS index, and flags test items whose nearest
 training item passes a threshold calibrated on generated near-duplicates (crops, JPEG, resizing,
 flips, colour jitter, rotations) at --max-fpr; candidates whose images are readable are checked
-on aligned colour thumbnails (the perceptual signal), the embedding alone decides the rest.
+on aligned colour thumbnails, then a sharper 24x24 look whose threshold is scaled to the training
+side's size (the perceptual signal); the embedding alone decides the rest.
 Writes OUT (JSON: threshold and its calibration, overlap fraction, each flagged item with its
 training duplicate), OUT with .csv and .png; with --task, zero-shot accuracy on All / Overlap /
 Clean with the difference and a Clopper-Pearson interval (the CLIP paper's Section 5).
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     t = report["threshold"]
     how = "given" if t["source"] == "given" else f"calibrated at false-positive rate <= {t['max_fpr']}"
     perc = f"> {t['perceptual_threshold']:.4f}" if t["perceptual_threshold"] >= 0 else "off"
+    if t["perceptual_threshold"] >= 0 and t.get("fine_threshold", -1) >= 0:
+        perc += f", sharper second look > {t['fine_threshold']:.4f}"
     print(f"threshold: perceptual {perc} for candidates at cosine >= {t['floor']:.4f}; cosine > "
           f"{t['emb_threshold']:.4f} where images cannot be read ({how})")
     print(f"{report['flagged']} of {report['test_items']} test items overlap the training set "

@@ -73,7 +73,7 @@ def _test_images(job: OverlapJob, test: inputs.VectorSet):
     return (lambda r: open_image(paths[r])), np.random.default_rng(job.seed).permutation(len(paths))
 
 
-def _calibration(job: OverlapJob, test: inputs.VectorSet) -> C.Calibration:
+def _calibration(job: OverlapJob, test: inputs.VectorSet, search_size: int) -> C.Calibration:
     if job.threshold is not None:
         return C.given(job.threshold, job.perceptual_threshold if job.perceptual_threshold is not None else -1)
     if job.model is None:
@@ -91,7 +91,8 @@ def _calibration(job: OverlapJob, test: inputs.VectorSet) -> C.Calibration:
     if len(images) < 2:
         raise DataError("fewer than 2 readable test images to calibrate on; give --threshold")
     cal = C.calibrate(job.model, images, test.vectors, np.array(rows), open_test if job.use_perceptual else None,
-                      job.max_fpr, per_kind=max(1, len(images) // len(C.KINDS)), seed=job.seed, k=job.k)
+                      job.max_fpr, per_kind=max(1, len(images) // len(C.KINDS)), seed=job.seed, k=job.k,
+                      search_size=search_size)
     if job.perceptual_threshold is not None:
         cal.perceptual_threshold = job.perceptual_threshold
     return cal
@@ -117,7 +118,7 @@ def run_overlap(job: OverlapJob) -> dict[str, Any]:
     work = Path(job.work) if job.work else out.resolve().parent / "overlap_work"
     test = inputs.resolve_side(job.test, work, "test", job.model, progress=job.progress, batch_size=job.batch_size)
     index_dir, train_emb = _train_index(job, work, test.model)
-    cal = _calibration(job, test)
+    cal = _calibration(job, test, inputs.index_size(index_dir))
     found = find_overlap(test, index_dir, cal, OverlapConfig(k=job.k, use_perceptual=job.use_perceptual,
                                                              progress=job.progress), mirrored=_mirrored(job, test))
     mask, nearest = found.pop("flagged_mask"), found.pop("nearest")

@@ -11,12 +11,17 @@ the hardest unrelated images the data offers. The rule, each part set from these
 - with both images readable, the perceptual check decides (``perceptual.py``): flagged when the
   best aligned thumbnail cosine is above ``perceptual_threshold``, the most permissive value whose
   false-positive rate on the negatives (per query, any candidate) stays at or below ``max_fpr``
-  (-1: off);
+  (-1: off), and the sharper second look (``perceptual.fine_similarity``) is above
+  ``fine_threshold``;
 - otherwise (precomputed vectors, no image files) the embedding decides: flagged when the cosine
   is above ``emb_threshold``, set the same way.
 
-The recall of every edit under each part is in the result, so a report states what its detector
-finds and what it misses.
+The last check decides at the search's scale: a training side ``search_size`` items large offers
+each query about ``search_size / pool`` times the look-alikes the test pool does (pool: the other
+test images), so ``fine_threshold`` is the lowest value at which the negative pairs passing the
+first checks, counted per query and scaled by that ratio, stay at or below ``max_fpr`` (when the
+sample cannot resolve that rate, above every such pair). The recall of every edit under each part
+is in the result, so a report states what its detector finds and what it misses.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Calibration:
     negatives: dict[str, Any] = field(default_factory=dict)
     kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "calibrated"  # or "given" (a threshold passed by the user)
+    fine_threshold: float = -1.0  # -1: no second look
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +79,14 @@ def _threshold(neg: np.ndarray, max_fpr: float) -> float:
     return float(np.quantile(neg, 1.0 - max_fpr, method="higher"))
 
 
+def _scaled_threshold(neg: np.ndarray, queries: int, ratio: float, max_fpr: float) -> float:
+    """The lowest negative value that at most ``max_fpr * queries / ratio`` negative pairs exceed (-1: none to pass)."""
+    allowed = int(np.floor(max_fpr * queries / max(ratio, 1e-9) + 1e-9))
+    if len(neg) <= allowed:
+        return -1.0
+    return float(np.sort(neg)[::-1][allowed])
+
+
 def _topk(sims: np.ndarray, k: int) -> np.ndarray:
     k = min(k, sims.shape[1])
     return np.argpartition(-sims, k - 1, axis=1)[:, :k]  # [m, k] unordered
@@ -80,16 +94,17 @@ def _topk(sims: np.ndarray, k: int) -> np.ndarray:
 
 def calibrate(model, images: Sequence[Image.Image], test_vectors: np.ndarray, rows: np.ndarray,
               open_test: Callable[[int], Image.Image | None] | None, max_fpr: float = 0.01, per_kind: int = 50,
-              seed: int = 0, k: int = 10) -> Calibration:
+              seed: int = 0, k: int = 10, search_size: int | None = None) -> Calibration:
     """The rule from ``images`` (sampled test images, at test ``rows``) and their edited copies.
 
     test_vectors [n, d]: every test vector (the negatives' pool). open_test(row): that test image,
-    or None when unreadable; None turns the perceptual check off.
+    or None when unreadable; None turns the perceptual check off. search_size: training items the
+    search covers (default: the test pool's size, no scaling).
     """
     rng = np.random.default_rng([seed, 0x43414C])  # 'CAL'
     orig, flip = embed_pil(model, images), embed_pil(model, mirrored(images))  # [m, d] each
     kinds: dict[str, dict[str, Any]] = {}
-    pos_cos, pos_perc = {}, {}
+    pos_cos, pos_perc, pos_fine = {}, {}, {}
     qviews = [P.views(im) for im in images] if open_test is not None else []
     for kind in KINDS:
         pick = rng.choice(len(images), size=min(per_kind, len(images)), replace=False)
@@ -98,6 +113,7 @@ def calibrate(model, images: Sequence[Image.Image], test_vectors: np.ndarray, ro
         pos_cos[kind] = np.maximum((e * orig[pick]).sum(1), (e * flip[pick]).sum(1))  # [p] best query view
         if open_test is not None:
             pos_perc[kind] = np.array([P.similarity(qviews[i], P.descriptor(c)) for i, c in zip(pick, copies)])
+            pos_fine[kind] = np.array([P.fine_similarity(images[i], c, qviews[i]) for i, c in zip(pick, copies)])
     floor = float(min(c.min() for c in pos_cos.values()))
     s_orig, s_flip = orig @ test_vectors.T, flip @ test_vectors.T  # [m, n] each
     s_orig[np.arange(len(rows)), rows] = s_flip[np.arange(len(rows)), rows] = -np.inf  # not itself
@@ -107,37 +123,50 @@ def calibrate(model, images: Sequence[Image.Image], test_vectors: np.ndarray, ro
     cand_cos = np.take_along_axis(sims, cand, 1)
     neg = cand_cos.max(1)  # [m]
     emb_t = _threshold(neg, max_fpr)
-    perc_t, neg_p = -1.0, np.zeros(0)
+    pool = max(1, len(test_vectors) - 1)
+    ratio = (search_size or pool) / pool
+    perc_t, fine_t, neg_p, neg_f = -1.0, -1.0, np.zeros(0), np.zeros(0)
     if open_test is not None:
-        cache: dict[int, np.ndarray | None] = {}
+        cache: dict[int, tuple[Image.Image, np.ndarray] | None] = {}
 
-        def desc(i: int) -> np.ndarray | None:
+        def opened(i: int) -> tuple[Image.Image, np.ndarray] | None:
             if i not in cache:
                 im = open_test(i)
-                cache[i] = None if im is None else P.descriptor(im)
+                cache[i] = None if im is None else (im, P.descriptor(im))
             return cache[i]
 
         neg_p = np.full(len(rows), -1.0)
+        pairs = []  # [(query, candidate, coarse similarity)] of every checked negative pair
         for j in range(len(rows)):
-            ds = [d for i, c in zip(cand[j], cand_cos[j]) if c >= floor and (d := desc(int(i))) is not None]
-            if ds:
-                neg_p[j] = float(P.similarity(qviews[j], np.stack(ds)).max())
+            ids = np.unique(cand[j])  # a candidate both query views found is one pair
+            got = [(int(i), o) for i, c in zip(ids, sims[j, ids]) if c >= floor and (o := opened(int(i))) is not None]
+            if got:
+                ps = P.similarity(qviews[j], np.stack([o[1] for _, o in got]))
+                neg_p[j] = float(ps.max())
+                pairs.extend((j, o[0], float(p)) for (_, o), p in zip(got, ps))
         perc_t = _threshold(neg_p, max_fpr)
+        neg_f = np.array([P.fine_similarity(images[j], im, qviews[j]) for j, im, p in pairs if p > perc_t])
+        fine_t = _scaled_threshold(neg_f, len(rows), ratio, max_fpr)
     for kind in KINDS:
         c = pos_cos[kind]
         entry: dict[str, Any] = {"pairs": len(c), "emb_recall": float(np.mean(c > emb_t)),
                                  "cosine_p05": float(np.quantile(c, 0.05)), "cosine_median": float(np.median(c))}
         if kind in pos_perc:
-            p = pos_perc[kind]
-            entry.update(perceptual_recall=float(np.mean((p > perc_t) & (c >= floor))),
-                         perceptual_p05=float(np.quantile(p, 0.05)), perceptual_median=float(np.median(p)))
+            p, f = pos_perc[kind], pos_fine[kind]
+            entry.update(perceptual_recall=float(np.mean((p > perc_t) & (f > fine_t) & (c >= floor))),
+                         perceptual_p05=float(np.quantile(p, 0.05)), perceptual_median=float(np.median(p)),
+                         fine_p05=float(np.quantile(f, 0.05)), fine_median=float(np.median(f)))
         kinds[kind] = entry
     negatives = {"queries": len(neg), "candidates_per_query": int(cand.shape[1]),
                  "emb_fpr": float(np.mean(neg > emb_t)) if len(neg) else 0.0,
                  "cosine_median": float(np.median(neg)) if len(neg) else None,
                  "perceptual_fpr": float(np.mean(neg_p > perc_t)) if len(neg_p) else None,
-                 "perceptual_median": float(np.median(neg_p[neg_p > -1])) if (neg_p > -1).any() else None}
-    return Calibration(emb_t, perc_t, max_fpr, floor, negatives, kinds)
+                 "perceptual_median": float(np.median(neg_p[neg_p > -1])) if (neg_p > -1).any() else None,
+                 "pool": pool, "search_size": search_size or pool, "fine_pairs": len(neg_f),
+                 # Expected flags per clean query at the search's scale; the floor is the sample's resolution.
+                 "fine_fpr_at_search_scale": float(ratio * np.sum(neg_f > fine_t) / len(rows)) if len(rows) else None,
+                 "fine_fpr_resolution": float(ratio / len(rows)) if len(rows) else None}
+    return Calibration(emb_t, perc_t, max_fpr, floor, negatives, kinds, fine_threshold=fine_t)
 
 
 def given(threshold: float, perceptual_threshold: float = -1.0) -> Calibration:

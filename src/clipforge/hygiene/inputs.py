@@ -109,6 +109,12 @@ def index_identity(index_dir: str | Path) -> dict:
     return model_identity(info.get("model") or {})
 
 
+def index_size(index_dir: str | Path) -> int:
+    """Items a search of the index can return (hidden ones excluded)."""
+    info = json.loads((Path(index_dir) / "index.json").read_text())
+    return int(info.get("count", 0)) - int(info.get("hidden", 0))
+
+
 def model_fingerprint_of(model) -> dict:
     from clipforge.search.layout import model_fingerprint
 

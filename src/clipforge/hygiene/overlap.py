@@ -5,8 +5,9 @@ through a FAISS index (``search.build``, ``search.searcher``: built from embeddi
 index the user already has), the test side's vectors are the queries (with their mirror images'
 vectors too, when given: embeddings are not mirror-invariant), and each test item's ``k``
 nearest training items per query are its candidates. The rule is ``calibrate.py``'s: a candidate
-at or above ``floor`` is a duplicate when the perceptual check passes (both images readable) or,
-when it cannot be checked, when its cosine passes the embedding threshold.
+at or above ``floor`` is a duplicate when the perceptual check passes (both images readable: the
+aligned thumbnails, then the sharper second look) or, when it cannot be checked, when its cosine
+passes the embedding threshold.
 
     found = find_overlap(test, index_dir, calibration, OverlapConfig(k=10))
     found["flagged"], found["overlap_fraction"], found["items"][0]
@@ -60,6 +61,16 @@ class _Descriptors:
             im = open_image(path)
             self.one[path] = P.descriptor(im) if im is not None else None
         return self.one[path]
+
+
+def _passes(q, q_views: np.ndarray, train_path: str, sim: float, cal: Calibration) -> bool:
+    """The perceptual rule on a readable pair of cosine at or above the floor: thumbnails, then the second look."""
+    if sim <= cal.perceptual_threshold:
+        return False
+    if cal.fine_threshold < 0:
+        return True
+    other = open_image(train_path)  # only pairs that passed the thumbnails get here: few, so not cached
+    return other is not None and P.fine_similarity(q, other, q_views) > cal.fine_threshold
 
 
 def search_train(queries: np.ndarray, index, k: int, batch: int = 2048,
@@ -118,10 +129,11 @@ def find_overlap(test: VectorSet, index_dir: str | Path, cal: Calibration, cfg: 
                 if not ok:
                     continue
                 by_emb = bool(s > cal.emb_threshold)
-                d = descs.of(str(items.get(int(i), {}).get("path", ""))) if q_views is not None else None
+                path = str(items.get(int(i), {}).get("path", ""))
+                d = descs.of(path) if q_views is not None else None
                 sim = float(P.similarity(q_views, d)) if d is not None else None
                 if sim is not None:  # both images readable: the pixels decide
-                    if not (s >= cal.floor and sim > cal.perceptual_threshold):
+                    if not (s >= cal.floor and _passes(q, q_views, path, sim, cal)):
                         continue
                     signal = "both" if by_emb else "perceptual"
                 elif by_emb:
