@@ -10,22 +10,9 @@ from __future__ import annotations
 
 import argparse
 
+from clipforge.cli._types import whole_number
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _quality(text: str) -> int:
-    value = _positive(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"JPEG quality is 1..100, got {value}")
-    return value
+_positive, _quality = whole_number(1), whole_number(1, 100, "JPEG quality is")
 
 
 def register(actions: argparse._SubParsersAction) -> None:

@@ -11,32 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clipforge.cli._types import fraction, whole_number
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be within 0..1, got {value}")
-    return value
+_count, _positive, _rate = whole_number(0), whole_number(1), fraction()
 
 
 def register(actions: argparse._SubParsersAction) -> None:
