@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from clipforge.cli._data_overlap import _fraction, _positive
+from clipforge.cli._types import fraction, whole_number
+
+_fraction, _positive = fraction(closed=False), whole_number(1)
 
 
 def register(actions: argparse._SubParsersAction) -> None:

@@ -54,22 +54,16 @@ def _needs(*modules: str) -> None:
                              "(pip install 'clipforge[onnx]')")
 
 
-class _ImageTower(nn.Module):
-    def __init__(self, model: CLIP) -> None:
+class _Tower(nn.Module):
+    """One tower of ``model`` as a module of one input, what the exporter traces: [B, ...] -> [B, E]."""
+
+    def __init__(self, model: CLIP, which: Literal["image", "text"]) -> None:
         super().__init__()
         self.model = model
+        self.encode = model.encode_image if which == "image" else model.encode_text
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)  # [B, E]
-
-
-class _TextTower(nn.Module):
-    def __init__(self, model: CLIP) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)  # [B, E]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)
 
 
 def trim_rule(model: CLIP) -> dict[str, Any]:
@@ -149,12 +143,12 @@ def export_onnx(model: CLIP, out: str | Path, quantize: Literal["int8", "int8-st
     size = cfg.preprocess.image_size
     pixels = torch.randn(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    _export_tower(_ImageTower(model), (pixels,), out / rt.IMAGE_FILE, "image", name, {0: batch},
+    _export_tower(_Tower(model, "image"), (pixels,), out / rt.IMAGE_FILE, "image", name, {0: batch},
                   _tower_bytes(model.visual))
     tokens = _tokenizer(model)(list(PROBE_TEXTS[:2]))  # [2, context_length]
     seq = torch.export.Dim("seq", min=1, max=cfg.text.context_length)
     with _untrimmed(model):
-        _export_tower(_TextTower(model), (tokens,), out / rt.TEXT_FILE, "text", name, {0: batch, 1: seq},
+        _export_tower(_Tower(model, "text"), (tokens,), out / rt.TEXT_FILE, "text", name, {0: batch, 1: seq},
                       _tower_bytes(model.text))
     _write_manifest(out, _manifest(model))
     if check:
