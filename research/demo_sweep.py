@@ -196,6 +196,8 @@ p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this f
 p.add_argument('--sparse', type=int, default=0, help='update the token table at its batch rows only (lazy Adam)')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
+p.add_argument('--tdrop', type=float, default=0.0, help="caption word dropout: each word token left out of a training caption with this chance")
+p.add_argument('--ema', type=float, default=0.0, help='score an exponential moving average of the weights with this decay (0: the weights)')
 a = p.parse_args()
 W, CACHE = a.world, a.cache
 os.makedirs(CACHE, exist_ok=True)
@@ -320,6 +322,22 @@ if a.group != 'none':
         rest = a.bs - len(out)
         if rest: out = torch.cat([out, torch.randint(len(rows), (rest,), generator=g)])
         return out
+def drop_words(tokens, gen):
+    """--tdrop: each word token (between the start and end tokens) left out with chance a.tdrop, the
+    rest closed up; at least one word kept."""
+    eot = tokens.argmax(-1)  # the end token has the largest id
+    pos = torch.arange(tokens.shape[1])[None]
+    word = (pos > 0) & (pos < eot[:, None])
+    drop = word & (torch.rand(tokens.shape, generator=gen) < a.tdrop)
+    none_left = (word & ~drop).sum(1) == 0
+    drop[none_left] = False
+    order = torch.argsort(torch.where(drop, tokens.shape[1] + pos, pos), dim=1, stable=True)
+    out = tokens.gather(1, order)
+    keep_len = (~drop & (pos <= eot[:, None])).sum(1)
+    return out.masked_fill(pos >= keep_len[:, None], 0)
+if a.ema:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(a.ema), use_buffers=True)
 g = torch.Generator().manual_seed(a.seed)
 perm = torch.randperm(len(rows), generator=g); pos = 0
 t0 = time.time(); model.train()
@@ -336,6 +354,7 @@ for step in range(a.steps):
     else:
         idx = grouped_batch()
     def sweep_loss():
+        tokens = drop_words(T[idx], g) if a.tdrop else T[idx]
         if a.neg:
             imf = F.normalize(model.encode_image(prep(X[idx])), dim=-1)
             both = F.normalize(model.encode_text(torch.cat([T[idx], TN[idx]])), dim=-1)
@@ -346,13 +365,17 @@ for step in range(a.steps):
             tgt = torch.arange(a.bs)
             return 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
-            out = model(augment(X[idx], g), T[idx])
+            out = model(augment(X[idx], g), tokens)
         return lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
     loss = train_step.minimise(sweep_loss).loss
     with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
+    if a.ema:
+        ema.update_parameters(model)
     if step % 50 == 0 or step == a.steps-1:
         print(f'{a.name} step {step} loss {loss:.3f} scale {model.logit_scale.exp().item():.1f} {time.time()-t0:.0f}s', flush=True)
 train_s = time.time()-t0
+if a.ema:
+    model = ema.module
 model.eval()
 trows, TX = load('test')
 with torch.no_grad():

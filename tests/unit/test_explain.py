@@ -150,3 +150,35 @@ def test_method_names_and_the_front_door():
 
     assert METHODS == ("dense", "relevance", "gradcam")
     assert clipforge.explain is explain
+
+
+def test_cells_are_drawn_where_their_receptive_field_is():
+    """A conv stem (3x3 stride-2 convolutions padded by 1) centres each cell on its patch's first pixel,
+    not the patch's middle: measured here from the stem itself (the input gradient of one cell, all
+    weights one, is symmetric about that cell's centre), and ``grid_centres`` must agree."""
+    import torch.nn.functional as F
+
+    from clipforge.explanations.core import _upsample, grid_centres
+
+    model = clipforge.create_model("tiny-bow", seed=0).eval()
+    stem = model.visual.conv1
+    for layer in stem:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.ones_(layer.weight)
+    stem = torch.nn.Sequential(*[m for m in stem if isinstance(m, torch.nn.Conv2d)])
+    x = torch.zeros(1, 3, 64, 64, requires_grad=True)
+    out = stem(x)  # [1, C, 8, 8]
+    (stride, offset), _ = grid_centres(model.visual, (64, 64), tuple(out.shape[-2:]))
+    for i in (3, 5):
+        (grad,) = torch.autograd.grad(out[0, :, i, i].sum(), x, retain_graph=True)
+        w = grad[0].abs().sum(0)
+        centre = float((w.sum(1) * torch.arange(64.0)).sum() / w.sum())
+        assert abs(centre - (stride * i + offset)) < 1e-3, (i, centre, stride, offset)
+    assert (stride, offset) == (8.0, 0.0)  # half a cell (3.5 px) up and left of a patch's middle
+    # a cell's value is drawn at its centre, and a patch-embedding tower keeps plain bilinear upsampling
+    m = torch.rand(1, 8, 8)
+    drawn = _upsample(m, (64, 64), grid_centres(model.visual, (64, 64), (8, 8)))
+    assert torch.allclose(drawn[0, 8 * 3, 8 * 5], m[0, 3, 5])
+    vit = clipforge.create_model("nano", seed=0).visual
+    plain = _upsample(m, (64, 64), grid_centres(vit, (64, 64), (8, 8)))
+    assert torch.allclose(plain, F.interpolate(m[:, None], size=(64, 64), mode="bilinear")[:, 0], atol=1e-5)

@@ -10,8 +10,8 @@ Methods (``methods_for`` lists a tower's):
   the patch tokens entering a ViT's last block: the feature channels, weighted by their mean gradient
   of the score, summed, rectified.
 
-A map is computed on the tower's grid, upsampled bilinearly to the input size, and scaled to
-[0, 1] (a constant map is all zeros). ``method="auto"`` picks ``DEFAULT_METHOD`` where the tower has
+A map is computed on the tower's grid, resampled bilinearly to the input size with each cell at
+the centre of its receptive field (``grid_centres``), and scaled to [0, 1] (a constant map is all zeros). ``method="auto"`` picks ``DEFAULT_METHOD`` where the tower has
 it, else the first it has; the figures behind the defaults come from benchmarks/explain, and a method
 that fails the randomised-weights sanity check is never one.
 """
@@ -149,26 +149,61 @@ def query_embeddings(model: nn.Module, queries: list, preprocess=None, tokenizer
 
 
 def _shifted_maps(visual: nn.Module, x: torch.Tensor, q: torch.Tensor, method: str, shifts: int) -> torch.Tensor:
-    """Raw maps upsampled to the input [T, S, S], averaged over ``shifts`` x ``shifts`` cyclic shifts
+    """Raw maps resampled to the input [T, S, S], averaged over ``shifts`` x ``shifts`` cyclic shifts
     of the image by fractions of a grid cell."""
     if shifts < 1:
         raise ClipforgeError(f"shifts must be >= 1, got {shifts}")
     size = tuple(x.shape[-2:])
     first = _maps(visual, x, q, method)  # [T, h, w]
-    total = _upsample(first, size)
+    where = grid_centres(visual, size, tuple(first.shape[-2:]))
+    total = _upsample(first, size, where)
     if shifts == 1:
         return total
     cell = size[0] / first.shape[-2], size[1] / first.shape[-1]
     offsets = [(round(i * cell[0] / shifts), round(j * cell[1] / shifts)) for i in range(shifts) for j in range(shifts)]
     for dy, dx in offsets[1:]:
-        m = _upsample(_maps(visual, torch.roll(x, (dy, dx), dims=(-2, -1)), q, method), size)
+        m = _upsample(_maps(visual, torch.roll(x, (dy, dx), dims=(-2, -1)), q, method), size, where)
         total = total + torch.roll(m, (-dy, -dx), dims=(-2, -1))
     return total / len(offsets)
 
 
-def _upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(maps.detach().float().cpu()[:, None], size=tuple(size), mode="bilinear",
-                         align_corners=False)[:, 0]
+Centres = tuple[tuple[float, float], tuple[float, float]]  # per axis (y, x): (stride, offset) in pixels
+
+
+def grid_centres(visual: nn.Module, size: Sequence[int], grid: Sequence[int]) -> Centres:
+    """Where each grid cell's receptive field is centred: cell ``i`` at pixel ``stride * i + offset``
+    (pixel centres at integers). A patch embedding centres a cell in its patch; clipforge's conv
+    stem (3x3 stride-2 convolutions padded by 1) centres it on the patch's first pixel, half a cell
+    up and left, and a map drawn at patch centres would sit that far down and right of the evidence."""
+    stem = getattr(visual, "conv1", None) if isinstance(visual, VisionTransformer) else None
+    if isinstance(stem, nn.Sequential):
+        stride, offset = 1.0, 0.0
+        for layer in stem:
+            if isinstance(layer, nn.Conv2d):  # output j reads input s*j - p .. s*j - p + k - 1
+                s, k, p = layer.stride[0], layer.kernel_size[0], layer.padding[0]
+                offset += stride * ((k - 1) / 2 - p)
+                stride *= s
+        return (stride, offset), (stride, offset)
+    out = []
+    for n, g in zip(size, grid):
+        s = n / g
+        out.append((s, (s - 1) / 2))
+    return out[0], out[1]
+
+
+def _upsample(maps: torch.Tensor, size: Sequence[int], where: Centres | None = None) -> torch.Tensor:
+    """Grid maps [T, h, w] -> [T, H, W], bilinear between cell centres (``where``; default: centred in
+    equal cells), constant beyond the outermost ones."""
+    maps = maps.detach().float().cpu()
+    if where is None:
+        where = tuple((n / g, (n / g - 1) / 2) for n, g in zip(size, maps.shape[-2:]))  # type: ignore[assignment]
+    axes = []
+    for (stride, offset), n, g in zip(where, size, maps.shape[-2:]):
+        cell = (torch.arange(n, dtype=torch.float32) - offset) / stride  # each pixel in cell units
+        axes.append(cell * 2 / max(g - 1, 1) - 1 if g > 1 else torch.zeros(n))  # grid_sample's [-1, 1]
+    gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None].expand(maps.shape[0], -1, -1, -1)
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
 def _maps(visual: nn.Module, x: torch.Tensor, q: torch.Tensor, method: str) -> torch.Tensor:
