@@ -291,3 +291,22 @@ def test_curate_shards_in_shards_out(tmp_path):
     report = curate(CurateJob(input=str(src), out=str(tmp_path / "curated"), exact_images=True, progress=False))
     assert report["rows_in"] == 6 and report["dropped"] == {"exact_image_duplicate": 1}
     assert _read_back(tmp_path / "curated") == ["000000", "000001", "000002", "000003", "000005"]
+
+
+def test_overlap_pixel_check_reads_shard_members(tmp_path):
+    """Training side as WebDataset shards: the perceptual check reads each candidate member at its
+    offset, so pixels decide (a true copy flagged as "both"; look-alike embeddings of other pictures
+    vetoed) instead of the embedding deciding alone."""
+    import clipforge
+    from clipforge.hygiene.analysis import OverlapJob, run_overlap
+
+    shards = _shards(tmp_path / "shards", n=6, per_shard=3, same=(0, 0))
+    (tmp_path / "test").mkdir()
+    _picture(4).save(tmp_path / "test" / "copy_of_4.png")  # member 000004 of the second shard
+    _picture(99).save(tmp_path / "test" / "stranger.png")
+    report = run_overlap(OverlapJob(train=str(shards), test=str(tmp_path / "test"), out=str(tmp_path / "o.json"),
+                                    model=clipforge.create_model("nano", seed=0).eval(), threshold=-1.0,
+                                    perceptual_threshold=0.98, progress=False))
+    assert [(Path(it["test"]).name, Path(it["train"]).name, it["signal"]) for it in report["items"]] == [
+        ("copy_of_4.png", "000004.png", "both")]
+    assert report["items"][0]["perceptual"] > 0.98

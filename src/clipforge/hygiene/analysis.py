@@ -67,10 +67,10 @@ def _train_index(job: OverlapJob, work: Path, test_model: dict) -> tuple[Path, P
 
 def _test_images(job: OverlapJob, test: inputs.VectorSet):
     """open(row) -> that test image or None; and the readable rows in the calibration sample's order."""
-    from clipforge.hygiene.overlap import open_image
+    from clipforge.hygiene.overlap import open_item
 
-    paths = test.paths
-    return (lambda r: open_image(paths[r])), np.random.default_rng(job.seed).permutation(len(paths))
+    where = test.locations()
+    return (lambda r: open_item(where[r])), np.random.default_rng(job.seed).permutation(len(where))
 
 
 def _calibration(job: OverlapJob, test: inputs.VectorSet, search_size: int) -> C.Calibration:

@@ -39,6 +39,13 @@ class VectorSet:
     def paths(self) -> list[str]:
         return self.meta.column("path").to_pylist() if "path" in self.meta.column_names else [""] * len(self.vectors)
 
+    def locations(self) -> list[dict]:
+        """Per row, where its image is: ``path``, and for a WebDataset member ``tar_offset`` and ``nbytes``."""
+        cols = [c for c in ("path", "tar_offset", "nbytes") if c in self.meta.column_names]
+        if not cols:
+            return [{} for _ in range(len(self.vectors))]
+        return self.meta.select(cols).to_pylist()
+
 
 def kind_of(spec: str | Path) -> str:
     """'index', 'embeddings' or 'source'."""

@@ -32,22 +32,34 @@ from clipforge.hygiene.inputs import VectorSet
 @dataclass(frozen=True)
 class OverlapConfig:
     k: int = 10  # training candidates per test item and query view
-    use_perceptual: bool = True  # the perceptual check (needs readable image files)
+    use_perceptual: bool = True  # the perceptual check (needs readable images: files or shard members)
     batch: int = 2048  # queries per index search call
     progress: bool = True
 
 
-def open_image(path: str):
+MAX_PIXELS = 2**27  # as the embedding reader's limit
+
+
+def open_image(path: str, tar_offset: int | None = None, nbytes: int | None = None):
+    """The image at ``path`` (a file, or a WebDataset member ``SHARD.tar/KEY.EXT`` read at its listed
+    offset) as RGB, or None where it cannot be read (the check then abstains)."""
     from PIL import Image
 
-    if not path or not Path(path).is_file():
-        return None  # a non-file path (a shard member): the check abstains
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError):
+    from clipforge.search import decode
+
+    if not path or (tar_offset is None and not Path(path).is_file()):
         return None
+    try:
+        im = decode.open_image(decode.read_bytes(path, tar_offset, nbytes), MAX_PIXELS)
+        im.load()
+        return im.convert("RGB")
+    except (decode.UnreadableImage, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def open_item(item: dict[str, Any]):
+    """``open_image`` of an index item or metadata row (``path``, and a member's ``tar_offset``, ``nbytes``)."""
+    return open_image(str(item.get("path", "")), item.get("tar_offset"), item.get("nbytes"))
 
 
 class _Descriptors:
@@ -56,20 +68,21 @@ class _Descriptors:
     def __init__(self) -> None:
         self.one: dict[str, np.ndarray | None] = {}
 
-    def of(self, path: str) -> np.ndarray | None:
-        if path not in self.one:
-            im = open_image(path)
-            self.one[path] = P.descriptor(im) if im is not None else None
-        return self.one[path]
+    def of(self, item: dict[str, Any]) -> np.ndarray | None:
+        key = str(item.get("path", ""))
+        if key not in self.one:
+            im = open_item(item)
+            self.one[key] = P.descriptor(im) if im is not None else None
+        return self.one[key]
 
 
-def _passes(q, q_views: np.ndarray, train_path: str, sim: float, cal: Calibration) -> bool:
+def _passes(q, q_views: np.ndarray, train: dict[str, Any], sim: float, cal: Calibration) -> bool:
     """The perceptual rule on a readable pair of cosine at or above the floor: thumbnails, then the second look."""
     if sim <= cal.perceptual_threshold:
         return False
     if cal.fine_threshold < 0:
         return True
-    other = open_image(train_path)  # only pairs that passed the thumbnails get here: few, so not cached
+    other = open_item(train)  # only pairs that passed the thumbnails get here: few, so not cached
     return other is not None and P.fine_similarity(q, other, q_views) > cal.fine_threshold
 
 
@@ -113,7 +126,7 @@ def find_overlap(test: VectorSet, index_dir: str | Path, cal: Calibration, cfg: 
         scores, ids = search_train(test.vectors, index, cfg.k, cfg.batch, cfg.progress)
         if mirrored is not None:
             scores, ids = _merge(scores, ids, *search_train(mirrored, index, cfg.k, cfg.batch, cfg.progress))
-        test_paths = test.paths
+        test_paths, test_where = test.paths, test.locations()
         check_on = cfg.use_perceptual and cal.perceptual_threshold >= 0
         gate = (scores >= min(cal.floor, cal.emb_threshold)) & (ids >= 0)
         rows = np.nonzero(gate.any(1))[0]
@@ -122,18 +135,18 @@ def find_overlap(test: VectorSet, index_dir: str | Path, cal: Calibration, cfg: 
         flagged: list[dict[str, Any]] = []
         dup_train: dict[int, list[str]] = {}
         for r in tqdm(rows, unit="item", desc="verify", disable=not cfg.progress or not len(rows)):
-            q = open_image(test_paths[r]) if check_on else None
+            q = open_item(test_where[r]) if check_on else None
             q_views = P.views(q) if q is not None else None
             best = None
             for s, i, ok in zip(scores[r], ids[r], gate[r]):
                 if not ok:
                     continue
                 by_emb = bool(s > cal.emb_threshold)
-                path = str(items.get(int(i), {}).get("path", ""))
-                d = descs.of(path) if q_views is not None else None
+                item = items.get(int(i), {})
+                d = descs.of(item) if q_views is not None else None
                 sim = float(P.similarity(q_views, d)) if d is not None else None
                 if sim is not None:  # both images readable: the pixels decide
-                    if not (s >= cal.floor and _passes(q, q_views, path, sim, cal)):
+                    if not (s >= cal.floor and _passes(q, q_views, item, sim, cal)):
                         continue
                     signal = "both" if by_emb else "perceptual"
                 elif by_emb:
