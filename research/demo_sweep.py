@@ -46,6 +46,11 @@ The token table updated at its batch's rows only (RESULTS.md, "Half the compute"
   python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --steps 1500 --warmup 100 \
       --lr 2e-3 --threads 1 [--sparse 1]
 
+At the one-core demo's length (RESULTS.md, "At the one-core demo's length"):
+
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
+      --steps 1800 --warmup 100 --lr 2e-3 --seed 0/1 [--tdrop 0.25 | --ema 0.998]
+
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
 colour/shape/size/position/count word swapped) as extra columns of the image->text softmax;
