@@ -11,9 +11,10 @@ Methods (``methods_for`` lists a tower's):
   of the score, summed, rectified.
 
 A map is computed on the tower's grid, resampled bilinearly to the input size with each cell at
-the centre of its receptive field (``grid_centres``), and scaled to [0, 1] (a constant map is all zeros). ``method="auto"`` picks ``DEFAULT_METHOD`` where the tower has
-it, else the first it has; the figures behind the defaults come from benchmarks/explain, and a method
-that fails the randomised-weights sanity check is never one.
+the centre of its receptive field (``grid_centres``), and scaled to [0, 1] (a constant map is all
+zeros). ``method="auto"`` picks ``DEFAULT_METHOD`` where the tower has it, else the first it has; the
+figures behind the defaults come from benchmarks/explain, and a method that fails the
+randomised-weights sanity check is never one.
 """
 
 from __future__ import annotations
