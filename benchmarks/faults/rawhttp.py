@@ -62,13 +62,13 @@ class Client:
                         f"Content-Length: {len(body)}\r\n\r\n").encode()
                 self.writer.write(head + body)
                 return await asyncio.wait_for(self._response(), self.timeout)
+            except asyncio.TimeoutError:  # first: an OSError too since Python 3.11, and never retried
+                await self.close()
+                raise HTTPError(f"no answer in {self.timeout:g} s") from None
             except (ConnectionError, asyncio.IncompleteReadError, OSError) as e:
                 await self.close()
                 if fresh or attempt:
                     raise HTTPError(f"{type(e).__name__}: {e}") from None
-            except asyncio.TimeoutError:
-                await self.close()
-                raise HTTPError(f"no answer in {self.timeout:.0f} s") from None
         raise HTTPError("unreachable")
 
     async def _response(self) -> int:
