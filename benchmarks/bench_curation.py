@@ -1,33 +1,41 @@
 """Does curation pay? The demo's model trained on a clean world, on the same world with a fraction of
 its captions swapped among rows, and on that noisy world after CLIP-score filtering; 3 seeds each.
 
-    .venv/bin/python benchmarks/bench_curation.py                      # 30% mismatched, 1,500 steps, 3 seeds
-    .venv/bin/python benchmarks/bench_curation.py --steps 300 --seeds 0 --train 4000   # a quick look
+    .venv/bin/python benchmarks/bench_curation.py                      # 30% swapped, 1,500 steps, seeds 0-2
+    .venv/bin/python benchmarks/bench_curation.py --seeds 0 1 2 3 4 --skip-bootstrap 3 4   # + seeds 3-4
+    .venv/bin/python benchmarks/bench_curation.py --steps 300 --seeds 0 --train 4000        # a quick look
 
-World: the demo's (``clipforge demo``'s generator settings: 20,000 training pairs, 64 px), plus
+World: the demo's generator settings (20,000 training pairs, 64 px), plus
 ``clipforge.data.synth.flaws.add_flaws`` with ``--mismatch`` (captions swapped among rows; which ones
-is recorded, but nothing below reads that record except the final count of what curation dropped).
-Arms, each trained exactly as the demo trains ``tiny-bow`` but for a fixed ``--steps`` (so the arms
-are compared at equal compute, not at a machine's pace):
+is recorded, and read only for the oracle arm and to count what curation dropped). Arms, each
+trained as the demo trains ``tiny-bow`` (``DemoConfig.train_config``) but for a fixed ``--steps``,
+so that they compare at equal compute, not at a machine's pace:
 
-- clean: ``train.csv``;
-- noisy: ``train_flawed.csv``;
-- curated: ``train_flawed.csv`` filtered by ``clipforge data curate --top-fraction`` (1 - mismatch),
-  the CLIP scores coming from *that seed's noisy model* — no clean data and no outside model
-  (bootstrapped filtering, as DFN filters with a model trained on the pool).
+- clean: ``train.csv``; noisy: ``train_flawed.csv``;
+- oracle: ``train_flawed.csv`` without exactly its swapped rows (what perfect curation keeps);
+- curated (bootstrapped): ``train_flawed.csv`` filtered by ``clipforge data curate --top-fraction``
+  (1 - mismatch) with the CLIP scores of *that seed's noisy model* (no clean data, no outside model,
+  as DFN filters with a model trained on the pool); ``curated2`` ... ``curatedN`` (``--rounds``)
+  score the same table with the previous round's curated model;
+- external: filtered the same way by one model trained on a clean world of another generator seed
+  (``--filter-world``), as LAION filtered with a CLIP trained elsewhere.
 
 Each arm is scored zero-shot on the test split with the world's ensemble prompts (colour, count,
-position, size, shape); the figure compared is their mean. Verdict: curated within ``--within``
-points of clean in every seed, and the noisy arm's drop reported beside it. Runs go two at a time,
-one thread each (``--jobs``), as a 2-core machine allows.
+position, size, shape); the figure compared is their mean. Reported: every figure, each arm's gap to
+clean per seed and on the mean over seeds, and whether the last bootstrapped round and the external
+arm are within ``--within`` points of clean in every seed. Runs go two at a time, one thread each
+(``--jobs``), as a 2-core machine allows; a finished arm in ``--work`` is read back, not retrained.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import csv
 import json
+import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,18 +62,11 @@ def _train_and_score(arm: str, seed: int, table: str, world: str, out: str, step
     from clipforge.demo.pipeline import DemoConfig
     from clipforge.eval.world import WorldEvalConfig, evaluate_world
     from clipforge.model import factory
-    from clipforge.train.config import OptimConfig, ScheduleConfig, TrainConfig
     from clipforge.train.trainer import train
 
-    demo = DemoConfig()
     t0 = time.perf_counter()
-    train(TrainConfig(
-        data=DataConfig(path=table, cache_mb=demo.cache_mb), model=demo.model, out=out, batch_size=demo.batch_size,
-        workers=0, steps=steps, seed=seed, precision=demo.resolved_precision(), device="cpu",
-        crop_scale=demo.crop_scale, save_every=0, keep_last=1, tensorboard=False,
-        optim=OptimConfig(lr=demo.lr, weight_decay=demo.weight_decay, sparse_embeddings=True),
-        schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),
-        log_every=max(1, steps // 10)), progress=False)
+    train(DemoConfig().train_config(DataConfig(path=table, cache_mb=DemoConfig.cache_mb), out, steps, seed=seed),
+          progress=False)
     t1 = time.perf_counter()
     model, _ = factory.load(Path(out) / "final")
     res = evaluate_world(model, world, WorldEvalConfig(splits=("test",), tasks=TASKS))
@@ -79,8 +80,6 @@ def _train_and_score(arm: str, seed: int, table: str, world: str, out: str, step
 
 def _oracle_table(flawed: str, mismatched: set[int], out: str) -> str:
     """The noisy table without exactly its swapped rows: what perfect curation would keep."""
-    import csv
-
     with open(flawed, newline="") as f:
         rows = list(csv.DictReader(f))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -91,27 +90,25 @@ def _oracle_table(flawed: str, mismatched: set[int], out: str) -> str:
     return out
 
 
-def _curate(seed: int, noisy_model: str, flawed: str, out: str, keep: float) -> dict:
-    os.environ["OMP_NUM_THREADS"] = "1"  # the trainer sizes its threads from it, else from the cores
+def _curate(scorer: str, flawed: str, out: str, keep: float, mismatched: set[int]) -> dict:
+    """``flawed`` filtered to its top ``keep`` by the CLIP scores of the model at ``scorer`` into
+    ``out``; what was kept, and how many dropped rows were swapped captions."""
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
     from clipforge.hygiene.curate import CurateJob, curate
     from clipforge.model import factory
 
-    model, _ = factory.load(noisy_model)
+    model, _ = factory.load(scorer)
     model.eval()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     rep = curate(CurateJob(input=flawed, out=out, model=model, work=str(Path(out).parent / "work"),
                            top_fraction=keep, progress=False))
-    return {"rows_in": rep["rows_in"], "rows_out": rep["rows_out"], "score_threshold": rep["score_threshold"]}
-
-
-def _dropped_mismatched(curated: str, mismatched: set[int]) -> dict:
-    import csv
-
-    with open(curated + ".dropped.csv") as f:
+    with open(out + ".dropped.csv") as f:
         low = {int(r["row"]) for r in csv.DictReader(f) if r["reason"] == "low_clip_score"}
-    return {"dropped": len(low), "dropped_that_were_mismatched": len(low & mismatched),
+    return {"rows_in": rep["rows_in"], "rows_out": rep["rows_out"], "score_threshold": rep["score_threshold"],
+            "dropped": len(low), "dropped_that_were_mismatched": len(low & mismatched),
             "mismatched_recall": round(len(low & mismatched) / max(1, len(mismatched)), 3)}
 
 
@@ -149,60 +146,55 @@ def main() -> None:
           flush=True)
     clean, flawed = str(world / "train.csv"), str(world / "train_flawed.csv")
     runs: list[dict] = []
-    curation: dict[int, dict] = {}
+    curation: dict[str, dict] = {}
+    # the bootstrapped chain: each arm's model scores the next round (noisy -> curated -> curated2 ...)
+    chain = ["noisy", *("curated" if r == 1 else f"curated{r}" for r in range(1, args.rounds + 1))]
     t_start = time.perf_counter()
-    import multiprocessing as mp
-
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        def submit(arm: str, seed: int, table: str) -> cf.Future:
-            return pool.submit(_train_and_score, arm, seed, table, str(world), str(work / f"{arm}_s{seed}"), args.steps)
+        pending: set[cf.Future] = set()
+
+        def submit(arm: str, seed: int, table: str, out: str | None = None) -> None:
+            pending.add(pool.submit(_train_and_score, arm, seed, table, str(world), out or str(work / f"{arm}_s{seed}"),
+                                    args.steps))
+
+        def curated_arm(name: str, scorer: dict, seeds: list[int], what: str) -> None:
+            """Curate the noisy table with ``scorer``'s model and train arm ``name`` on it for ``seeds``."""
+            key = name if name == "external" else f"{name}_s{seeds[0]}"  # a bootstrapped round is one seed's
+            cur_csv = str(work / key / "curated.csv")
+            c = curation[key] = dict(_curate(scorer["model"], flawed, cur_csv, 1 - args.mismatch, mismatched),
+                                     scorer=what)
+            print(f"  {name} (scores from the {what}): kept {c['rows_out']} of {c['rows_in']}; "
+                  f"{c['dropped_that_were_mismatched']} of {c['dropped']} dropped rows were swapped captions", flush=True)
+            for s in seeds:
+                submit(name, s, cur_csv)
 
         ext = args.filter_world >= 0
         total = sum(3 + ext + (0 if s in args.skip_bootstrap else args.rounds) for s in args.seeds) + ext
         oracle = _oracle_table(flawed, mismatched, str(world / "train_oracle.csv"))  # image paths are relative
-        arms = (("noisy", flawed), ("clean", clean), ("oracle", oracle))
-        pending = {submit(a, s, t): None for s in args.seeds for a, t in arms}
-        if args.filter_world >= 0:
+        for s in args.seeds:
+            for arm, table in (("noisy", flawed), ("clean", clean), ("oracle", oracle)):
+                submit(arm, s, table)
+        if ext:
             other = work / f"filter_world_{args.filter_world}_{args.train}"
             generate_world(SynthConfig(seed=args.filter_world, image_size=64, train=args.train, val=0, test=100,
                                        shifted=0, image_format="bmp"), other, progress=False)
-            pending[pool.submit(_train_and_score, "filter", 0, str(other / "train.csv"), str(world),
-                                str(work / f"filter_w{args.filter_world}"), args.steps)] = None
+            submit("filter", 0, str(other / "train.csv"), str(work / f"filter_w{args.filter_world}"))
         while pending:
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                pending.pop(fut)
+                pending.discard(fut)
                 r = fut.result()
                 runs.append(r)
-                el = time.perf_counter() - t_start
-                print(f"[{len(runs)}/{total}] {r['arm']} seed {r['seed']}: mean {r['mean']:.1f} "
-                      f"{r['accuracy']} R@1 {r['r_at_1']} ({r['train_s']:.0f} s; {el / 60:.1f} min elapsed)", flush=True)
+                print(f"[{len(runs)}/{total}] {r['arm']} seed {r['seed']}: mean {r['mean']:.1f} {r['accuracy']} "
+                      f"R@1 {r['r_at_1']} ({r['train_s']:.0f} s; {(time.perf_counter() - t_start) / 60:.1f} min "
+                      "elapsed)", flush=True)
                 if r["arm"] == "filter":  # one outside filter: the noisy table is the same for every seed
-                    cur_csv = str(work / "external" / "curated.csv")
-                    Path(cur_csv).parent.mkdir(parents=True, exist_ok=True)
-                    c = _curate(0, r["model"], flawed, cur_csv, 1 - args.mismatch)
-                    c.update(_dropped_mismatched(cur_csv, mismatched), scorer=f"model trained on world seed {args.filter_world}")
-                    curation["external"] = c
-                    print(f"  external (scores from a model of world seed {args.filter_world}): kept {c['rows_out']} of "
-                          f"{c['rows_in']}; {c['dropped_that_were_mismatched']} of {c['dropped']} dropped rows were "
-                          "swapped captions", flush=True)
-                    for s in args.seeds:
-                        pending[submit("external", s, cur_csv)] = None
-                    continue
-                rnd = 0 if r["arm"] == "noisy" else int(r["arm"][7:] or 1) if r["arm"].startswith("curated") else None
-                if rnd is not None and rnd < args.rounds and r["seed"] not in args.skip_bootstrap:
-                    s, name = r["seed"], f"curated{rnd + 1 if rnd else ''}"
-                    cur_csv = str(work / f"{name}_s{s}" / "curated.csv")
-                    Path(cur_csv).parent.mkdir(parents=True, exist_ok=True)
-                    c = _curate(s, r["model"], flawed, cur_csv, 1 - args.mismatch)
-                    c.update(_dropped_mismatched(cur_csv, mismatched), scorer=r["arm"])
-                    curation[f"{name}_s{s}"] = c
-                    print(f"  {name} seed {s} (scores from the {r['arm']} model): kept {c['rows_out']} of {c['rows_in']}; "
-                          f"{c['dropped_that_were_mismatched']} of {c['dropped']} dropped rows were swapped captions", flush=True)
-                    pending[submit(name, s, cur_csv)] = None
+                    curated_arm("external", r, args.seeds, f"model trained on world seed {args.filter_world}")
+                elif r["arm"] in chain[:-1] and r["seed"] not in args.skip_bootstrap:
+                    curated_arm(chain[chain.index(r["arm"]) + 1], r, [r["seed"]], f"{r['arm']} model")
 
     by = {(r["arm"], r["seed"]): r for r in runs}
-    last = f"curated{args.rounds if args.rounds > 1 else ''}"
+    last = chain[-1] if args.rounds else None
     per_seed = []
     for s in args.seeds:
         row = {"seed": s, **{a: by[(a, s)]["mean"] for a in sorted({r["arm"] for r in runs}) if (a, s) in by
@@ -216,8 +208,6 @@ def main() -> None:
         per_seed.append(row)
     met = all(p["curated_gap"] <= args.within for p in per_seed if "curated_gap" in p)
     met_external = all(p["external_gap"] <= args.within for p in per_seed) if args.filter_world >= 0 else None
-    import statistics
-
     means = {a: round(statistics.fmean(p[a] for p in per_seed if a in p), 2)
              for a in ("clean", "noisy", "oracle", last, "external") if any(a in p for p in per_seed)}
     mean_gaps = {a: round(means["clean"] - v, 2) for a, v in means.items() if a != "clean"}

@@ -19,7 +19,7 @@ from clipforge.errors import ClipforgeError
 
 if TYPE_CHECKING:
     from clipforge.data.config import DataConfig
-    from clipforge.train.config import OptimConfig
+    from clipforge.train.config import OptimConfig, TrainConfig
 
 # The issue's targets for the default 5-minute run (test split, ensemble prompts).
 TARGETS = {"colour": 0.98, "shape": 0.95, "size": 0.95, "position": 0.90, "count": 0.80}
@@ -73,6 +73,27 @@ class DemoConfig:
             return self.precision
         return "bf16" if cpu_has_native_bf16() else "fp32"
 
+    def optim(self) -> OptimConfig:
+        from clipforge.train.config import OptimConfig
+
+        # the token table at its batch's rows only: most of tiny-bow's parameters, ~12% of a CPU step
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, sparse_embeddings=True)
+
+    def train_config(self, data: DataConfig, out: str, steps: int, time_budget_s: float | None = None,
+                     seed: int | None = None, precision: str | None = None) -> TrainConfig:
+        """The demo's training run: ``steps`` of ``batch_size``, or as many as ``time_budget_s`` holds
+        (``steps`` then sizes the warm-up and logging; three times it only stops a runaway)."""
+        from clipforge.train.config import ScheduleConfig, TrainConfig
+
+        return TrainConfig(
+            data=data, model=self.model, out=out, batch_size=self.batch_size, workers=self.workers,
+            steps=steps if time_budget_s is None else 3 * steps, time_budget_s=time_budget_s,
+            seed=self.seed if seed is None else seed, precision=precision or self.resolved_precision(), device="cpu",
+            crop_scale=self.crop_scale, save_every=0, keep_last=1, tensorboard=False, optim=self.optim(),
+            schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),
+            log_every=max(1, min(20, steps // 50)),
+        )
+
 
 def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: int, data: "DataConfig",
                     optim: "OptimConfig", precision: str = "fp32", timed: int = 10,
@@ -123,7 +144,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from clipforge.demo.report import print_summary, verdict_lines, write_report
     from clipforge.eval.features import FeatureOptions
     from clipforge.eval.world import WorldEvalConfig, evaluate_world
-    from clipforge.train.config import OptimConfig, ScheduleConfig, TrainConfig
     from clipforge.train.trainer import train
 
     t_start = time.time()
@@ -151,9 +171,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         left = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s
         if left < 20:
             raise ClipforgeError(f"a budget of {cfg.minutes} minutes leaves {left:.0f} s for training; give more time")
-        # the token table at its batch's rows only: most of tiny-bow's parameters, ~12% of a CPU step
-        optim = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, sparse_embeddings=True)
-        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, optim, precision,
+        steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, cfg.optim(), precision,
                                           crop_scale=cfg.crop_scale)
         # what is left after calibrating, less a few seconds to build the loader and save the model
         budget = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s - 3.0
@@ -161,15 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     plan = f"about {steps} steps of {cfg.batch_size} in {budget:.0f} s" if budget else f"{steps} steps of {cfg.batch_size}"
     _say(cfg, f"[2/4] training {cfg.model} ({precision}) for {plan} "
               f"({steps * cfg.batch_size / cfg.train_samples:.1f} epochs) -> {run_dir}")
-    train_cfg = TrainConfig(
-        data=data, model=cfg.model, out=str(run_dir), batch_size=cfg.batch_size, workers=cfg.workers,
-        steps=steps if budget is None else 3 * steps, time_budget_s=budget,  # the bound only stops a runaway
-        seed=cfg.seed, precision=precision, device="cpu", crop_scale=cfg.crop_scale,
-        save_every=0, keep_last=1, tensorboard=False,
-        optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, sparse_embeddings=True),
-        schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),
-        log_every=max(1, min(20, steps // 50)),
-    )
+    train_cfg = cfg.train_config(data, str(run_dir), steps, time_budget_s=budget, precision=precision)
     t_train = time.time()
     train_summary = train(train_cfg, progress=cfg.progress)
     timings["train_s"] = time.time() - t_train
