@@ -112,8 +112,10 @@ def calibrate(model, images: Sequence[Image.Image], test_vectors: np.ndarray, ro
         e = embed_pil(model, copies)
         pos_cos[kind] = np.maximum((e * orig[pick]).sum(1), (e * flip[pick]).sum(1))  # [p] best query view
         if open_test is not None:
-            pos_perc[kind] = np.array([P.similarity(qviews[i], P.descriptor(c)) for i, c in zip(pick, copies)])
-            pos_fine[kind] = np.array([P.fine_similarity(images[i], c, qviews[i]) for i, c in zip(pick, copies)])
+            descs = [P.descriptor(c) for c in copies]
+            pos_perc[kind] = np.array([P.similarity(qviews[i], d) for i, d in zip(pick, descs)])
+            pos_fine[kind] = np.array([P.fine_similarity(images[i], c, qviews[i], d)
+                                       for i, c, d in zip(pick, copies, descs)])
     floor = float(min(c.min() for c in pos_cos.values()))
     s_orig, s_flip = orig @ test_vectors.T, flip @ test_vectors.T  # [m, n] each
     s_orig[np.arange(len(rows)), rows] = s_flip[np.arange(len(rows)), rows] = -np.inf  # not itself
@@ -136,16 +138,16 @@ def calibrate(model, images: Sequence[Image.Image], test_vectors: np.ndarray, ro
             return cache[i]
 
         neg_p = np.full(len(rows), -1.0)
-        pairs = []  # [(query, candidate, coarse similarity)] of every checked negative pair
+        pairs = []  # [(query, (candidate, its descriptor), coarse similarity)] of every checked negative pair
         for j in range(len(rows)):
             ids = np.unique(cand[j])  # a candidate both query views found is one pair
             got = [(int(i), o) for i, c in zip(ids, sims[j, ids]) if c >= floor and (o := opened(int(i))) is not None]
             if got:
                 ps = P.similarity(qviews[j], np.stack([o[1] for _, o in got]))
                 neg_p[j] = float(ps.max())
-                pairs.extend((j, o[0], float(p)) for (_, o), p in zip(got, ps))
+                pairs.extend((j, o, float(p)) for (_, o), p in zip(got, ps))
         perc_t = _threshold(neg_p, max_fpr)
-        neg_f = np.array([P.fine_similarity(images[j], im, qviews[j]) for j, im, p in pairs if p > perc_t])
+        neg_f = np.array([P.fine_similarity(images[j], im, qviews[j], d) for j, (im, d), p in pairs if p > perc_t])
         fine_t = _scaled_threshold(neg_f, len(rows), ratio, max_fpr)
     for kind in KINDS:
         c = pos_cos[kind]

@@ -27,6 +27,8 @@ from tqdm import tqdm
 from clipforge.hygiene import perceptual as P
 from clipforge.hygiene.calibrate import Calibration
 from clipforge.hygiene.inputs import VectorSet
+from clipforge.search import decode
+from clipforge.search.embed import EmbedConfig
 
 
 @dataclass(frozen=True)
@@ -37,29 +39,19 @@ class OverlapConfig:
     progress: bool = True
 
 
-MAX_PIXELS = 2**27  # as the embedding reader's limit
-
-
-def open_image(path: str, tar_offset: int | None = None, nbytes: int | None = None):
-    """The image at ``path`` (a file, or a WebDataset member ``SHARD.tar/KEY.EXT`` read at its listed
-    offset) as RGB, or None where it cannot be read (the check then abstains)."""
-    from PIL import Image
-
-    from clipforge.search import decode
-
-    if not path or (tar_offset is None and not Path(path).is_file()):
+def open_item(item: dict[str, Any]):
+    """The image of an index item or metadata row (``path``: a file, or a WebDataset member
+    ``SHARD.tar/KEY.EXT`` with its ``tar_offset`` and ``nbytes``), decoded to RGB as the embedder
+    decodes it (``search.decode``: size limits, EXIF orientation), or None where it cannot be read
+    (the check then abstains)."""
+    path, offset = str(item.get("path", "")), item.get("tar_offset")
+    if not path or (offset is None and not Path(path).is_file()):
         return None
     try:
-        im = decode.open_image(decode.read_bytes(path, tar_offset, nbytes), MAX_PIXELS)
-        im.load()
-        return im.convert("RGB")
-    except (decode.UnreadableImage, OSError, ValueError, Image.DecompressionBombError):
+        data = decode.read_bytes(path, offset, item.get("nbytes"))
+        return decode.prepare(decode.open_image(data, EmbedConfig.max_image_pixels))
+    except decode.UnreadableImage:
         return None
-
-
-def open_item(item: dict[str, Any]):
-    """``open_image`` of an index item or metadata row (``path``, and a member's ``tar_offset``, ``nbytes``)."""
-    return open_image(str(item.get("path", "")), item.get("tar_offset"), item.get("nbytes"))
 
 
 class _Descriptors:
@@ -76,14 +68,15 @@ class _Descriptors:
         return self.one[key]
 
 
-def _passes(q, q_views: np.ndarray, train: dict[str, Any], sim: float, cal: Calibration) -> bool:
+def _passes(q, q_views: np.ndarray, train: dict[str, Any], train_desc: np.ndarray, sim: float,
+            cal: Calibration) -> bool:
     """The perceptual rule on a readable pair of cosine at or above the floor: thumbnails, then the second look."""
     if sim <= cal.perceptual_threshold:
         return False
     if cal.fine_threshold < 0:
         return True
     other = open_item(train)  # only pairs that passed the thumbnails get here: few, so not cached
-    return other is not None and P.fine_similarity(q, other, q_views) > cal.fine_threshold
+    return other is not None and P.fine_similarity(q, other, q_views, train_desc) > cal.fine_threshold
 
 
 def search_train(queries: np.ndarray, index, k: int, batch: int = 2048,
@@ -146,7 +139,7 @@ def find_overlap(test: VectorSet, index_dir: str | Path, cal: Calibration, cfg: 
                 d = descs.of(item) if q_views is not None else None
                 sim = float(P.similarity(q_views, d)) if d is not None else None
                 if sim is not None:  # both images readable: the pixels decide
-                    if not (s >= cal.floor and _passes(q, q_views, item, sim, cal)):
+                    if not (s >= cal.floor and _passes(q, q_views, item, d, sim, cal)):
                         continue
                     signal = "both" if by_emb else "perceptual"
                 elif by_emb:

@@ -103,15 +103,18 @@ def _nearby(spec: tuple) -> list[tuple]:
     return out
 
 
-def fine_similarity(query: Image.Image, other: Image.Image, query_views: np.ndarray | None = None) -> float:
+def fine_similarity(query: Image.Image, other: Image.Image, query_views: np.ndarray | None = None,
+                    other_descriptor: np.ndarray | None = None) -> float:
     """The sharper second look: best cosine of 24x24 renders of the query's best-aligned views, refined,
-    to ``other`` rendered the same way. query_views: ``views(query)``, when already computed."""
+    to ``other`` rendered the same way. query_views: ``views(query)``, other_descriptor:
+    ``descriptor(other)``, when already computed (the thumbnail check that came first has both)."""
     q = views(query) if query_views is None else query_views
-    sq, so = _square(query), _square(other)
+    so = _square(other)
+    d = _render(so, (False, None, 0.0), SIDE, BLUR) if other_descriptor is None else other_descriptor
     target = _render(so, (False, None, 0.0), FINE_SIDE, FINE_BLUR)
-    specs = _specs()
+    sq, specs = _square(query), _specs()
     best = -1.0
-    for v in np.argsort(-(q @ descriptor(other)))[:FINE_TOP]:
+    for v in np.argsort(-(q @ d))[:FINE_TOP]:
         for spec in _nearby(specs[int(v)]):
             best = max(best, float(_render(sq, spec, FINE_SIDE, FINE_BLUR) @ target))
     return best
