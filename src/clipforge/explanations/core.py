@@ -156,14 +156,14 @@ def _shifted_maps(visual: nn.Module, x: torch.Tensor, q: torch.Tensor, method: s
         raise ClipforgeError(f"shifts must be >= 1, got {shifts}")
     size = tuple(x.shape[-2:])
     first = _maps(visual, x, q, method)  # [T, h, w]
-    where = grid_centres(visual, size, tuple(first.shape[-2:]))
-    total = _upsample(first, size, where)
+    grid = _sampling_grid(size, first.shape[-2:], grid_centres(visual, size, tuple(first.shape[-2:])))
+    total = _resample(first, grid)
     if shifts == 1:
         return total
     cell = size[0] / first.shape[-2], size[1] / first.shape[-1]
     offsets = [(round(i * cell[0] / shifts), round(j * cell[1] / shifts)) for i in range(shifts) for j in range(shifts)]
     for dy, dx in offsets[1:]:
-        m = _upsample(_maps(visual, torch.roll(x, (dy, dx), dims=(-2, -1)), q, method), size, where)
+        m = _resample(_maps(visual, torch.roll(x, (dy, dx), dims=(-2, -1)), q, method), grid)
         total = total + torch.roll(m, (-dy, -dx), dims=(-2, -1))
     return total / len(offsets)
 
@@ -192,19 +192,29 @@ def grid_centres(visual: nn.Module, size: Sequence[int], grid: Sequence[int]) ->
     return out[0], out[1]
 
 
-def _upsample(maps: torch.Tensor, size: Sequence[int], where: Centres | None = None) -> torch.Tensor:
-    """Grid maps [T, h, w] -> [T, H, W], bilinear between cell centres (``where``; default: centred in
-    equal cells), constant beyond the outermost ones."""
-    maps = maps.detach().float().cpu()
+def _sampling_grid(size: Sequence[int], cells: Sequence[int], where: Centres | None = None) -> torch.Tensor:
+    """Where each output pixel reads a [h, w] grid map, in ``grid_sample``'s [-1, 1] units: [1, H, W, 2].
+    ``where``: each cell's centre (default: centred in equal cells, as bilinear ``interpolate``)."""
     if where is None:
-        where = tuple((n / g, (n / g - 1) / 2) for n, g in zip(size, maps.shape[-2:]))  # type: ignore[assignment]
+        where = tuple((n / g, (n / g - 1) / 2) for n, g in zip(size, cells))  # type: ignore[assignment]
     axes = []
-    for (stride, offset), n, g in zip(where, size, maps.shape[-2:]):
+    for (stride, offset), n, g in zip(where, size, cells):
         cell = (torch.arange(n, dtype=torch.float32) - offset) / stride  # each pixel in cell units
-        axes.append(cell * 2 / max(g - 1, 1) - 1 if g > 1 else torch.zeros(n))  # grid_sample's [-1, 1]
+        axes.append(cell * 2 / (g - 1) - 1 if g > 1 else torch.zeros(n))
     gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1)[None].expand(maps.shape[0], -1, -1, -1)
-    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+    return torch.stack([gx, gy], dim=-1)[None]
+
+
+def _resample(maps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Grid maps [T, h, w] -> [T, H, W] through ``_sampling_grid``'s grid: bilinear between cell centres,
+    constant beyond the outermost ones."""
+    maps = maps.detach().float().cpu()
+    return F.grid_sample(maps[:, None], grid.expand(maps.shape[0], -1, -1, -1), mode="bilinear",
+                         padding_mode="border", align_corners=True)[:, 0]
+
+
+def _upsample(maps: torch.Tensor, size: Sequence[int], where: Centres | None = None) -> torch.Tensor:
+    return _resample(maps, _sampling_grid(size, maps.shape[-2:], where))
 
 
 def _maps(visual: nn.Module, x: torch.Tensor, q: torch.Tensor, method: str) -> torch.Tensor:
