@@ -127,30 +127,26 @@ async def load(url: str, pid: int, seconds: float, clients: int, max_requests: i
         labels = rng.choice(LABEL_SETS) if rng.random() < 0.75 else rng.sample(WORDS, rng.randint(2, 8))
         return kind, {"files": {"image": ("q.png", png, "image/png")}, "data": {"labels": json.dumps(labels)}}
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client(send) -> None:
+        """One request at a time through ``send(path, request kwargs) -> status`` until the deadline."""
         while time.time() < deadline and len(results) + len(errors) < max_requests:
             kind, kw = request()
             path = "/classify" if kind == "classify" else "/search"
             start = time.perf_counter()
             try:
-                r = await c.post(path, **kw)
-                results.append((kind, r.status_code, time.perf_counter() - start))
-            except httpx.HTTPError as e:
+                results.append((kind, await send(path, kw), time.perf_counter() - start))
+            except (httpx.HTTPError, rawhttp.HTTPError) as e:
                 errors.append(f"{kind}: {type(e).__name__}: {e}")
 
     async def raw_client() -> None:
         c = rawhttp.Client(url)
+
+        async def send(path: str, kw: dict) -> int:
+            body = rawhttp.json_body(kw["json"]) if "json" in kw else rawhttp.multipart_body(kw["files"], kw["data"])
+            return await c.post(path, *body)
+
         try:
-            while time.time() < deadline and len(results) + len(errors) < max_requests:
-                kind, kw = request()
-                path = "/classify" if kind == "classify" else "/search"
-                body, ctype = (rawhttp.json_body(kw["json"]) if "json" in kw else
-                               rawhttp.multipart_body(kw["files"], kw["data"]))
-                start = time.perf_counter()
-                try:
-                    results.append((kind, await c.post(path, body, ctype), time.perf_counter() - start))
-                except rawhttp.HTTPError as e:
-                    errors.append(f"{kind}: {e}")
+            await client(send)
         finally:
             await c.close()
 
@@ -161,15 +157,17 @@ async def load(url: str, pid: int, seconds: float, clients: int, max_requests: i
                 rss.append((round(time.time() - t0, 2), round(value, 1)))
             await asyncio.sleep(1.0)
 
-    # Idle connections expire on our side first (the server closes them after 5 s): otherwise a
-    # request sent just as the server closes one is lost in the race, as with any HTTP/1.1 client.
     if client_kind == "raw":
         await asyncio.gather(sample_memory(), *(raw_client() for _ in range(clients)))
-        return {"results": results, "errors": errors, "rss": rss, "elapsed": time.time() - t0,
-                "client_cpu_s": time.process_time() - cpu0}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
-        await asyncio.gather(sample_memory(), *(client(c) for _ in range(clients)))
+    else:
+        # Idle connections expire on our side first (the server closes them after 5 s): otherwise a
+        # request sent just as the server closes one is lost in the race, as with any HTTP/1.1 client.
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+            async def send(path: str, kw: dict) -> int:
+                return (await c.post(path, **kw)).status_code
+
+            await asyncio.gather(sample_memory(), *(client(send) for _ in range(clients)))
     return {"results": results, "errors": errors, "rss": rss, "elapsed": time.time() - t0,
             "client_cpu_s": time.process_time() - cpu0}
 
@@ -191,7 +189,7 @@ def summarise(run: dict) -> dict:
     res, elapsed = run["results"], run["elapsed"]
     out: dict = {"requests": len(res) + len(run["errors"]), "answered": len(res), "failed": len(run["errors"]),
                  "seconds": round(elapsed, 1), "throughput_rps": round(len(res) / elapsed, 1),
-                 "client_cpu_ms_per_request": round(1000 * run.get("client_cpu_s", float("nan")) / max(1, len(res)), 2)}
+                 "client_cpu_ms_per_request": round(1000 * run["client_cpu_s"] / max(1, len(res)), 2)}
     statuses: dict[str, int] = {}
     for _, s, _ in res:
         statuses[str(s)] = statuses.get(str(s), 0) + 1
