@@ -82,3 +82,23 @@ def test_bad_rows_are_counted_every_epoch_as_without_the_cache(tmp_path):
 def test_negative_budget_is_refused():
     with pytest.raises(DataError, match="cache_mb"):
         DataConfig("x.csv", cache_mb=-1)
+
+
+@pytest.mark.parametrize("scale", [(1.0, 1.0), (0.5, 1.0)])
+def test_batches_normalised_at_once_equal_the_per_image_transform_and_a_fixed_crop_is_kept(tmp_path, scale):
+    from clipforge.model.transforms import RandomResizedCropNormalize
+
+    t = RandomResizedCropNormalize(24, scale, (3 / 4, 4 / 3), "bicubic", (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    cfg = DataConfig(str(write_numbered_csv(tmp_path, 12)))  # 24x24 images: the whole-image crop is fixed
+    per_image = build_train_loader(cfg, lambda im: t(im), fake_tokenize, batch_size=3, workers=0, seed=7)
+    batched = build_train_loader(cfg, t, fake_tokenize, batch_size=3, workers=0, seed=7)
+    cached = build_train_loader(dataclasses.replace(cfg, cache_mb=64), t, fake_tokenize, batch_size=3, workers=0,
+                                seed=7)
+    assert not per_image._dl.dataset.feat.batched and batched._dl.dataset.feat.batched
+    runs = [[list(ld.epoch_iter(e)) for e in (0, 1)] for ld in (per_image, batched, cached)]
+    assert _same(runs[0], runs[1]) and _same(runs[0], runs[2])
+    first = runs[1][0][0].images
+    assert first.dtype == torch.float32 and first.is_contiguous() and first.shape == (3, 3, 24, 24)
+    kept = list(cached._dl.dataset.cache.items.values())
+    fixed = scale == (1.0, 1.0)
+    assert len(kept) == 12 and all(isinstance(v[0], torch.Tensor) for v in kept) == fixed

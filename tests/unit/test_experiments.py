@@ -159,3 +159,24 @@ def test_scales_and_steps():
     steps = log_spaced_steps(300, 5)
     assert steps[-1] == 300 and steps == sorted(set(steps)) and len(steps) == 5
     assert log_spaced_steps(10, 1) == [10]
+
+
+def test_finding_one_leaves_a_run_another_stream_holds_and_trains_the_rest(tmp_path):
+    from clipforge.experiments import ExperimentConfig
+    from clipforge.experiments import f1_objectives as f1
+    from clipforge.experiments.common import locked
+
+    cfg = ExperimentConfig(scale=get_scale("smoke"), out=tmp_path / "out", work=tmp_path / "work", device="cpu",
+                           progress=False)
+    runs = cfg.scale_dir / "objectives"
+    with locked(runs / "caption-s0.lock") as held:  # as the other stream holds a run it is training
+        assert held
+        with locked(runs / "caption-s0.lock", wait=False) as again:
+            assert again is False
+        f1.help_train(cfg)  # what the stream that finished first does: everything not taken
+        assert sorted(p.name for p in runs.glob("*.json")) == ["bow-s0.json", "contrastive-s0.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
+    rec = f1.run(cfg)  # trains the one left, reads the others
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (runs / "caption-s0.json").is_file()
+    assert [r["kind"] for rs in rec["results"]["runs"].values() for r in rs] == ["caption", "bow", "contrastive"]

@@ -71,6 +71,10 @@ class Featurizer:
     def __init__(self, cfg: DataConfig, transform: Callable[[Any], torch.Tensor],
                  tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
         self.cfg, self.transform, self.tokenizer = cfg, transform, tokenizer
+        # A transform with ``pixels`` and ``normalize`` (model.transforms.RandomResizedCropNormalize)
+        # stops at uint8 pixels per sample and normalises whole batches (``stack``): per-image tensor
+        # calls were most of a cached sample's cost.
+        self.batched = all(callable(getattr(transform, a, None)) for a in ("pixels", "normalize"))
 
     @contextlib.contextmanager
     def rng_scope(self) -> Iterator[None]:
@@ -85,9 +89,23 @@ class Featurizer:
                 random.setstate(py_state)
 
     def image(self, pil: Any, seed: int) -> torch.Tensor:
+        """The augmented image: [3, H, W] float, or uint8 [H, W, 3] pixels when ``batched``."""
         torch.default_generator.manual_seed(seed)  # torchvision's random transforms draw from it
         random.seed(seed)  # for transforms written with Python's random
-        return self.transform(pil)  # [3, H, W]
+        return self.transform.pixels(pil) if self.batched else self.transform(pil)
+
+    def fixed_image(self, pil: Any) -> torch.Tensor | None:
+        """``image`` of ``pil`` when every seed gives the same one (a whole-image crop at the
+        training size), else None: then it can be computed once and kept."""
+        fixed = getattr(self.transform, "fixed_for", None)
+        if self.batched and fixed is not None and fixed(*pil.size):
+            return self.transform.pixels(pil)
+        return None
+
+    def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """The batch's images, [B, 3, H, W] float."""
+        batch = torch.stack(images)
+        return self.transform.normalize(batch) if self.batched else batch
 
     def decode(self, raw: RawSample) -> tuple[Any, torch.Tensor] | Skip:
         """Read, decode and tokenize one sample: (RGB image, token ids [77]) or why it is unusable."""
@@ -118,8 +136,10 @@ class Featurizer:
 class DecodedCache:
     """Decoded samples (or their skip) by row index, up to ``limit_mb`` MiB of pixels.
 
-    A skip is kept too, so a bad row is counted again each epoch without being re-read, as
-    it would be without the cache. Once full, further rows are decoded every time (logged once).
+    A sample whose augmentation never varies (``Featurizer.fixed_image``) is kept augmented, as a
+    tensor, and not augmented again. A skip is kept too, so a bad row is counted again each epoch
+    without being re-read, as it would be without the cache. Once full, further rows are decoded
+    every time (logged once).
     """
 
     def __init__(self, limit_mb: int) -> None:
@@ -134,8 +154,15 @@ class DecodedCache:
             return hit
         got = feat.decode(raw)
         if not isinstance(got, Skip):
-            got = (got[0].copy(), got[1])  # pixels only: no reference to the encoded file's bytes
-        size = 256 if isinstance(got, Skip) else got[0].width * got[0].height * len(got[0].getbands()) + 77 * 8
+            fixed = feat.fixed_image(got[0])
+            # pixels only: no reference to the encoded file's bytes
+            got = (got[0].copy() if fixed is None else fixed, got[1])
+        if isinstance(got, Skip):
+            size = 256
+        elif isinstance(got[0], torch.Tensor):
+            size = got[0].numel() * got[0].element_size() + 77 * 8
+        else:
+            size = got[0].width * got[0].height * len(got[0].getbands()) + 77 * 8
         if self.used + size <= self.limit:
             self.items[i] = got
             self.used += size
@@ -162,7 +189,9 @@ class MapBatches(Dataset):
         if self.cache is None:
             return self.feat.sample(raw, self.seed, epoch, i, copy)
         got = self.cache.get(i, self.feat, raw)
-        return got if isinstance(got, Skip) else self.feat.augment(got, raw.where, self.seed, epoch, i, copy)
+        if isinstance(got, Skip) or isinstance(got[0], torch.Tensor):  # a skip, or kept augmented
+            return got
+        return self.feat.augment(got, raw.where, self.seed, epoch, i, copy)
 
     def _get(self, epoch: int, i: int, copy: int, counts: Counter) -> tuple[torch.Tensor, torch.Tensor] | None:
         got = self._sample(epoch, i, copy)
@@ -197,7 +226,7 @@ class MapBatches(Dataset):
                 again = self._sample(epoch, i, 1 + m // len(donors))
                 rows[slot] = again if not isinstance(again, Skip) else first
                 m += 1
-        images = torch.stack([r[0] for r in rows])  # [B, 3, H, W]
+        images = self.feat.stack([r[0] for r in rows])  # [B, 3, H, W]
         tokens = torch.stack([r[1] for r in rows])  # [B, 77]
         return Batch(images, tokens, dict(counts))
 
@@ -256,11 +285,11 @@ class StreamBatches(IterableDataset):
             images.append(got[0])
             tokens.append(got[1])
             if len(images) == self.batch_size:
-                yield Batch(torch.stack(images), torch.stack(tokens), dict(counts))  # [B,3,H,W], [B,77]
+                yield Batch(self.feat.stack(images), torch.stack(tokens), dict(counts))  # [B,3,H,W], [B,77]
                 images, tokens = [], []
                 counts.clear()
         if images and not self.drop_last:
-            yield Batch(torch.stack(images), torch.stack(tokens), dict(counts))
+            yield Batch(self.feat.stack(images), torch.stack(tokens), dict(counts))
         elif counts:
             yield _counts_only(counts)
 

@@ -29,9 +29,11 @@ MODULES = {"objectives": "f1_objectives", "prompts": "f2_prompts", "fewshot": "f
            "robustness": "f5_robustness", "scaling": "f6_scaling", "labelset": "f7_labelset"}
 # Shared models first (prompts trains the CLIP runs, probe the supervised ones), the longest last.
 RUN_ORDER = ("prompts", "fewshot", "probe", "robustness", "labelset", "scaling", "objectives")
-# With two jobs: findings 2-5 and 7 (the shared models) beside 1 and 6 (their own models), about
-# equal CPU time each; shared artefacts are trained once under file locks, whichever asks first.
-STREAMS = (("prompts", "fewshot", "probe", "robustness", "labelset"), ("objectives", "scaling"))
+# With two jobs: findings 2-5 and 7 (the shared models) beside 6 and 1 (their own models); shared
+# artefacts are trained once under file locks, whichever asks first. The first stream ends sooner
+# and then trains finding 1's runs that the second has not started (``help_train``), so finding 1
+# comes last in the second stream.
+STREAMS = (("prompts", "fewshot", "probe", "robustness", "labelset"), ("scaling", "objectives"))
 
 
 def run_finding(name: str, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -60,7 +62,7 @@ def run_all(cfg: ExperimentConfig, names: tuple[str, ...] = RUN_ORDER, jobs: int
     child = mp.get_context("spawn").Process(target=_run_stream, args=(tuple(there), cfg, threads))
     child.start()
     try:
-        _run_stream(tuple(here), cfg, threads)
+        _run_stream(tuple(here), cfg, threads, helps=tuple(there))
     finally:
         child.join()
     if child.exitcode != 0:
@@ -68,7 +70,10 @@ def run_all(cfg: ExperimentConfig, names: tuple[str, ...] = RUN_ORDER, jobs: int
     return {n: json.loads((cfg.out / f"{n}.json").read_text()) for n in names}
 
 
-def _run_stream(names: tuple[str, ...], cfg: ExperimentConfig, threads: int | None) -> None:
+def _run_stream(names: tuple[str, ...], cfg: ExperimentConfig, threads: int | None,
+                helps: tuple[str, ...] = ()) -> None:
+    """Run ``names`` in order, then train what the other stream's findings ``helps`` still need
+    (their ``help_train``, where they have one)."""
     if threads is not None:
         import torch
 
@@ -81,6 +86,12 @@ def _run_stream(names: tuple[str, ...], cfg: ExperimentConfig, threads: int | No
         rec = run_finding(n, cfg)
         print(f"[{n}] {rec['verdict']['verdict']} ({rec['wall_s']:.0f} s) -> {cfg.out / n}.json", flush=True)
         print(progress_line(names, i, time.time() - t0), flush=True)
+    for n in helps:
+        helper = getattr(importlib.import_module(f"clipforge.experiments.{MODULES[n]}"), "help_train", None)
+        if helper is not None:
+            print(f"[{n}] this stream's findings are done: training {n}'s runs the other stream has not started",
+                  flush=True)
+            helper(cfg)
 
 
 def progress_line(names: tuple[str, ...], done: int, elapsed: float) -> str:

@@ -32,19 +32,25 @@ from clipforge.imageio import as_rgb
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock on ``path`` (a lock file): findings running in parallel processes
-    then train, evaluate or write each shared artefact once, the others waiting for it."""
+    then train, evaluate or write each shared artefact once, the others waiting for it. With
+    ``wait=False`` it yields False at once when another process holds the lock (that process
+    is making the artefact: do something else first), True when the lock is held here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
             import fcntl
         except ImportError:  # no advisory locks on this platform: run findings one at a time
-            yield
+            yield True
             return
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

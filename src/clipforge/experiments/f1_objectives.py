@@ -81,18 +81,46 @@ def efficiency(samples: Sequence[float], better: Sequence[float], worse: Sequenc
 
 
 def _run_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, test: SplitData,
-             tasks: dict[str, dict[str, Any]], vocab: Vocab) -> dict[str, Any]:
+             tasks: dict[str, dict[str, Any]], vocab: Vocab, wait: bool = True) -> dict[str, Any] | None:
+    """The run's record, trained here unless cached; None when ``wait`` is False and another
+    process is training it now."""
     scale = cfg.scale
     cache = cfg.scale_dir / "objectives" / f"{kind}-s{seed}.json"
     key = {"model": scale.objectives_model, "steps": scale.objectives_steps, "batch": scale.batch_size,
            "evals": scale.objectives_evals, "eval_images": len(test.rows), "lr": scale.lr,
            "crop_scale": list(scale.crop_scale), "precision": cfg.precision(str(resolve_device(cfg.device)))}
-    with locked(cache.with_suffix(".lock")):
+    with locked(cache.with_suffix(".lock"), wait=wait) as held:
+        if not held:
+            return None
         if cache.is_file() and read_json(cache).get("key") == key:
             return read_json(cache)
         out = _train_one(cfg, kind, seed, train, test, tasks, vocab)
         write_json(cache, {"key": key, **out})
     return read_json(cache)
+
+
+def _inputs(cfg: ExperimentConfig) -> tuple[SplitData, SplitData, dict[str, dict[str, Any]], Vocab]:
+    world = ensure_world(cfg)
+    train = load_split(world, "train")
+    test = load_split(world, "test", limit=cfg.scale.objectives_eval_images)
+    tasks = {n: t for n, t in load_task_specs(world).items() if n in CLASS_TASKS}
+    return train, test, tasks, Vocab.from_texts(train.captions)
+
+
+def _all_runs(cfg: ExperimentConfig, *inputs: Any, wait: bool) -> dict[tuple[str, int], dict[str, Any] | None]:
+    """Every (objective, seed) run: first those no other process is training (a parallel stream
+    that has finished its own findings shares the work, ``help``), then, with ``wait``, the rest."""
+    units = [(k, s) for k in KINDS for s in cfg.seeds]
+    got = {u: _run_one(cfg, *u, *inputs, wait=False) for u in units}
+    if wait:
+        got.update({u: _run_one(cfg, *u, *inputs) for u in units if got[u] is None})
+    return got
+
+
+def help_train(cfg: ExperimentConfig) -> None:
+    """Train the runs this finding needs that no other process has taken, and return: work for a
+    parallel stream whose own findings are done (``experiments.run_all``)."""
+    _all_runs(cfg, *_inputs(cfg), wait=False)
 
 
 def _train_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, test: SplitData,
@@ -121,12 +149,9 @@ def _train_one(cfg: ExperimentConfig, kind: str, seed: int, train: SplitData, te
 def run(cfg: ExperimentConfig) -> dict[str, Any]:
     t0 = time.time()
     scale = cfg.scale
-    world = ensure_world(cfg)
-    train = load_split(world, "train")
-    test = load_split(world, "test", limit=scale.objectives_eval_images)
-    tasks = {n: t for n, t in load_task_specs(world).items() if n in CLASS_TASKS}
-    vocab = Vocab.from_texts(train.captions)
-    runs = {k: [_run_one(cfg, k, s, train, test, tasks, vocab) for s in cfg.seeds] for k in KINDS}
+    train, test, tasks, vocab = _inputs(cfg)
+    got = _all_runs(cfg, train, test, tasks, vocab, wait=True)
+    runs = {k: [got[(k, s)] for s in cfg.seeds] for k in KINDS}
 
     samples = [p["samples"] for p in runs["contrastive"][0]["curve"]]
     curves = {}

@@ -80,11 +80,25 @@ class RandomResizedCropNormalize:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def fixed_for(self, width: int, height: int) -> bool:
+        """Whether every draw crops a ``width`` x ``height`` image the same way (the whole of it),
+        so that its ``pixels`` can be computed once and kept."""
+        return self.whole_square and width == height
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The crop, resized: uint8 [H, W, 3]. ``normalize`` finishes a stack of them at once,
+        one tensor expression per batch instead of per image (the loader does this)."""
         box = self.crop_box(*image.size)
         out = _to_rgb(image).resize((self.size, self.size), self.resample, box=box)
-        pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).float()  # [H, W, 3]
-        return pixels.sub_(self.offset).mul_(self.scale_by).permute(2, 0, 1).contiguous()  # [3, H, W]
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy())
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., H, W, 3] -> normalised float [..., 3, H, W], contiguous."""
+        x = pixels.float().sub_(self.offset).mul_(self.scale_by)
+        return x.movedim(-1, -3).contiguous()
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))  # [3, H, W]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
