@@ -89,8 +89,8 @@ def _run_stream(names: tuple[str, ...], cfg: ExperimentConfig, threads: int | No
     for n in helps:
         helper = getattr(importlib.import_module(f"clipforge.experiments.{MODULES[n]}"), "help_train", None)
         if helper is not None:
-            print(f"[{n}] this stream's findings are done: training {n}'s runs the other stream has not started",
-                  flush=True)
+            print(f"[{n}] this stream's findings are done: training the runs of {n} that the other stream "
+                  "has not started", flush=True)
             helper(cfg)
 
 
