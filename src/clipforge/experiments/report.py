@@ -230,8 +230,9 @@ def write_report(results: Path, report: Path) -> Path:
         w = scale["world"]
         head.append(f"Scale `{scale['name']}`: world of {w['train']} training pairs ({w['image_size']} px), "
                     f"{w['test']} test and {w['shifted']} per shifted split; batch {scale['batch_size']}, AdamW "
-                    f"lr {scale['lr']}, weight decay {scale['weight_decay']}, cosine schedule. Total wall time of "
-                    f"the records: {sum(r['wall_s'] for r in records.values()) / 60:.1f} min.")
+                    f"lr {scale['lr']}, weight decay {scale['weight_decay']}, cosine schedule. The records' wall "
+                    f"times add up to {sum(r['wall_s'] for r in records.values()) / 60:.1f} min (each includes "
+                    "waiting for shared models; `experiment all` runs two findings at a time on a CPU).")
     budget = results / "budget.json"
     if budget.is_file():
         b = json.loads(budget.read_text())["estimate"]
