@@ -26,7 +26,7 @@ TARGETS = {"colour": 0.98, "shape": 0.95, "size": 0.95, "position": 0.90, "count
 # ... and shape on the held-out colour-shape pairs at most this far below shape on the test split.
 HELDOUT_GAP_TARGET = 0.10
 # What the targets have taken, for the demo's account of a miss (benchmarks/demo/RESULTS.md: most runs of
-# 1,883-3,004 steps met them; the held-out gap was missed by 0.6-2.2 points in some at every length), and the calibrated
+# 1,883-3,004 steps met them; the held-out gap was missed by 0.6-2.2 points at 2,003, 2,958 and 3,004), and the calibrated
 # step of this demo on an idle 2-core host (111-118 ms in record demo_runs-cpu-20261206-055056.json;
 # the calibration's real batches time slower than the run's average step).
 STEPS_FOR_TARGETS = 2000

@@ -109,7 +109,7 @@ def _inputs(cfg: ExperimentConfig) -> tuple[SplitData, SplitData, dict[str, dict
 
 def _all_runs(cfg: ExperimentConfig, *inputs: Any, wait: bool) -> dict[tuple[str, int], dict[str, Any] | None]:
     """Every (objective, seed) run: first those no other process is training (a parallel stream
-    that has finished its own findings shares the work, ``help``), then, with ``wait``, the rest."""
+    that has finished its own findings shares the work, ``help_train``), then, with ``wait``, the rest."""
     units = [(k, s) for k in KINDS for s in cfg.seeds]
     got = {u: _run_one(cfg, *u, *inputs, wait=False) for u in units}
     if wait:

@@ -214,6 +214,7 @@ def _resample(maps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def _upsample(maps: torch.Tensor, size: Sequence[int], where: Centres | None = None) -> torch.Tensor:
+    """``_resample`` through a grid built for this one call."""
     return _resample(maps, _sampling_grid(size, maps.shape[-2:], where))
 
 
