@@ -13,7 +13,7 @@ batch, DataLoader workers and model threads on every side:
   onnx-fp32    the same with the model's ONNX export (``clipforge embed --runtime onnx``)
   onnx-int8    the same with the export's int8 weights (``clipforge convert --to onnx --quantize int8``)
   onnx-int8-static  int8 with activation scales calibrated on 32 other JPEGs (``--quantize int8-static``)
-  torch-bf16   PyTorch under bf16 autocast (``clipforge embed --precision bf16``), for comparison
+  torch-bf16   PyTorch under bf16 autocast (``clipforge embed --precision bf16``; AMX on recent Xeons)
 Setups: ``ViT-B-32`` (224 px; on a CPU the network dominates) and ``small`` (the registered 64 px ViT:
 the input pipeline dominates). Random weights (seed 0); embeddings are compared with OpenCLIP's and
 torch-fp32's (cosine per image).
@@ -25,7 +25,8 @@ alternate between the servers (A B C / C B A). Reports p50/p99/mean latency per 
 tower alone in this process (batch of one caption) for each.
 
 ``accuracy``: zero-shot accuracy per data-world task and retrieval recall@1 of a trained model through
-``clipforge eval``, with the PyTorch model, its fp32 export and its int8 exports (dynamic, and static
+``clipforge eval``, with the PyTorch model (fp32, and bf16 autocast: ``--precision bf16``), its fp32
+export and its int8 exports (dynamic, and static
 calibrated on ``--calibration``, by default the world's val split: images and captions the test split
 does not hold).
 
@@ -254,7 +255,8 @@ TASKS = ("colour", "shape", "size", "position", "count")
 
 def run_accuracy(args) -> dict:
     """Zero-shot accuracy per data-world task and retrieval recall@1 of a trained model, through
-    ``clipforge eval`` with each runtime: the PyTorch model, its fp32 export, its int8 export."""
+    ``clipforge eval`` with each runtime: the PyTorch model (fp32, and bf16 autocast), its fp32
+    export, its int8 exports."""
     import json
 
     import clipforge
@@ -263,34 +265,39 @@ def run_accuracy(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="cf-bench-acc-"))
     model = clipforge.load(args.model)[0]
     calibration = args.calibration or args.world / "val.csv"
-    paths = {"torch-fp32": args.model, **exports(model, work, calibration)}
+    paths = {"torch-fp32": args.model, "torch-bf16": args.model, **exports(model, work, calibration)}
     test = args.world / "test.csv"
     metrics: dict[str, dict[str, float]] = {k: {} for k in paths}
     for runtime, path in paths.items():
         for task in TASKS:
             out = work / f"{runtime}-{task}.json"
             assert cli(["eval", "zeroshot", "--model", str(path), "--data", str(test), "--task", task, "--out",
-                        str(out), "--device", "cpu", "--no-progress"]) == 0
+                        str(out), "--device", "cpu", "--no-progress", *_precision(runtime)]) == 0
             metrics[runtime][f"zeroshot_{task}_acc1"] = json.loads(out.read_text())["metrics"]["acc1"]
         out = work / f"{runtime}-retrieval.json"
         assert cli(["eval", "retrieval", "--model", str(path), "--data", str(test), "--out", str(out), "--device",
-                    "cpu", "--no-progress"]) == 0
+                    "cpu", "--no-progress", *_precision(runtime)]) == 0
         m = json.loads(out.read_text())["metrics"]
         metrics[runtime].update({k: m[k] for k in ("image_retrieval_recall@1", "text_retrieval_recall@1")})
-    manifests = {k: json.loads((p / "onnx.json").read_text()) for k, p in paths.items() if k != "torch-fp32"}
+    manifests = {k: json.loads((p / "onnx.json").read_text()) for k, p in paths.items() if k.startswith("onnx")}
     shutil.rmtree(work, ignore_errors=True)
     ref = metrics["torch-fp32"]
     int8 = [k for k in paths if k.startswith("onnx-int8")]
+    lower = ["torch-bf16", *int8]  # the sides compared with torch fp32
     res = {"model": str(args.model), "world": str(args.world), "calibration": str(calibration), "metrics": metrics,
            "points_vs_torch_fp32": {k: {m: round(100 * (v[m] - ref[m]), 2) for m in ref} for k, v in metrics.items()},
            "int8_precision": {k: manifests[k]["precision"] for k in int8},
            "int8_cosine_min_vs_fp32_on_probes": {k: manifests[k]["quantization"]["cosine_min_vs_fp32"] for k in int8},
            "fp32_check": manifests["onnx-fp32"]["check"]}
     rows = [(m, *(f"{100 * metrics[k][m]:.2f}" for k in paths),
-             *(f"{res['points_vs_torch_fp32'][k][m]:+.2f}" for k in int8)) for m in ref]
+             *(f"{res['points_vs_torch_fp32'][k][m]:+.2f}" for k in lower)) for m in ref]
     print(f"\n{args.model} on {test} (percent)")
-    res["table"] = print_table(rows, ("metric", *paths, *(f"{k[5:]} - torch (points)" for k in int8)))
+    res["table"] = print_table(rows, ("metric", *paths, *(f"{k} - torch-fp32 (points)" for k in lower)))
     return res
+
+
+def _precision(runtime: str) -> list[str]:
+    return ["--precision", "bf16"] if runtime == "torch-bf16" else []
 
 
 def main() -> None:

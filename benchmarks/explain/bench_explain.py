@@ -77,7 +77,7 @@ def _text(obj: Obj) -> str:
     return f"a photo of a {obj.colour} {obj.shape}."
 
 
-def pointing(model, items: list, method: str, size: int, shifts: int = 1) -> dict:
+def pointing(model, items: list, method: str, size: int, shifts: int = 1, refine: str = "none") -> dict:
     """Hit rates (strict; inside the object's outline, holes filled: a ring's middle; within the
     pointing game's usual tolerance), per shape, chance, the peak's mean offset from the object's
     centre in pixels (y, x: a misdrawn grid shows as a bias), and the maps."""
@@ -85,7 +85,7 @@ def pointing(model, items: list, method: str, size: int, shifts: int = 1) -> dic
     per_shape: dict[str, list[bool]] = {}
     tolerance = TOLERANCE * size
     for path, obj, text in items:
-        m = explain(model, Image.open(path).convert("RGB"), text, method=method, shifts=shifts).numpy()
+        m = explain(model, Image.open(path).convert("RGB"), text, method=method, shifts=shifts, refine=refine).numpy()
         mask = object_mask(obj, size)
         if m.shape != mask.shape:
             raise SystemExit(f"map {m.shape} and image {mask.shape} differ: the world's images must be the model's size")
@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--one", type=int, default=200, help="one-object images")
     ap.add_argument("--two", type=int, default=100, help="two-object images (each object named in turn)")
     ap.add_argument("--shifts", type=int, nargs="+", default=[1, 4], help="passes per axis to measure [1 4]")
+    ap.add_argument("--refine", nargs="+", default=["none", "guided"], choices=["none", "guided"],
+                    help="refinements to measure [none guided]")
+    ap.add_argument("--methods", nargs="+", default=None, help="methods to measure (default: the model's)")
     ap.add_argument("--speed-arch", default="ViT-B-32")
     ap.add_argument("--speed-threads", type=int, nargs="+", default=None, metavar="N",
                     help="thread counts to time at (default: the machine's)")
@@ -151,30 +154,31 @@ def main() -> None:
     random = _randomised(model)
     one, two = trials(Path(args.world), args.split, args.one, args.two)
     record_methods = json.loads(Path(args.speed_from).read_text())["methods"] if args.speed_from else {}
-    for method in [] if args.speed_from else methods_for(model):
-        for shifts in args.shifts:
-            t0 = time.perf_counter()
-            p1 = pointing(model, one, method, size, shifts)
-            p2 = pointing(model, two, method, size, shifts)
-            rand = pointing(random, one, method, size, shifts)
-            rho = float(np.mean([spearman(a, b) for a, b in zip(p1["maps"], rand["maps"])]))
-            record_methods[f"{method}@{shifts}"] = {
-                "method": method, "shifts": shifts,
-                "pointing_one_object": round(p1["hit"], 4), "pointing_one_object_outline": round(p1["hit_outline"], 4),
-                "pointing_one_object_tolerant": round(p1["hit_tolerant"], 4),
-                "chance_one_object": round(p1["chance"], 4), "one_object_per_shape": p1["per_shape"],
-                "peak_offset_px_one_object": p1["peak_offset_px"],
-                "pointing_two_objects": round(p2["hit"], 4), "pointing_two_objects_outline": round(p2["hit_outline"], 4),
-                "pointing_two_objects_tolerant": round(p2["hit_tolerant"], 4),
-                "chance_two_objects": round(p2["chance"], 4),
-                "sanity_spearman_vs_random_weights": round(rho, 4), "sanity_passed": rho < 0.3,
-                "seconds": round(time.perf_counter() - t0, 1),
-            }  # fmt: skip
-            print(f"{method:9s} x{shifts * shifts:<2d} one object {100 * p1['hit']:5.1f}% (outline {100 * p1['hit_outline']:5.1f}%, "
-                  f"{100 * p1['hit_tolerant']:5.1f}% within {TOLERANCE * size:.1f} px; chance {100 * p1['chance']:4.1f}%; "
-                  f"peak offset {p1['peak_offset_px']} px)  two objects {100 * p2['hit']:5.1f}% (outline "
-                  f"{100 * p2['hit_outline']:5.1f}%, {100 * p2['hit_tolerant']:5.1f}%; chance {100 * p2['chance']:4.1f}%)  "
-                  f"spearman vs random weights {rho:+.3f}", flush=True)
+    runs = [(m, s, r) for m in args.methods or methods_for(model) for s in args.shifts for r in args.refine]
+    for method, shifts, refine in [] if args.speed_from else runs:
+        t0 = time.perf_counter()
+        p1 = pointing(model, one, method, size, shifts, refine)
+        p2 = pointing(model, two, method, size, shifts, refine)
+        rand = pointing(random, one, method, size, shifts, refine)
+        rho = float(np.mean([spearman(a, b) for a, b in zip(p1["maps"], rand["maps"])]))
+        name = f"{method}@{shifts}" + ("" if refine == "none" else f"+{refine}")
+        record_methods[name] = {
+            "method": method, "shifts": shifts, "refine": refine,
+            "pointing_one_object": round(p1["hit"], 4), "pointing_one_object_outline": round(p1["hit_outline"], 4),
+            "pointing_one_object_tolerant": round(p1["hit_tolerant"], 4),
+            "chance_one_object": round(p1["chance"], 4), "one_object_per_shape": p1["per_shape"],
+            "peak_offset_px_one_object": p1["peak_offset_px"],
+            "pointing_two_objects": round(p2["hit"], 4), "pointing_two_objects_outline": round(p2["hit_outline"], 4),
+            "pointing_two_objects_tolerant": round(p2["hit_tolerant"], 4),
+            "chance_two_objects": round(p2["chance"], 4),
+            "sanity_spearman_vs_random_weights": round(rho, 4), "sanity_passed": rho < 0.3,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }  # fmt: skip
+        print(f"{method:9s} x{shifts * shifts:<2d} {refine:6s} one object {100 * p1['hit']:5.1f}% (outline {100 * p1['hit_outline']:5.1f}%, "
+              f"{100 * p1['hit_tolerant']:5.1f}% within {TOLERANCE * size:.1f} px; chance {100 * p1['chance']:4.1f}%; "
+              f"peak offset {p1['peak_offset_px']} px)  two objects {100 * p2['hit']:5.1f}% (outline "
+              f"{100 * p2['hit_outline']:5.1f}%, {100 * p2['hit_tolerant']:5.1f}%; chance {100 * p2['chance']:4.1f}%)  "
+              f"spearman vs random weights {rho:+.3f}", flush=True)
     timing = {}
     for n in args.speed_threads or [threads]:
         torch.set_num_threads(n)
@@ -194,7 +198,7 @@ def main() -> None:
     }  # fmt: skip
     print("record:", write_record("explain", record, out_dir=Path(args.out_dir) if args.out_dir else None))
     if args.panel:
-        _panel(model, two, args.panel, max(args.shifts))
+        _panel(model, two, args.panel, max(args.shifts), args.refine[-1])
 
 
 def _randomised(model):
@@ -205,14 +209,14 @@ def _randomised(model):
     return CLIP(model.config).eval()
 
 
-def _panel(model, two: list, out: str, shifts: int) -> None:
+def _panel(model, two: list, out: str, shifts: int, refine: str) -> None:
     path, a, text_a = two[0]
     _, b, text_b = two[1]
     image = Image.open(path).convert("RGB")
     texts = [text_a, text_b, f"a photo of a {a.colour} {b.shape}."]
     pictures = []
     for method in methods_for(model):
-        maps = explain(model, image, texts, method=method, shifts=shifts).numpy()
+        maps = explain(model, image, texts, method=method, shifts=shifts, refine=refine).numpy()
         pictures.append(panel(model_view(image, model.config.preprocess), maps, [f"{method}: {t}" for t in texts]))
     sheet = Image.new("RGB", (pictures[0].width, sum(p.height for p in pictures)), (255, 255, 255))
     y = 0

@@ -69,6 +69,10 @@ def test_maps_for_uploads_and_indexed_items(served):
     stored = Image.open(io.BytesIO(_png(2))).convert("RGB")
     ref = clipforge.explain(model, stored, "a dog", method="dense").numpy()
     assert np.abs(ref - m).max() < 2e-3
+    r = client.post("/explain", data={"id": "2", "text": "a dog", "method": "dense", "format": "json", "refine": "none"},
+                    files=NO_FILE)
+    plain = clipforge.explain(model, stored, "a dog", method="dense", refine="none").numpy()
+    assert np.abs(np.asarray(r.json()["map"]) - plain).max() < 2e-3 and np.abs(plain - m).max() > 2e-2
     emb = json.dumps(torch.randn(model.config.embed_dim).tolist())
     for data, files in (({"id": "0", "embedding": emb, "shifts": "2"}, NO_FILE), ({"id": "1"}, _img(_png(3), "query_image")),
                         ({"id": "1", "label": "cat", "templates": ["a photo of a {}."]}, NO_FILE)):  # fmt: skip
@@ -91,6 +95,7 @@ ABUSE = [
     ({"data": {"id": "1", "embedding": "{nope"}}, 422, "JSON list"),
     ({"data": {"id": "1", "text": "x", "method": "lime"}}, 422, "method: one of"),
     ({"data": {"id": "1", "text": "x", "format": "gif"}}, 422, "format: one of"),
+    ({"data": {"id": "1", "text": "x", "refine": "sharp"}}, 422, "refine: one of guided, none"),
     ({"data": {"id": "1", "text": "x", "shifts": "3"}}, 422, "shifts: between 1 and 2"),
     ({"data": {"id": "1", "text": "x", "shifts": "two"}}, 422, "shifts: an integer"),
     ({"data": {"id": "1", "label": "x", "templates": ["no slot"]}}, 422, "templates: each needs a {}"),
@@ -130,7 +135,7 @@ def test_cli_writes_overlay_panel_and_arrays(served, tmp_path, capsys):
     assert Image.open(tmp_path / "one.png").size == (224, 224)
     assert np.load(tmp_path / "one.npy").shape == (64, 64)
     assert cli_main(["explain", "--model", str(root / "model"), "--image", str(img), "--text", "a", "--text", "b",
-                     "--query-image", str(root / "imgs" / "2.png"), "--method", "dense",
+                     "--query-image", str(root / "imgs" / "2.png"), "--method", "dense", "--refine", "none",
                      "--out", str(tmp_path / "panel.png"), "--npy", str(tmp_path / "p.npy")]) == 0
     assert Image.open(tmp_path / "panel.png").size == (224 * 4 + 12, 224 + 18)
     assert np.load(tmp_path / "p.npy").shape == (3, 64, 64)

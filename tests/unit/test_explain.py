@@ -182,3 +182,60 @@ def test_cells_are_drawn_where_their_receptive_field_is():
     vit = clipforge.create_model("nano", seed=0).visual
     plain = _upsample(m, (64, 64), grid_centres(vit, (64, 64), (8, 8)))
     assert torch.allclose(plain, F.interpolate(m[:, None], size=(64, 64), mode="bilinear")[:, 0], atol=1e-5)
+
+
+def test_guided_refinement_moves_a_peak_onto_a_ring_and_only_smooths_flat_colour():
+    """A ring's coarse map peaks in its hole (bilinear upsampling of one blob over the whole ring);
+    fitted to the image's colours, the peak lands on the ring's own pixels. Over a flat image the
+    filter is two box means of the map and nothing else."""
+    import torch.nn.functional as F
+
+    from clipforge.explanations.refine import guided_filter
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    r = ((yy - 30) ** 2 + (xx - 34) ** 2).sqrt()
+    ring = (r >= 2) & (r <= 6)  # a small ring: its hole fits inside one window of the filter
+    image = torch.full((3, 64, 64), -1.0)
+    image[0][ring], image[1][ring], image[2][ring] = 1.5, -0.5, -0.5  # red ring on grey, normalised units
+    coarse = torch.zeros(1, 1, 8, 8)
+    coarse[0, 0, 3:5, 3:5] = 1.0  # the blob over the ring's cells
+    blurred = F.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert not ring[_peak(blurred[0])]  # the bilinear map peaks in the hole
+    refined = guided_filter(blurred, image, radius=4)
+    assert refined.shape == (1, 64, 64) and ring[_peak(refined[0])]
+    assert refined[0][ring].mean() > refined[0][~ring & (r < 2)].mean()  # the hole is below the ring
+    flat = torch.zeros(3, 64, 64)
+    box = lambda m: F.avg_pool2d(m[:, None], 9, stride=1, padding=4, count_include_pad=False)[:, 0]  # noqa: E731
+    assert torch.allclose(guided_filter(blurred, flat, radius=4), box(box(blurred)), atol=1e-6)
+
+
+def test_refine_choice_reaches_the_map(base):
+    model = clipforge.create_model("nano", seed=0).eval()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    guided = explain(model, img, "a red circle", method="dense")  # the default
+    plain = explain(model, img, "a red circle", method="dense", refine="none")
+    assert torch.equal(guided, explain(model, img, "a red circle", method="dense", refine="guided"))
+    assert not torch.allclose(guided, plain) and float(guided.min()) == 0 and float(guided.max()) == 1
+    with pytest.raises(ClipforgeError, match="unknown refinement 'sharp'"):
+        explain(model, img, "a red circle", refine="sharp")
+
+
+def test_guided_filter_equals_the_textbook_fit():
+    """The running-sum windows and the cofactor solve give what pooling windows and a per-pixel
+    ``linalg.solve`` of the ridge fit give (He et al.'s colour guided filter, written out)."""
+    import torch.nn.functional as F
+
+    from clipforge.explanations.refine import guided_filter
+
+    torch.manual_seed(0)
+    maps, guide, r, eps = torch.rand(2, 40, 36), torch.randn(3, 40, 36), 5, 1e-2
+    box = lambda x: F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+    g = guide[None]
+    mean_g, mean_p = box(g), box(maps[:, None])
+    cov = box(g * maps[:, None]) - mean_g * mean_p  # [T, 3, H, W]
+    var = box((g[:, :, None] * g[:, None]).flatten(1, 2)) - (mean_g[:, :, None] * mean_g[:, None]).flatten(1, 2)
+    sigma = var[0].permute(1, 2, 0).reshape(40, 36, 3, 3) + eps * torch.eye(3)
+    a = torch.linalg.solve(sigma[None], cov.permute(0, 2, 3, 1)[..., None])[..., 0].permute(0, 3, 1, 2)
+    b = mean_p[:, 0] - (a * mean_g).sum(1)
+    expected = (box(a) * g).sum(1) + box(b[:, None])[:, 0]
+    assert torch.allclose(guided_filter(maps, guide, r, eps), expected, atol=1e-4)

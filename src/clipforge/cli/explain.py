@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shifts", type=int, default=1, metavar="N",
                    help="average N x N passes over the image shifted by fractions of a patch: finer maps, "
                         "N^2 times the work [1]")
+    p.add_argument("--refine", default="guided", choices=["guided", "none"],
+                   help="guided: fit the map to the image's colour edges (a peak lands on the object, not beside "
+                        "it); none: the bilinear map [guided]")
     p.add_argument("--out", required=True, help="PNG: the map over the image, or a panel for several queries")
     p.add_argument("--npy", default=None, metavar="PATH", help="also save the raw maps as a NumPy array")
     p.add_argument("--alpha", type=float, default=0.55, help="opacity of the map over the image [0.55]")
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     method = options[0] if args.method == "auto" else args.method
     if method not in options:
         raise CliError(f"--method {method} is not available for this model's image tower; it has: {', '.join(options)}")
-    maps = explain(model, image, queries, method=method, shifts=args.shifts, preprocess=preprocess).numpy()  # [T, H, W]
+    maps = explain(model, image, queries, method=method, shifts=args.shifts, refine=args.refine,
+                   preprocess=preprocess).numpy()  # [T, H, W]
     view = model_view(image, model.config.preprocess)
     picture = overlay(view, maps[0], args.alpha) if len(maps) == 1 else panel(view, maps, labels, args.alpha)
     picture.save(args.out)

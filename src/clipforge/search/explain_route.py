@@ -8,6 +8,7 @@ Multipart form:
   ensembled as ``/classify`` ensembles them);
 - ``method``: auto (default), dense, relevance or gradcam; ``shifts``: 1 (default) to
   ``max_explain_shifts``, passes per axis over shifted copies (finer maps, shifts^2 the work);
+  ``refine``: guided (default; the map fitted to the image's colour edges) or none (bilinear);
   ``format``: png (default; the map over the part of the image the model sees) or json (the map
   as numbers, [S][S] in [0, 1]).
 
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from clipforge.errors import ClipforgeError
-from clipforge.explanations import METHODS, explain, methods_for
+from clipforge.explanations import METHODS, REFINES, explain, methods_for
 from clipforge.explanations.render import model_view, overlay
 from clipforge.search.engine import Engine
 
@@ -57,13 +58,16 @@ def add_explain_route(app: FastAPI, engine: Engine, auth) -> None:
             raise HTTPException(422, "shifts: an integer") from None
         if not 1 <= shifts <= settings.max_explain_shifts:
             raise HTTPException(422, f"shifts: between 1 and {settings.max_explain_shifts}")
+        refine = str(form.get("refine") or "guided")
+        if refine not in REFINES:
+            raise HTTPException(422, f"refine: one of {', '.join(REFINES)}")
         fmt = str(form.get("format") or "png")
         if fmt not in FORMATS:
             raise HTTPException(422, f"format: one of {', '.join(FORMATS)}")
         query = await _query(form, engine)
         image = await _image(form, engine)
         try:
-            maps, used = await run_in_threadpool(_run, engine, image, query, method, shifts)
+            maps, used = await run_in_threadpool(_run, engine, image, query, method, shifts, refine)
         except ClipforgeError as e:
             raise HTTPException(422, str(e)) from None
         headers = {"X-Explain-Method": used}
@@ -129,12 +133,12 @@ def _check_templates(templates: list[str], label: str, s) -> None:
         raise HTTPException(422, f"label/templates: a filled prompt would be over {s.max_prompt_chars} characters")
 
 
-def _run(engine: Engine, image, query, method: str, shifts: int):
+def _run(engine: Engine, image, query, method: str, shifts: int, refine: str):
     with engine.model_lock:
         options = methods_for(engine.model)
         used = options[0] if method == "auto" else method
         if used not in options:
             raise ClipforgeError(f"method {used!r} is not available for this model; it has: {', '.join(options)}")
-        maps = explain(engine.model, image, query, method=used, shifts=shifts, preprocess=engine.preprocess,
+        maps = explain(engine.model, image, query, method=used, shifts=shifts, refine=refine, preprocess=engine.preprocess,
                        tokenizer=engine.tokenizer)
     return maps, used
