@@ -3,7 +3,7 @@ its captions swapped among rows, and on that noisy world after CLIP-score filter
 
     .venv/bin/python benchmarks/bench_curation.py                      # 30% swapped, 1,500 steps, seeds 0-2
     .venv/bin/python benchmarks/bench_curation.py --seeds 0 1 2 3 4 --skip-bootstrap 3 4   # + seeds 3-4
-    .venv/bin/python benchmarks/bench_curation.py --steps 300 --seeds 0 --train 4000        # a quick look
+    .venv/bin/python benchmarks/bench_curation.py --steps 300 --filter-steps 300 --seeds 0 --train 4000   # a quick look
 
 World: the demo's generator settings (20,000 training pairs, 64 px), plus
 ``clipforge.data.synth.flaws.add_flaws`` with ``--mismatch`` (captions swapped among rows; which ones
@@ -18,8 +18,8 @@ so that they compare at equal compute, not at a machine's pace:
   as DFN filters with a model trained on the pool); ``curated2`` ... ``curatedN`` (``--rounds``)
   score the same table with the previous round's curated model;
 - external: filtered the same way by one model trained on a clean world of another generator seed
-  (``--filter-world``), as LAION filtered with a CLIP trained elsewhere; ``--filter-steps`` trains that
-  model longer than the arms (a better outside filter, trained once, as DFN trains its filtering network).
+  (``--filter-world``), as LAION filtered with a CLIP trained elsewhere; that model trains
+  ``--filter-steps`` (default 4,000), longer than the arms: it is trained once, outside their budget.
 
 Each arm is scored zero-shot on the test split with the world's ensemble prompts (colour, count,
 position, size, shape); the figure compared is their mean. Reported: every figure, each arm's gap to
@@ -125,9 +125,9 @@ def main() -> None:
     ap.add_argument("--filter-world", type=int, default=1, metavar="SEED",
                     help="also filter with a model trained on another world (this generator seed, clean), as LAION "
                          "filtered with a CLIP trained elsewhere; -1: skip")
-    ap.add_argument("--filter-steps", type=int, default=None, metavar="N",
-                    help="train the outside filter model N steps (default: --steps); it is trained once, outside "
-                         "the arms' budget, as an outside CLIP is")
+    ap.add_argument("--filter-steps", type=int, default=4000, metavar="N",
+                    help="train the outside filter model N steps [4000]; it is trained once, outside the arms' "
+                         "budget, as an outside CLIP is")
     ap.add_argument("--skip-bootstrap", nargs="*", type=int, default=[], metavar="SEED",
                     help="seeds without the bootstrapped arms (noisy model's own curation): extra seeds for the others")
     ap.add_argument("--rounds", type=int, default=2,
@@ -173,7 +173,7 @@ def main() -> None:
                 submit(name, s, cur_csv)
 
         ext = args.filter_world >= 0
-        filter_steps = args.filter_steps or args.steps
+        filter_steps = args.filter_steps
         ext_dirs = {"external": "external" if filter_steps == args.steps else f"external_f{filter_steps}"}
         total = sum(3 + ext + (0 if s in args.skip_bootstrap else args.rounds) for s in args.seeds) + ext
         oracle = _oracle_table(flawed, mismatched, str(world / "train_oracle.csv"))  # image paths are relative
@@ -227,7 +227,7 @@ def main() -> None:
               "runs": sorted(runs, key=lambda r: (r["seed"], r["arm"])), "curation": curation,
               "per_seed": per_seed, "curated_within_target_every_seed": met,
               "external_within_target_every_seed": met_external, "filter_world_seed": args.filter_world,
-              "filter_steps": args.filter_steps or args.steps,
+              "filter_steps": args.filter_steps,
               "means": means, "mean_below_clean": mean_gaps, "bootstrap_skipped_seeds": args.skip_bootstrap,
               "wall_min": round((time.perf_counter() - t0) / 60, 1)}
     print(json.dumps(per_seed, indent=1))
