@@ -8,7 +8,8 @@ World: ``clipforge data synth`` with ``--plant-duplicates`` (edited copies of di
 the six edits in turn) and ``--mismatch-rate`` (captions swapped among rows), cached under --cache.
 Overlap: ``clipforge.hygiene.analysis.run_overlap`` on ``train_flawed.csv`` vs ``test.csv`` with a
 calibrated threshold (``--max-fpr``) and, with --task, All / Overlap / Clean accuracy. Precision =
-planted among flagged test items; recall per edit = its planted test items flagged. Curation:
+planted among flagged test items; recall per edit = its planted test items flagged. ``--kinds K``
+plants only edit K (all ``--plant`` copies), so the precision is that edit's. Curation:
 ``clipforge.hygiene.curate`` with CLIP-score filtering (keep the top ``1 - mismatch`` fraction):
 how many dropped rows are planted mismatches, against the chance rate.
 """
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--plant", type=int, default=300)
     ap.add_argument("--mismatch", type=float, default=0.3)
+    ap.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                    help="plant only these edits (default: all six in turn); one kind gives that kind's precision")
     ap.add_argument("--model", default=None, help="default: a random tiny model (seed 0)")
     ap.add_argument("--task", default="shape")
     ap.add_argument("--max-fpr", type=float, default=0.01)
@@ -55,7 +58,7 @@ def main() -> None:
     t0 = time.perf_counter()
     generate_world(SynthConfig(train=args.train, val=0, test=args.test, shifted=0, heldout_pairs=0), world,
                    progress=False)
-    flaws = add_flaws(world, FlawConfig(args.mismatch, args.plant))
+    flaws = add_flaws(world, FlawConfig(args.mismatch, args.plant, **({"kinds": tuple(args.kinds)} if args.kinds else {})))
     if args.model:
         model, _ = clipforge.load(args.model)
         model_name = args.model
@@ -95,7 +98,7 @@ def main() -> None:
     t = report["threshold"]
     record = {
         "benchmark": "hygiene", "model": model_name,
-        "world": {"train": args.train, "test": args.test, "planted": args.plant, "mismatch_rate": args.mismatch,
+        "world": {"train": args.train, "test": args.test, "planted": args.plant, "kinds": args.kinds or "all", "mismatch_rate": args.mismatch,
                   "rows": flaws["rows"], "seconds": round(t1 - t0, 1)},
         "calibration": {"emb_threshold": t["emb_threshold"], "perceptual_threshold": t["perceptual_threshold"],
                         "fine_threshold": t["fine_threshold"], "floor": t["floor"], "max_fpr": t["max_fpr"], "negatives": t["negatives"], "kinds": t["kinds"]},
