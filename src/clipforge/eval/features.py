@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clipforge.eval.datasets import ImageDataset, collate_images
-from clipforge.utils import Precision, autocast, resolve_device
+from clipforge.utils import Precision, autocast, autocast_casts_kept, resolve_device
 
 __all__ = [
     "FeatureOptions",
@@ -198,7 +198,8 @@ def _encode_images(
     chunks: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
     failed: list[tuple[str, str]] = []
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not options.progress) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not options.progress) as bar, \
+            autocast_casts_kept(options.precision, device):  # weights cast once, not once a batch
         for images, index, bad in loader:
             failed += [(str(paths[i]), reason) for i, reason in bad]
             if images is not None:
@@ -228,7 +229,7 @@ def extract_text_features(
     texts = list(texts)
     with _inference(model, options) as device, tqdm(
         total=len(texts), desc=desc, unit="text", disable=not options.progress
-    ) as bar:
+    ) as bar, autocast_casts_kept(options.precision, device):
         for s in range(0, len(texts), options.batch_size):
             batch = texts[s : s + options.batch_size]
             tokens = tokenizer(batch).to(device)  # [B, L]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from clipforge.errors import DataError
 from clipforge.search import decode
 from clipforge.search.layout import EMB_FORMAT, finished_parts, model_fingerprint, part_name
-from clipforge.utils import Precision, autocast, resolve_device
+from clipforge.utils import Precision, autocast, autocast_casts_kept, resolve_device
 
 FORMAT = EMB_FORMAT
 
@@ -221,21 +221,22 @@ def _run_image_parts(model, table, out, cfg, todo, device, precision, summary, w
     part, got, acc = next(parts), 0, _PartAcc()
     pending: list[decode.Batch] = []
     want = next(sizes)
-    for piece in loader:
-        pending.append(piece)
-        bar.update(len(piece.items))
-        if len(pending) < want:
-            continue
-        _embed_batch(model, pending, normalizer, device, precision, acc, captions)
-        pending, want = [], next(sizes, 0)
-        bar.set_postfix(skipped=summary.unreadable + len(acc.skipped), refresh=False)
-        got += 1
-        if got == batches_per_part[part]:
-            _write_part(out, part, table, acc, model.config.embed_dim, captions is not None)
-            summary.parts_written += 1
-            summary.embedded += len(acc.positions)
-            summary.unreadable += len(acc.skipped)
-            part, got, acc = next(parts, -1), 0, _PartAcc()
+    with autocast_casts_kept(precision, device):  # the weights cast once for the run, not once a batch
+        for piece in loader:
+            pending.append(piece)
+            bar.update(len(piece.items))
+            if len(pending) < want:
+                continue
+            _embed_batch(model, pending, normalizer, device, precision, acc, captions)
+            pending, want = [], next(sizes, 0)
+            bar.set_postfix(skipped=summary.unreadable + len(acc.skipped), refresh=False)
+            got += 1
+            if got == batches_per_part[part]:
+                _write_part(out, part, table, acc, model.config.embed_dim, captions is not None)
+                summary.parts_written += 1
+                summary.embedded += len(acc.positions)
+                summary.unreadable += len(acc.skipped)
+                part, got, acc = next(parts, -1), 0, _PartAcc()
     bar.close()
 
 
@@ -342,17 +343,18 @@ def embed_texts(model, texts: list[str], out_dir: str | Path, cfg: EmbedConfig, 
     summary = EmbedSummary(n, n_parts, 0, already, 0, 0, 0.0)
     bar = tqdm(total=len(todo) and sum(min(cfg.part_size, n - p * cfg.part_size) for p in todo), unit="text",
                disable=not cfg.progress or cfg.rank != 0, desc="embed", dynamic_ncols=True)  # fmt: skip
-    for part in todo:
-        lo, hi = part * cfg.part_size, min((part + 1) * cfg.part_size, n)
-        chunks = []
-        for i in range(lo, hi, cfg.batch_size):
-            chunks.append(_encode_texts(model, texts[i : min(i + cfg.batch_size, hi)], device, precision))
-            bar.update(min(i + cfg.batch_size, hi) - i)
-        _save_npy(out / part_name("text_emb", part, "npy"), np.concatenate(chunks))
-        meta = pa.table({"caption": texts[lo:hi], "position": pa.array(range(lo, hi), pa.int64())})
-        _save_parquet(out / part_name("metadata", part, "parquet"), meta)
-        summary.parts_written += 1
-        summary.embedded += hi - lo
+    with autocast_casts_kept(precision, device):
+        for part in todo:
+            lo, hi = part * cfg.part_size, min((part + 1) * cfg.part_size, n)
+            chunks = []
+            for i in range(lo, hi, cfg.batch_size):
+                chunks.append(_encode_texts(model, texts[i : min(i + cfg.batch_size, hi)], device, precision))
+                bar.update(min(i + cfg.batch_size, hi) - i)
+            _save_npy(out / part_name("text_emb", part, "npy"), np.concatenate(chunks))
+            meta = pa.table({"caption": texts[lo:hi], "position": pa.array(range(lo, hi), pa.int64())})
+            _save_parquet(out / part_name("metadata", part, "parquet"), meta)
+            summary.parts_written += 1
+            summary.embedded += hi - lo
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
