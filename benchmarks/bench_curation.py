@@ -158,23 +158,23 @@ def main() -> None:
         pending: set[cf.Future] = set()
 
         def submit(arm: str, seed: int, table: str, out: str | None = None, steps: int | None = None) -> None:
-            out = out or str(work / f"{ext_dirs.get(arm, arm)}_s{seed}")
-            pending.add(pool.submit(_train_and_score, arm, seed, table, str(world), out, steps or args.steps))
+            pending.add(pool.submit(_train_and_score, arm, seed, table, str(world), out or str(work / f"{arm}_s{seed}"),
+                                    steps or args.steps))
 
         def curated_arm(name: str, scorer: dict, seeds: list[int], what: str) -> None:
             """Curate the noisy table with ``scorer``'s model and train arm ``name`` on it for ``seeds``."""
-            key = ext_dirs["external"] if name == "external" else f"{name}_s{seeds[0]}"  # a bootstrapped round: one seed's
+            key = external if name == "external" else f"{name}_s{seeds[0]}"  # a bootstrapped round is one seed's
             cur_csv = str(work / key / "curated.csv")
             c = curation[key] = dict(_curate(scorer["model"], flawed, cur_csv, 1 - args.mismatch, mismatched),
                                      scorer=what)
             print(f"  {name} (scores from the {what}): kept {c['rows_out']} of {c['rows_in']}; "
                   f"{c['dropped_that_were_mismatched']} of {c['dropped']} dropped rows were swapped captions", flush=True)
             for s in seeds:
-                submit(name, s, cur_csv)
+                submit(name, s, cur_csv, str(work / f"{key}_s{s}") if name == "external" else None)
 
         ext = args.filter_world >= 0
-        filter_steps = args.filter_steps
-        ext_dirs = {"external": "external" if filter_steps == args.steps else f"external_f{filter_steps}"}
+        other_steps = args.filter_steps != args.steps  # a filter trained longer or shorter: its own folders
+        external = f"external_f{args.filter_steps}" if other_steps else "external"
         total = sum(3 + ext + (0 if s in args.skip_bootstrap else args.rounds) for s in args.seeds) + ext
         oracle = _oracle_table(flawed, mismatched, str(world / "train_oracle.csv"))  # image paths are relative
         for s in args.seeds:
@@ -184,8 +184,8 @@ def main() -> None:
             other = work / f"filter_world_{args.filter_world}_{args.train}"
             generate_world(SynthConfig(seed=args.filter_world, image_size=64, train=args.train, val=0, test=100,
                                        shifted=0, image_format="bmp"), other, progress=False)
-            tag = "" if filter_steps == args.steps else f"_{filter_steps}steps"
-            submit("filter", 0, str(other / "train.csv"), str(work / f"filter_w{args.filter_world}{tag}"), filter_steps)
+            tag = f"_{args.filter_steps}steps" if other_steps else ""
+            submit("filter", 0, str(other / "train.csv"), str(work / f"filter_w{args.filter_world}{tag}"), args.filter_steps)
         while pending:
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in done:

@@ -3,7 +3,9 @@ check, and the time per image.
 
     .venv/bin/python benchmarks/explain/bench_explain.py --model demo_out/run/final --world demo_out/world
 
-- Each method at each ``--shifts`` (passes per axis over shifted copies: finer maps).
+- Each method (``--methods``, default the model's) at each ``--shifts`` (passes per axis over
+  shifted copies: finer maps) and each ``--refine`` (``guided``: the map fitted to the image's colour
+  edges, the library's default; ``none``: bilinear). Printed rows name the passes (``x4``: shifts 2).
 - Pointing game: for one-object test images the text names the object ("a photo of a red circle.");
   for two-object images whose objects differ in colour and shape, each object is named in turn
   while the other is present. A hit: the map's maximum lies on a pixel the named object covers
@@ -17,7 +19,8 @@ check, and the time per image.
 - Speed: seconds per 224 px image for ViT-B-32 (random weights) with each method, median of 5 after
   a warm-up, at each of ``--speed-threads`` (default the machine's thread count).
 
-Writes results/explain-cpu-latest.json and, with --panel, a picture of maps from the model.
+Writes results/explain-cpu-latest.json and, with --panel, a picture of maps from the model (the
+largest --shifts, the last --refine).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _text(obj: Obj) -> str:
     return f"a photo of a {obj.colour} {obj.shape}."
 
 
-def pointing(model, items: list, method: str, size: int, shifts: int = 1, refine: str = "none") -> dict:
+def pointing(model, items: list, method: str, size: int, shifts: int, refine: str) -> dict:
     """Hit rates (strict; inside the object's outline, holes filled: a ring's middle; within the
     pointing game's usual tolerance), per shape, chance, the peak's mean offset from the object's
     centre in pixels (y, x: a misdrawn grid shows as a bias), and the maps."""

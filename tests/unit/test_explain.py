@@ -205,11 +205,11 @@ def test_guided_refinement_moves_a_peak_onto_a_ring_and_only_smooths_flat_colour
     assert refined.shape == (1, 64, 64) and ring[_peak(refined[0])]
     assert refined[0][ring].mean() > refined[0][~ring & (r < 2)].mean()  # the hole is below the ring
     flat = torch.zeros(3, 64, 64)
-    box = lambda m: F.avg_pool2d(m[:, None], 9, stride=1, padding=4, count_include_pad=False)[:, 0]  # noqa: E731
+    box = lambda m: F.avg_pool2d(m[:, None], 9, stride=1, padding=4, count_include_pad=False)[:, 0]
     assert torch.allclose(guided_filter(blurred, flat, radius=4), box(box(blurred)), atol=1e-6)
 
 
-def test_refine_choice_reaches_the_map(base):
+def test_refine_choice_reaches_the_map():
     model = clipforge.create_model("nano", seed=0).eval()
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     guided = explain(model, img, "a red circle", method="dense")  # the default

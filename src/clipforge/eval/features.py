@@ -84,7 +84,8 @@ def default_tokenizer(model: nn.Module) -> Tokenizer:
 
 @contextlib.contextmanager
 def _inference(model: nn.Module, options: FeatureOptions) -> Iterator[torch.device]:
-    """Move the model to ``options.device`` (if set) and run it in eval mode, restoring the mode after."""
+    """Move the model to ``options.device`` (if set) and run it in eval mode, restoring the mode after;
+    autocast's weight casts are kept until then (cast once for the run, not once a batch)."""
     if options.device is not None:
         model.to(resolve_device(options.device))
     param = next(model.parameters(), None)
@@ -92,7 +93,8 @@ def _inference(model: nn.Module, options: FeatureOptions) -> Iterator[torch.devi
     was_training = model.training
     model.eval()
     try:
-        yield device
+        with autocast_casts_kept(options.precision, device):
+            yield device
     finally:
         model.train(was_training)
 
@@ -198,8 +200,7 @@ def _encode_images(
     chunks: list[torch.Tensor] = []
     kept: list[torch.Tensor] = []
     failed: list[tuple[str, str]] = []
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not options.progress) as bar, \
-            autocast_casts_kept(options.precision, device):  # weights cast once, not once a batch
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not options.progress) as bar:
         for images, index, bad in loader:
             failed += [(str(paths[i]), reason) for i, reason in bad]
             if images is not None:
@@ -229,7 +230,7 @@ def extract_text_features(
     texts = list(texts)
     with _inference(model, options) as device, tqdm(
         total=len(texts), desc=desc, unit="text", disable=not options.progress
-    ) as bar, autocast_casts_kept(options.precision, device):
+    ) as bar:
         for s in range(0, len(texts), options.batch_size):
             batch = texts[s : s + options.batch_size]
             tokens = tokenizer(batch).to(device)  # [B, L]

@@ -179,7 +179,8 @@ def embed_images(model, table: pa.Table, out_dir: str | Path, cfg: EmbedConfig, 
     todo, already = _my_parts(n_parts, out, cfg)
     summary = EmbedSummary(n, n_parts, 0, already, 0, 0, 0.0)
     if todo:
-        _run_image_parts(model, table, out, cfg, todo, device, precision, summary, manifest["text_embeddings"])
+        with autocast_casts_kept(precision, device):  # the weights cast once for the run, not once a batch
+            _run_image_parts(model, table, out, cfg, todo, device, precision, summary, manifest["text_embeddings"])
     _merge_skipped(out, n_parts)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -221,22 +222,21 @@ def _run_image_parts(model, table, out, cfg, todo, device, precision, summary, w
     part, got, acc = next(parts), 0, _PartAcc()
     pending: list[decode.Batch] = []
     want = next(sizes)
-    with autocast_casts_kept(precision, device):  # the weights cast once for the run, not once a batch
-        for piece in loader:
-            pending.append(piece)
-            bar.update(len(piece.items))
-            if len(pending) < want:
-                continue
-            _embed_batch(model, pending, normalizer, device, precision, acc, captions)
-            pending, want = [], next(sizes, 0)
-            bar.set_postfix(skipped=summary.unreadable + len(acc.skipped), refresh=False)
-            got += 1
-            if got == batches_per_part[part]:
-                _write_part(out, part, table, acc, model.config.embed_dim, captions is not None)
-                summary.parts_written += 1
-                summary.embedded += len(acc.positions)
-                summary.unreadable += len(acc.skipped)
-                part, got, acc = next(parts, -1), 0, _PartAcc()
+    for piece in loader:
+        pending.append(piece)
+        bar.update(len(piece.items))
+        if len(pending) < want:
+            continue
+        _embed_batch(model, pending, normalizer, device, precision, acc, captions)
+        pending, want = [], next(sizes, 0)
+        bar.set_postfix(skipped=summary.unreadable + len(acc.skipped), refresh=False)
+        got += 1
+        if got == batches_per_part[part]:
+            _write_part(out, part, table, acc, model.config.embed_dim, captions is not None)
+            summary.parts_written += 1
+            summary.embedded += len(acc.positions)
+            summary.unreadable += len(acc.skipped)
+            part, got, acc = next(parts, -1), 0, _PartAcc()
     bar.close()
 
 
