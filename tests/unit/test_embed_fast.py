@@ -7,7 +7,14 @@
 - Worker chunks joined into model batches (``decode.worker_chunk``): the same embeddings as
   encoding the reference transform's tensors in the same batches; with draft decoding, the
   same within a stated cosine tolerance.
+- ``decode.DecodeGate``: workers wait while the model computes on the same cores (and stop
+  waiting when their main process is gone); the gated run gives the same embeddings.
 """
+
+import multiprocessing
+import os
+import queue
+import time
 
 import numpy as np
 import pytest
@@ -154,3 +161,79 @@ def test_device_decoding_path_joins_chunks_too(model, photos, tmp_path):
     got = _embedded(tmp_path / "dev").astype(np.float32)
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99, cos.min()
+
+
+def _wait_and_report(gate, q) -> None:
+    gate.wait()
+    q.put(time.monotonic())
+
+
+def test_decode_gate_holds_workers_while_the_model_runs():
+    ctx = multiprocessing.get_context("fork")
+    gate, q = decode.DecodeGate(True, poll_s=0.05), ctx.Queue()
+    with gate.closed():
+        p = ctx.Process(target=_wait_and_report, args=(gate, q))
+        p.start()
+        with pytest.raises(queue.Empty):  # closed: the worker waits (polling its owner, who is alive)
+            q.get(timeout=0.5)
+        opened = time.monotonic()
+    assert q.get(timeout=10) >= opened  # it went on once the gate opened
+    p.join(10)
+    off = decode.DecodeGate(False)
+    with off.closed():  # disabled: nothing to wait for
+        off.wait()
+    assert not off.enabled
+
+
+def _close_and_leave(gate_q) -> None:
+    """A main process that closes its gate and dies with a worker still waiting on it."""
+    ctx = multiprocessing.get_context("fork")
+    gate = decode.DecodeGate(True, poll_s=0.05)
+    gate._open.clear()
+    ctx.Process(target=_wait_and_report, args=(gate, gate_q)).start()
+    os._exit(0)
+
+
+def test_decode_gate_lets_a_worker_go_when_its_owner_is_gone():
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    owner = ctx.Process(target=_close_and_leave, args=(q,))
+    owner.start()
+    owner.join(10)
+    assert q.get(timeout=10) > 0  # the orphaned worker did not wait forever
+
+
+def test_gate_decoding_only_when_cpu_threads_and_workers_outnumber_the_cores(monkeypatch):
+    monkeypatch.setattr(decode.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cpu = torch.device("cpu")
+    assert decode.gate_decoding(cpu, 2, 2) and decode.gate_decoding(cpu, 2, 1)
+    assert not decode.gate_decoding(cpu, 1, 1)  # one core each: no contention
+    assert not decode.gate_decoding(cpu, 2, 0)  # decoding in the main process already alternates
+    assert not decode.gate_decoding(torch.device("cuda"), 2, 2)  # the model is not on the cores
+
+
+def test_gated_embedding_closes_the_gate_around_each_model_call(model, photos, tmp_path, monkeypatch):
+    """With the gate forced on, the embeddings are the reference's bit for bit, and every model
+    call runs with the gate closed (the workers held back)."""
+    gates, closed = [], []
+    make = decode.DecodeGate
+
+    def recording_gate(enabled, **kw):
+        gates.append(make(True, **kw))
+        return gates[-1]
+
+    monkeypatch.setattr(decode, "DecodeGate", recording_gate)
+    encode = model.encode_image
+
+    def watched(x):
+        closed.append(not gates[-1]._open.is_set())
+        return encode(x)
+
+    monkeypatch.setattr(model, "encode_image", watched)
+    table = sources.list_images(sources.InputSpec(str(photos)))
+    cfg = EmbedConfig(batch_size=16, part_size=18, num_workers=2, progress=False, draft=False, decode="pil")
+    assert embed_images(model, table, tmp_path / "gated", cfg).embedded == 21
+    assert len(closed) == 3 and all(closed)  # parts of 18 and 3 rows: batches of 16, 2 and 3
+    assert gates[-1]._open.is_set()  # open again after the run
+    ref = _reference_embeddings(model, table, cfg.batch_size, cfg.part_size)
+    assert np.array_equal(_embedded(tmp_path / "gated"), ref)

@@ -14,8 +14,11 @@ worker -> main process transfers are 4x smaller than float tensors:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +153,50 @@ class Loaded:
     nbytes: int = 0
 
 
+class DecodeGate:
+    """Holds DataLoader workers back while the model computes on the same CPU cores. The model's
+    threads meet at every operator, so a worker that takes a core from one of them stalls them all:
+    decoding beside the model was slower than decoding and computing in turn. Closed only around
+    the model call; a worker whose main process has gone stops waiting."""
+
+    def __init__(self, enabled: bool, poll_s: float = 1.0) -> None:
+        self._open = multiprocessing.get_context().Event() if enabled else None
+        self._owner, self._poll_s = os.getpid(), poll_s
+        if self._open is not None:
+            self._open.set()
+
+    @property
+    def enabled(self) -> bool:
+        return self._open is not None
+
+    def wait(self) -> None:
+        """In a worker: returns once the gate is open, or once its owner process is gone."""
+        while self._open is not None and not self._open.wait(self._poll_s):
+            if os.getppid() != self._owner:
+                return
+
+    @contextlib.contextmanager
+    def closed(self) -> Iterator[None]:
+        """In the main process, around the model call."""
+        if self._open is None:
+            yield
+            return
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+
+def gate_decoding(device: torch.device, model_threads: int, num_workers: int) -> bool:
+    """Whether workers should pause while the model runs: the model is on the CPU and its threads
+    and the workers together outnumber the cores this process may use."""
+    if device.type != "cpu" or num_workers <= 0:
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return model_threads + num_workers > cores
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Map-style dataset over input positions; never raises for a bad image."""
 
@@ -162,14 +209,18 @@ class ImageDataset(torch.utils.data.Dataset):
         mode: str = "pil",
         draft: bool = True,
         max_pixels: int = 2**27,
+        gate: DecodeGate | None = None,
     ) -> None:
         self.paths, self.tar_offsets, self.nbytes = paths, tar_offsets, nbytes
         self.cfg, self.mode, self.draft, self.max_pixels = cfg, mode, draft, max_pixels
+        self.gate = gate
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, position: int) -> Loaded:
+        if self.gate is not None:
+            self.gate.wait()
         out = Loaded(position)
         try:
             off = self.tar_offsets[position] if self.tar_offsets is not None else None

@@ -190,11 +190,13 @@ def _run_image_parts(model, table, out, cfg, todo, device, precision, summary, w
     cols = table.column_names
     prep = model.config.preprocess
     mode = cfg.decode if cfg.decode != "auto" else ("torch" if device.type == "cuda" else "pil")
+    threads = getattr(model, "threads", None) or torch.get_num_threads()  # an ONNX model's own pool, or torch's
+    gate = decode.DecodeGate(decode.gate_decoding(device, threads, cfg.num_workers))
     dataset = decode.ImageDataset(
         table.column("path").to_pylist(),
         table.column("tar_offset").to_pylist() if "tar_offset" in cols else None,
         table.column("nbytes").to_pylist() if "tar_offset" in cols else None,
-        prep, mode, cfg.draft, cfg.max_image_pixels,
+        prep, mode, cfg.draft, cfg.max_image_pixels, gate,
     )  # fmt: skip
     # Batches never straddle parts, so a part is complete the moment its last batch arrives.
     # Workers decode chunks of a batch (decode.worker_chunk); the main process joins them.
@@ -227,7 +229,8 @@ def _run_image_parts(model, table, out, cfg, todo, device, precision, summary, w
         bar.update(len(piece.items))
         if len(pending) < want:
             continue
-        _embed_batch(model, pending, normalizer, device, precision, acc, captions)
+        with gate.closed():  # the workers wait while the model has the cores
+            _embed_batch(model, pending, normalizer, device, precision, acc, captions)
         pending, want = [], next(sizes, 0)
         bar.set_postfix(skipped=summary.unreadable + len(acc.skipped), refresh=False)
         got += 1
