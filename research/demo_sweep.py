@@ -49,7 +49,8 @@ The token table updated at its batch's rows only (RESULTS.md, "Half the compute"
 At the one-core demo's length (RESULTS.md, "At the one-core demo's length"):
 
   python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
-      --steps 1800 --warmup 100 --lr 2e-3 --seed 0/1 [--tdrop 0.25 | --ema 0.998]
+      --steps 1800 --warmup 100 --lr 2e-3 --seed 0/1 [--tdrop 0.25 | --ema 0.998 | --graycap 0.15/0.25/0.5 \
+      | --graycap 0.25 --graykeep black,white]
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
@@ -85,11 +86,12 @@ def prep(x):
 
 LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
-def augment(x, gen):
-    """--gray: a random fraction of the batch turned to luminance (three equal channels)."""
+def augment(x, gen, pick=None):
+    """--gray: a random fraction of the batch turned to luminance (three equal channels); ``pick``:
+    these rows instead (--graycap)."""
     x = prep(x)
-    if a.gray:
-        pick = torch.rand(len(x), generator=gen) < a.gray
+    if a.gray or pick is not None:
+        pick = torch.rand(len(x), generator=gen) < a.gray if pick is None else pick
         if pick.any():
             raw = x[pick] * STD + MEAN
             x[pick] = (((raw * LUMA).sum(1, keepdim=True)).expand(-1, 3, -1, -1) - MEAN) / STD
@@ -198,6 +200,8 @@ p.add_argument('--stemnorm', default='bn', choices=['bn', 'gn'], help="the conv 
 p.add_argument('--stemact', default=None, choices=['relu', 'abs1', 'absmix'], help="the conv stem's first activation: ReLU, |x|, or half |x| before BatchNorm + half ReLU [the model's own]")
 p.add_argument('--vpool', default='cls', choices=['cls', 'mean'], help='image embedding: class token or mean of patch tokens')
 p.add_argument('--gray', type=float, default=0.0, help='random grayscale: this fraction of training images (per sample), captions unchanged')
+p.add_argument('--graycap', type=float, default=0.0, help='this fraction of training images turned to luminance, their captions without colour words')
+p.add_argument('--graykeep', default='', help='--graycap: colour words kept in grey images\' captions (comma-separated: black,white stay true in grey)')
 p.add_argument('--sparse', type=int, default=0, help='update the token table at its batch rows only (lazy Adam)')
 p.add_argument('--bf16', type=int, default=0, help='bf16 autocast for the forward pass (CPU with avx512_bf16/AMX)')
 p.add_argument('--tlayers', type=int, default=None); p.add_argument('--vwidth', type=int, default=None)
@@ -327,13 +331,13 @@ if a.group != 'none':
         rest = a.bs - len(out)
         if rest: out = torch.cat([out, torch.randint(len(rows), (rest,), generator=g)])
         return out
-def drop_words(tokens, gen):
+def drop_words(tokens, gen, drop=None):
     """--tdrop: each word token (between the start and end tokens) left out with chance a.tdrop, the
-    rest closed up; at least one word kept."""
+    rest closed up; at least one word kept. ``drop``: these tokens instead (--graycap)."""
     eot = tokens.argmax(-1)  # the end token has the largest id
     pos = torch.arange(tokens.shape[1])[None]
     word = (pos > 0) & (pos < eot[:, None])
-    drop = word & (torch.rand(tokens.shape, generator=gen) < a.tdrop)
+    drop = word & ((torch.rand(tokens.shape, generator=gen) < a.tdrop) if drop is None else drop)
     none_left = (word & ~drop).sum(1) == 0
     drop[none_left] = False
     order = torch.argsort(torch.where(drop, tokens.shape[1] + pos, pos), dim=1, stable=True)
@@ -343,6 +347,19 @@ def drop_words(tokens, gen):
 if a.ema:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(a.ema), use_buffers=True)
+def colour_tokens(tokens):
+    """--graycap: where the colour words are (a word of several tokens: each of its runs)."""
+    hit = torch.zeros_like(tokens, dtype=torch.bool)
+    for word in COLOUR_WORDS:
+        n = len(word)
+        win = tokens.unfold(1, n, 1)  # [B, L-n+1, n]
+        at = (win == torch.tensor(word)).all(-1)
+        for k in range(n):
+            hit[:, k : k + at.shape[1]] |= at
+    return hit
+if a.graycap:
+    _cids = tok([c for c in json.load(open(f'{W}/tasks/colour.json'))['classes'] if c not in a.graykeep.split(',')])
+    COLOUR_WORDS = [r[1 : int(r.argmax())].tolist() for r in _cids]
 g = torch.Generator().manual_seed(a.seed)
 perm = torch.randperm(len(rows), generator=g); pos = 0
 t0 = time.time(); model.train()
@@ -360,6 +377,10 @@ for step in range(a.steps):
         idx = grouped_batch()
     def sweep_loss():
         tokens = drop_words(T[idx], g) if a.tdrop else T[idx]
+        pick = None
+        if a.graycap:  # grey images whose captions no longer name colours
+            pick = torch.rand(a.bs, generator=g) < a.graycap
+            tokens = drop_words(tokens, g, pick[:, None] & colour_tokens(tokens))
         if a.neg:
             imf = F.normalize(model.encode_image(prep(X[idx])), dim=-1)
             both = F.normalize(model.encode_text(torch.cat([T[idx], TN[idx]])), dim=-1)
@@ -370,7 +391,7 @@ for step in range(a.steps):
             tgt = torch.arange(a.bs)
             return 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
-            out = model(augment(X[idx], g), tokens)
+            out = model(augment(X[idx], g, pick), tokens)
         return lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
     loss = train_step.minimise(sweep_loss).loss
     with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
