@@ -170,9 +170,14 @@ class DecodeGate:
         return self._open is not None
 
     def wait(self) -> None:
-        """In a worker: returns once the gate is open, or once its owner process is gone."""
+        """In a worker: returns once the gate is open, or once its owner process is gone (asked by
+        pid, not by parent: a forkserver's workers are not the owner's children)."""
         while self._open is not None and not self._open.wait(self._poll_s):
-            if os.getppid() != self._owner:
+            try:
+                os.kill(self._owner, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:  # a pid reused by another user's process: the owner is gone
                 return
 
     @contextlib.contextmanager
