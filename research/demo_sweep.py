@@ -51,7 +51,7 @@ At the one-core demo's length (RESULTS.md, "At the one-core demo's length"):
   python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
       --steps 1800 --warmup 100 --lr 2e-3 --seed 0/1 [--tdrop 0.25 | --ema 0.998 | --graycap 0.15/0.25/0.5 \
       | --graycap 0.25 --graykeep black,white | --group colour [--gfrac 0.5] | --lr 3e-3
-      | --tdrop 0.25 --group colour --gfrac 0.5]
+      | --tdrop 0.25 --group colour --gfrac 0.5 | --tdrop 0.25 --lr 3e-3]
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
