@@ -163,14 +163,15 @@ def main() -> None:
 
         def curated_arm(name: str, scorer: dict, seeds: list[int], what: str) -> None:
             """Curate the noisy table with ``scorer``'s model and train arm ``name`` on it for ``seeds``."""
-            key = external if name == "external" else f"{name}_s{seeds[0]}"  # a bootstrapped round is one seed's
+            prefix = external if name == "external" else name  # a filter trained other steps keeps its own folders
+            key = prefix if name == "external" else f"{name}_s{seeds[0]}"  # a bootstrapped round is one seed's
             cur_csv = str(work / key / "curated.csv")
             c = curation[key] = dict(_curate(scorer["model"], flawed, cur_csv, 1 - args.mismatch, mismatched),
                                      scorer=what)
             print(f"  {name} (scores from the {what}): kept {c['rows_out']} of {c['rows_in']}; "
                   f"{c['dropped_that_were_mismatched']} of {c['dropped']} dropped rows were swapped captions", flush=True)
             for s in seeds:
-                submit(name, s, cur_csv, str(work / f"{key}_s{s}") if name == "external" else None)
+                submit(name, s, cur_csv, str(work / f"{prefix}_s{s}"))
 
         ext = args.filter_world >= 0
         other_steps = args.filter_steps != args.steps  # a filter trained longer or shorter: its own folders

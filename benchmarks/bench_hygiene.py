@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +59,8 @@ def main() -> None:
     t0 = time.perf_counter()
     generate_world(SynthConfig(train=args.train, val=0, test=args.test, shifted=0, heldout_pairs=0), world,
                    progress=False)
-    flaws = add_flaws(world, FlawConfig(args.mismatch, args.plant, **({"kinds": tuple(args.kinds)} if args.kinds else {})))
+    flaw_cfg = FlawConfig(args.mismatch, args.plant)
+    flaws = add_flaws(world, replace(flaw_cfg, kinds=tuple(args.kinds)) if args.kinds else flaw_cfg)
     if args.model:
         model, _ = clipforge.load(args.model)
         model_name = args.model

@@ -1,7 +1,7 @@
 """clipforge's guided filter (``clipforge.explanations.refine.guided_filter``) against kornia's
 ``kornia.filters.guided_blur``, the library one would otherwise take it from: time per map on one
-thread at the demo's 64 px (radius 4) and ViT-B-32's 224 px (radius 16), and how far the outputs differ
-(kornia pads the windows by reflection where clipforge cuts them at the border).
+thread (calls alternating, medians) at the demo's 64 px (radius 4) and ViT-B-32's 224 px (radius 16),
+and how far the outputs differ (kornia pads the windows by reflection where clipforge cuts them at the border).
 
     .venv/bin/pip install kornia   # not a clipforge dependency
     .venv/bin/python benchmarks/explain/bench_guided.py
@@ -12,27 +12,15 @@ Writes results/guided_filter-cpu-latest.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_record  # noqa: E402
+from common import alternate, summarize, write_record  # noqa: E402
 
 from clipforge.explanations.refine import guided_filter  # noqa: E402
-
-
-def _median_s(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,9 +38,12 @@ def main() -> None:
     rows = {}
     for size, radius in ((64, 4), (224, 16)):
         maps, guide = torch.rand(1, size, size), torch.randn(3, size, size)
-        ours = _median_s(lambda: guided_filter(maps, guide, radius), args.reps)
-        theirs = _median_s(lambda: guided_blur(guide[None], maps[None], 2 * radius + 1, 1e-2), args.reps)
-        diff = (guided_filter(maps, guide, radius) - guided_blur(guide[None], maps[None], 2 * radius + 1, 1e-2)[0])
+        out = {}
+        fns = {"clipforge": lambda: out.__setitem__("clipforge", guided_filter(maps, guide, radius)),
+               "kornia": lambda: out.__setitem__("kornia", guided_blur(guide[None], maps[None], 2 * radius + 1, 1e-2)[0])}
+        med = summarize(alternate(fns, args.reps), reference="clipforge")["median_s"]
+        ours, theirs = med["clipforge"], med["kornia"]
+        diff = out["clipforge"] - out["kornia"]
         inner = diff[..., 2 * radius:-2 * radius, 2 * radius:-2 * radius]  # beyond the border windows of both passes
         rows[f"{size}px"] = {"radius": radius, "clipforge_ms": round(1000 * ours, 2), "kornia_ms": round(1000 * theirs, 2),
                              "kornia_over_clipforge": round(theirs / ours, 2),

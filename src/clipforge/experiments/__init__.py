@@ -53,8 +53,9 @@ def run_all(cfg: ExperimentConfig, names: tuple[str, ...] = RUN_ORDER, jobs: int
 
     from clipforge.errors import ClipforgeError
     from clipforge.experiments.common import ensure_world
+    from clipforge.utils import usable_cpus
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     threads = threads or max(1, cores // 2)
     here, there = ([n for n in s if n in names] for s in STREAMS)
     here += [n for n in names if n not in here and n not in there]

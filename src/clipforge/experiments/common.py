@@ -27,6 +27,7 @@ from torch import nn
 from clipforge.config import OPENAI_MEAN, OPENAI_STD
 from clipforge.experiments.config import ExperimentConfig
 from clipforge.imageio import as_rgb
+from clipforge.utils import usable_cpus
 
 # -- the world ------------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, de
 
 
 def environment() -> dict[str, Any]:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": cpus, "torch_threads": torch.get_num_threads(), "gpu": gpu,

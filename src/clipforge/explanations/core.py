@@ -155,7 +155,7 @@ def query_embeddings(model: nn.Module, queries: list, preprocess=None, tokenizer
 
 
 def _shifted_maps(visual: nn.Module, x: torch.Tensor, q: torch.Tensor, method: str, shifts: int,
-                  refine: str = "none") -> torch.Tensor:
+                  refine: str) -> torch.Tensor:
     """Raw maps resampled to the input [T, S, S], averaged over ``shifts`` x ``shifts`` cyclic shifts
     of the image by fractions of a grid cell, then refined under the image if asked."""
     if shifts < 1:

@@ -3,7 +3,7 @@ the image's own edges with a colour guided filter (He, Sun and Tang 2010), so a 
 upsampling leaves between a thin object and its background moves onto the object's pixels.
 
 Written here rather than taken from kornia (``guided_blur``): that would be a new dependency of the
-core package, and it ran several times slower on these maps (README, "Explain a result")."""
+core package, and it ran slower on these maps (benchmarks/explain/bench_guided.py)."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from torchvision.transforms import functional as TF
 
 from clipforge.config import PreprocessConfig
 from clipforge.imageio import MAX_FILE_BYTES, RefusedFile, as_rgb, orientation, read_limited, shown_size
+from clipforge.utils import usable_cpus
 
 _INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
@@ -175,9 +176,7 @@ class DecodeGate:
         while self._open is not None and not self._open.wait(self._poll_s):
             try:
                 os.kill(self._owner, 0)
-            except ProcessLookupError:
-                return
-            except PermissionError:  # a pid reused by another user's process: the owner is gone
+            except (ProcessLookupError, PermissionError):  # gone (PermissionError: its pid reused by another user)
                 return
 
     @contextlib.contextmanager
@@ -198,8 +197,7 @@ def gate_decoding(device: torch.device, model_threads: int, num_workers: int) ->
     and the workers together outnumber the cores this process may use."""
     if device.type != "cpu" or num_workers <= 0:
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return model_threads + num_workers > cores
+    return model_threads + num_workers > usable_cpus()
 
 
 class ImageDataset(torch.utils.data.Dataset):

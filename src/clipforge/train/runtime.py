@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from clipforge.train.distributed import DistInfo
+from clipforge.utils import usable_cpus
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -33,7 +34,7 @@ def configure_threads(device: torch.device, workers: int) -> None:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (cores - workers * local_world) // local_world))
 

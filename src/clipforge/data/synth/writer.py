@@ -35,6 +35,7 @@ from clipforge.data.synth.styles import write_caption
 from clipforge.data.synth.tasks import (
     LABEL_COLUMNS, RELATION_CLASSES, build_tasks, label_columns, label_rule, labels, write_tasks,
 )
+from clipforge.utils import usable_cpus
 
 MANIFEST = "world.json"
 GENERATOR_VERSION = 1  # bump when the same config would produce different samples
@@ -161,12 +162,6 @@ def _is_complete(out: Path, manifest: dict[str, Any], cfg: W.SynthConfig) -> boo
     return all(p.is_file() for p in paths)
 
 
-def _cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use, not the machine's
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The world.json of a generated world, or None when there is none (or it is unreadable)."""
     try:
@@ -194,7 +189,7 @@ def generate_world(
     old = None if force else load_manifest(out)
     if old is not None and _is_complete(out, old, cfg):
         return old
-    workers = max(1, workers if workers is not None else _cpus())
+    workers = max(1, workers if workers is not None else usable_cpus())
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten at the end
     sizes = cfg.split_sizes()
