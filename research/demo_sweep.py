@@ -53,6 +53,14 @@ At the one-core demo's length (RESULTS.md, "At the one-core demo's length"):
       | --graycap 0.25 --graykeep black,white | --group colour [--gfrac 0.5] | --lr 3e-3
       | --tdrop 0.25 --group colour --gfrac 0.5 | --tdrop 0.25 --lr 3e-3]
 
+Why the held-out pairs fail (RESULTS.md, same length; --save keeps the model for
+research/demo_heldout_diag.py):
+
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
+      --steps 1800 --warmup 100 --lr 2e-3 --seed 0/1/2 [--scale_init 100 | --hnnce 0.5 | --swapneg 9
+      | --swapneg 9 --lr 3e-3 [--tlr 0.6667] | --swapneg 9 --scale_init 100 | --swapneg 9 --swapcls 1
+      | --tdrop 0.25 | --k1 5] [--save DIR]
+
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one
 colour/shape/size/position/count word swapped) as extra columns of the image->text softmax;
@@ -123,6 +131,12 @@ def shape_stem(visual):
         first = old[0]
         old[0] = nn.Conv2d(a.stem1, first.out_channels, 3, stride=2, padding=1, bias=False)
         visual.conv1 = nn.Sequential(nn.Conv2d(3, a.stem1, 3, padding=1, bias=False), nn.BatchNorm2d(a.stem1), nn.ReLU(inplace=True), *old)
+    if a.k1 or a.c1:  # the first stride-2 conv: kernel size, channels (the second conv takes them)
+        st = visual.conv1
+        k1, c1 = a.k1 or st[0].kernel_size[0], a.c1 or st[0].out_channels
+        st[0] = nn.Conv2d(3, c1, k1, stride=2, padding=(k1 - 1) // 2, bias=False)
+        st[1] = nn.BatchNorm2d(c1)
+        st[3] = nn.Conv2d(c1, st[3].out_channels, 3, stride=2, padding=1, bias=False)
     stem = visual.conv1
     if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of batch statistics
         for k, m_ in enumerate(stem):
@@ -193,6 +207,13 @@ p.add_argument('--lr', type=float, default=2e-3); p.add_argument('--wd', type=fl
 p.add_argument('--warmup', type=int, default=40)
 p.add_argument('--threads', type=int, default=2); p.add_argument('--ntrain', type=int, default=20000)
 p.add_argument('--scale_init', type=float, default=None)
+p.add_argument('--hnnce', type=float, default=0.0, help='HN-NCE hard-negative weighting with this beta (0: the plain CLIP loss)')
+p.add_argument('--swapneg', type=int, default=0, help='K: each image also against its caption with one attribute word swapped for each other class of its kind (up to K)')
+p.add_argument('--swapcls', default='0,1,2,3,4', help='--swapneg: the word classes swapped (0 colour, 1 shape, 2 size, 3 position, 4 count)')
+p.add_argument('--k1', type=int, default=0, help="the conv stem's first convolution: kernel size (stride 2) [3]")
+p.add_argument('--c1', type=int, default=0, help="the conv stem's first convolution: output channels [32]")
+p.add_argument('--save', default=None, help='write the trained model here (clipforge format)')
+p.add_argument('--scale_fix', type=int, default=0, help='keep the logit scale at --scale_init throughout (not learned)')
 p.add_argument('--tpool', default='eot'); p.add_argument('--force_pos', type=float, default=0); p.add_argument('--canon', type=int, default=0); p.add_argument('--tlr', type=float, default=1.0); p.add_argument('--siglip', type=int, default=0); p.add_argument('--neg', type=int, default=0); p.add_argument('--seed', type=int, default=0); p.add_argument('--single_steps', type=int, default=0); p.add_argument('--group', default='none'); p.add_argument('--gsize', type=int, default=8); p.add_argument('--gfrac', type=float, default=1.0)
 p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', type=int, default=None)
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
@@ -263,7 +284,7 @@ if a.multicap:
     TK = [T] + [tok([_caption(sc, _W.split_rng(_world.config.seed, 'train', i, 100 + k)) for i, sc in enumerate(_scenes)]) for k in range(1, a.multicap)]
     print('multicap', a.multicap, flush=True)
 epoch_ = 0
-if a.neg:
+if a.neg or a.swapneg:
     from clipforge.data.synth.captions import SHAPE_WORDS, SIZE_WORDS, plural
     from clipforge.data.synth.world import COLOURS
     cats = []
@@ -295,6 +316,33 @@ if a.neg:
         opts = cats[ci][w_]
         return c[:s0] + opts[nrng.integers(len(opts))] + c[e0:]
     caps_ = [_cap(r) for r in rows]
+if a.swapneg:  # every caption's attribute words, each with one swap per other class of its kind
+    def swaps(c):
+        groups, taken = [], []
+        for ci, cat in enumerate(cats):
+            if str(ci) not in a.swapcls.split(','): continue
+            for w_ in sorted(cat, key=len, reverse=True):
+                for m in _re.finditer(r'(?<![\w-])' + _re.escape(w_) + r'(?![\w-])', c, flags=_re.I):
+                    if any(m.start() < e and s_ < m.end() for s_, e in taken): continue
+                    taken.append((m.start(), m.end()))
+                    alts = list(dict.fromkeys(cats[ci][w_]))
+                    if ci == 1:  # shapes: one word per other shape class
+                        keep = {}
+                        for x in alts:
+                            cls = next(o for o, xs in SHAPE_WORDS.items() if x in xs or x in [plural(y) for y in xs])
+                            keep.setdefault(cls, []).append(x)
+                        alts = [v[nrng.integers(len(v))] for v in keep.values()]
+                    groups.append([c[:m.start()] + x + c[m.end():] for x in alts])
+        return groups
+    SG, flat = [], []
+    for c in caps_:
+        gs = []
+        for g_ in swaps(c):
+            gs.append((len(flat), len(g_))); flat.extend(g_)
+        SG.append(gs)
+    SWT = tok(flat)
+    print('swap negatives', len(flat), 'captions with none', sum(not g_ for g_ in SG), flat[:4], flush=True)
+if a.neg:
     negs = [negate(c) for c in caps_]
     print('neg coverage', sum(n is not None for n in negs) / len(negs), negs[:5], flush=True)
     HASNEG = torch.tensor([n is not None for n in negs])
@@ -310,6 +358,15 @@ if a.sparse:  # the token table at its batch's rows only (OptimConfig.sparse_emb
 opt = (RowAdamW if a.sparse else torch.optim.AdamW)(groups_, lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
 train_step = TrainStep(model, opt, grad_clip=1.0)
 lossf = ContrastiveLoss(kind='siglip' if a.siglip else 'clip')
+if a.hnnce:  # HN-NCE (Radenovic et al. 2023): negatives reweighted by exp(beta * logit), mean weight 1
+    def lossf(imf, txf, scale, bias=None):
+        logits = scale * imf.float() @ txf.float().T
+        n = logits.shape[0]; eye = torch.eye(n, dtype=torch.bool)
+        def one(l):
+            b = (a.hnnce * l.detach()).masked_fill(eye, -float('inf'))
+            logw = math.log(n - 1) + b - torch.logsumexp(b, 1, keepdim=True)
+            return F.cross_entropy(l + logw.masked_fill(eye, 0.0), torch.arange(n))
+        return 0.5 * (one(logits) + one(logits.T))
 SINGLE = torch.tensor([i for i, r in enumerate(rows) if r['count'] == '1'])
 if a.group != 'none':
     if True:
@@ -382,6 +439,27 @@ for step in range(a.steps):
         if a.graycap:  # grey images whose captions no longer name colours
             pick = torch.rand(a.bs, generator=g) < a.graycap
             tokens = drop_words(tokens, g, pick[:, None] & colour_tokens(tokens))
+        if a.swapneg:
+            K = a.swapneg
+            rows_, mask_ = [], []
+            for i in idx.tolist():
+                gs = SG[i]
+                if gs:
+                    st, n_ = gs[int(torch.randint(len(gs), (1,), generator=g))]
+                    r_ = list(range(st, st + min(n_, K)))
+                else:
+                    r_ = []
+                mask_.append([True] * len(r_) + [False] * (K - len(r_)))
+                rows_.extend(r_ + [0] * (K - len(r_)))
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
+                imf = F.normalize(model.encode_image(augment(X[idx], g, pick)).float(), dim=-1)
+                both = F.normalize(model.encode_text(torch.cat([tokens, SWT[rows_]])).float(), dim=-1)
+            txf, ngf = both[:a.bs], both[a.bs:].view(a.bs, K, -1)
+            sc = model.logit_scale.exp().clamp(max=100)
+            li = sc * imf @ txf.T
+            ln_ = (sc * torch.einsum('bd,bkd->bk', imf, ngf)).masked_fill(~torch.tensor(mask_), -1e4)
+            tgt = torch.arange(a.bs)
+            return 0.5 * (F.cross_entropy(torch.cat([li, ln_], 1), tgt) + F.cross_entropy(li.T, tgt))
         if a.neg:
             imf = F.normalize(model.encode_image(prep(X[idx])), dim=-1)
             both = F.normalize(model.encode_text(torch.cat([T[idx], TN[idx]])), dim=-1)
@@ -395,7 +473,9 @@ for step in range(a.steps):
             out = model(augment(X[idx], g, pick), tokens)
         return lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
     loss = train_step.minimise(sweep_loss).loss
-    with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+        if a.scale_fix: model.logit_scale.fill_(math.log(a.scale_init))
     if a.ema:
         ema.update_parameters(model)
     if step % 50 == 0 or step == a.steps-1:
@@ -435,3 +515,5 @@ with torch.no_grad():
         res['probe_' + task] = round(clf.score(img[te].numpy(), [trows[i][col] for i in te]) * 100, 1)
 print(json.dumps({'name': a.name, **vars(a), 'train_s': round(train_s), **res}), flush=True)
 open(a.out, 'a').write(json.dumps({'name': a.name, **vars(a), 'train_s': round(train_s), **res}) + '\n')
+if a.save:
+    clipforge.save(model, a.save)

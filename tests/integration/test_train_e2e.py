@@ -200,3 +200,18 @@ def test_sparse_embeddings_train_checkpoint_and_resume(tmp_path):
     assert resumed["steps"] == 4
     a, b = (clipforge.load(tmp_path / d / "final")[0].state_dict() for d in ("a", "b"))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_swap_negatives_train_and_resume_exactly(tmp_path):
+    """--swap-negatives: a run trains on its captions' swapped copies (other weights than without
+    them), and one stopped at a checkpoint draws the same copies as one that ran straight through."""
+    data = write_csv(tmp_path / "data", n=16)
+    words = tmp_path / "words.json"
+    words.write_text(json.dumps({"colour": [[c] for c in NAMES]}))
+    swap = dict(swap_negatives=3, swap_words=str(words), init_logit_scale=100.0)
+    for out, kw in (("plain", {"init_logit_scale": 100.0}), ("a", swap), ("b", {**swap, "save_every": 2})):
+        trainer_mod.train(nano_config(str(data), tmp_path / out, steps=2 if out == "b" else 4, **kw), progress=False)
+    trainer_mod.train(nano_config(str(data), tmp_path / "b", steps=4, resume="auto", **swap), progress=False)
+    plain, a, b = (clipforge.load(tmp_path / d / "final")[0].state_dict() for d in ("plain", "a", "b"))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert not torch.equal(plain["visual.proj"], a["visual.proj"])

@@ -53,6 +53,12 @@ _CONFIG_FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--crop-scale",), dict(type=float, nargs=2, metavar=("LO", "HI"), help="random resized crop: area fraction "
                              "kept, drawn from [LO, HI]; 1 1 = no crop (default: 0.9 1.0)")),
     (("--patch-dropout",), dict(type=float, metavar="P", help="FLIP: fraction of image patches dropped")),
+    (("--swap-negatives",), dict(type=int, metavar="K", help="per caption, up to K copies with one attribute word "
+                                 "swapped for another value, as extra negatives for its image (needs --swap-words)")),
+    (("--swap-words",), dict(metavar="FILE", help='JSON word groups for --swap-negatives: {"colour": [["red"], '
+                             '["blue"]], "shape": [["circle", "disc"], ["square"]], ...}')),
+    (("--init-logit-scale",), dict(type=float, metavar="S", help="a fresh model's initial logit scale, "
+                                   "1/temperature, at most 100 (default: the architecture's)")),
     (("--lock-unlocked-layers",), dict(type=int, metavar="N", help="keep the last N blocks of a locked tower trainable")),
     (("--nan-policy",), dict(choices=["stop", "skip"], help="on a NaN/Inf loss: stop (default) or skip the step")),
     (("--log-every",), dict(type=int, metavar="N", help="metrics every N steps (default: 10)")),

@@ -52,6 +52,11 @@ class DemoConfig:
     precision: str = "auto"  # auto: bf16 autocast where the CPU computes bf16 natively, else fp32
     cache_mb: int = 1024  # decoded training images kept in memory (20,000 x 64x64x3 bytes: 234 MiB)
     crop_scale: tuple[float, float] = (1.0, 1.0)  # no random crop: captions state positions and sizes
+    # Each caption also against its copies with one attribute word swapped (train.swap_negatives),
+    # from the initial temperature 1/100 (tiny-bow's own is 1/50): circle against hexagon is learnt
+    # in time for the held-out pairs (benchmarks/demo/RESULTS.md)
+    swap_negatives: int = 9
+    logit_scale: float = 100.0
     eval_reserve_s: float = 14.0  # seconds kept for evaluation, saving and the report (7-11 s on one core)
     steps: int | None = None  # fixed step count instead of the time budget
     progress: bool = True
@@ -79,6 +84,17 @@ class DemoConfig:
         # the token table at its batch's rows only: most of tiny-bow's parameters, ~12% of a CPU step
         return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, sparse_embeddings=True)
 
+    def write_swap_words(self, out: str) -> str | None:
+        """The world's attribute words, grouped by value, as ``swap_words`` reads them: ``<out>/swap_words.json``."""
+        if not self.swap_negatives:
+            return None
+        from clipforge.data.synth.captions import attribute_word_groups
+
+        path = Path(out) / "swap_words.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(attribute_word_groups(), indent=1) + "\n")
+        return str(path)
+
     def train_config(self, data: DataConfig, out: str, steps: int, time_budget_s: float | None = None,
                      seed: int | None = None, precision: str | None = None) -> TrainConfig:
         """The demo's training run: ``steps`` of ``batch_size``, or as many as ``time_budget_s`` holds
@@ -89,7 +105,8 @@ class DemoConfig:
             data=data, model=self.model, out=out, batch_size=self.batch_size, workers=self.workers,
             steps=steps if time_budget_s is None else 3 * steps, time_budget_s=time_budget_s,
             seed=self.seed if seed is None else seed, precision=precision or self.resolved_precision(), device="cpu",
-            crop_scale=self.crop_scale, save_every=0, keep_last=1, tensorboard=False, optim=self.optim(),
+            crop_scale=self.crop_scale, swap_negatives=self.swap_negatives, swap_words=self.write_swap_words(out),
+            init_logit_scale=self.logit_scale, save_every=0, keep_last=1, tensorboard=False, optim=self.optim(),
             schedule=ScheduleConfig(kind="cosine", warmup_steps=min(100, max(1, steps // 10))),
             log_every=max(1, min(20, steps // 50)),
         )
@@ -97,7 +114,7 @@ class DemoConfig:
 
 def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: int, data: "DataConfig",
                     optim: "OptimConfig", precision: str = "fp32", timed: int = 10,
-                    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE) -> tuple[int, float]:
+                    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE, swap_negatives: int = 0) -> tuple[int, float]:
     """Steps that fit in ``seconds``, from timing whole training steps as the trainer runs them:
     real batches from ``data`` through the training loader (decode, augment, tokenize) and the
     trainer's own step (``TrainStep``). Synthetic batches time faster than real ones, and a plan
@@ -125,11 +142,20 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
         loader = build_train_loader(data, transform,
                                     factory.tokenizer_for(model), batch_size=batch_size, workers=workers, seed=0)
         batches = iter(loader)
+        negatives = None
+        if swap_negatives:  # the world's attribute words, as the run will swap them
+            from clipforge.data.synth.captions import attribute_word_groups
+            from clipforge.train.swap_negatives import build_swap_table, swap_negatives as make
+
+            text = model.config.text
+            table = build_swap_table(attribute_word_groups(), factory.tokenizer_for(model), text.eot_token_id,
+                                     text.pad_token_id)
+            negatives = lambda tokens: make(tokens, table, swap_negatives, text.eot_token_id, text.pad_token_id)  # noqa: E731
         times = []
         for i in range(3 + timed):
             t = time.perf_counter()
             batch = next(batches)
-            step.step([(batch.images, batch.tokens)])
+            step.step([(batch.images, batch.tokens)], negatives=negatives(batch.tokens) if negatives else None)
             if i >= 3:  # the first steps warm allocators and caches
                 times.append(time.perf_counter() - t)
     finally:
@@ -172,7 +198,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if left < 20:
             raise ClipforgeError(f"a budget of {cfg.minutes} minutes leaves {left:.0f} s for training; give more time")
         steps, per_step = calibrate_steps(cfg.model, cfg.batch_size, left, cfg.workers, data, cfg.optim(), precision,
-                                          crop_scale=cfg.crop_scale)
+                                          crop_scale=cfg.crop_scale, swap_negatives=cfg.swap_negatives)
         # what is left after calibrating, less a few seconds to build the loader and save the model
         budget = cfg.minutes * 60 - (time.time() - t_start) - cfg.eval_reserve_s - 3.0
     run_dir = out / "run"

@@ -112,6 +112,11 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped while training
+    # Swapped-word negatives (train.swap_negatives): up to this many copies of each caption with one
+    # attribute word exchanged for each other value of it, from the word groups in ``swap_words`` (JSON).
+    swap_negatives: int = 0
+    swap_words: str | None = None
+    init_logit_scale: float | None = None  # a fresh model's initial logit scale (1 / temperature); None: the architecture's
     # Random resized crop: the area fraction kept, drawn from [lo, hi]. (1, 1) keeps every pixel
     # where it is, for data whose captions state positions and sizes (the demo world).
     crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE
@@ -153,6 +158,10 @@ class TrainConfig:
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale!r}")
         object.__setattr__(self, "crop_scale", (lo, hi))  # a list from YAML/JSON becomes the tuple
+        if self.swap_negatives < 0 or (self.swap_negatives > 0) != (self.swap_words is not None):
+            raise ConfigError("swap_negatives (>= 0) and swap_words (a JSON file of word groups) go together")
+        if self.init_logit_scale is not None and not 0 < self.init_logit_scale <= 100:
+            raise ConfigError(f"init_logit_scale must lie in (0, 100], got {self.init_logit_scale}")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ConfigError(f"patch_dropout must lie in [0, 1), got {self.patch_dropout}")
         if self.lock_image and self.lock_text and self.lock_unlocked_layers == 0:

@@ -30,6 +30,18 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def clip_loss_with_negatives(image_features: torch.Tensor, text_features: torch.Tensor, negatives: torch.Tensor,
+                             mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``clip_loss`` with extra wrong captions per image (train.swap_negatives): image i is scored
+    against every caption of the batch and its own negatives[i, :] ([N, K, D], where ``mask``); the
+    caption->image direction is unchanged."""
+    scaled = logit_scale * image_features
+    logits = scaled @ text_features.T  # [N, N]
+    extra = torch.einsum("nd,nkd->nk", scaled, negatives).masked_fill(~mask, float("-inf"))  # [N, K]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(torch.cat([logits, extra], 1), labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 def _local_clip_loss(
     img: torch.Tensor, txt: torch.Tensor, all_img: torch.Tensor, all_txt: torch.Tensor, scale: torch.Tensor, offset: int
 ) -> torch.Tensor:

@@ -36,6 +36,8 @@ def build_model(cfg: TrainConfig, resume_dir: Path | None, model: CLIP | None) -
         if cfg.loss == "siglip" or (cfg.loss == "auto" and arch.init_logit_bias is not None):
             # the SigLIP paper's initial temperature and bias (OpenCLIP's configs keep CLIP's temperature)
             arch = arch.replace(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+        if cfg.init_logit_scale is not None:
+            arch = arch.replace(init_logit_scale=math.log(cfg.init_logit_scale))
         if cfg.text_model:
             arch = _with_text_model(arch, cfg.text_model)
         model = factory.create_model(arch)

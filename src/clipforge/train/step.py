@@ -22,7 +22,7 @@ from torch import nn
 from clipforge.train.accumulation import accumulated_contrastive_backward
 from clipforge.train.coca_loss import caption_loss
 from clipforge.train.distributed import all_reduce_sum
-from clipforge.train.loss import ContrastiveLoss
+from clipforge.train.loss import ContrastiveLoss, clip_loss_with_negatives
 from clipforge.train.sparse_rows import sparse_grad_norm
 from clipforge.utils import autocast
 
@@ -86,11 +86,16 @@ class TrainStep:
         self.grad_clip, self.precision, self.device = grad_clip, precision, torch.device(device)
         self.scaler, self.replicated, self.world_size = scaler, list(replicated), world_size
 
-    def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], stop: bool = False) -> StepResult:
-        """One step on the concatenation of ``micro_batches``; ``stop``: this rank asks to stop."""
+    def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], stop: bool = False,
+             negatives: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepResult:
+        """One step on the concatenation of ``micro_batches``; ``stop``: this rank asks to stop.
+        ``negatives``: ([B, K, L] tokens, [B, K] mask) of extra wrong captions per image of a single
+        micro-batch (train.swap_negatives; one process, CLIP's loss, untiled)."""
         # Dropped, not zeroed: the backward then writes each gradient instead of adding it to zeros.
         self.opt.zero_grad(set_to_none=True)
-        if len(micro_batches) == 1:
+        if negatives is not None:
+            loss = self._backward(self._loss_with_negatives(*micro_batches[0], *negatives))
+        elif len(micro_batches) == 1:
             loss = self._backward(self._contrastive_loss(*micro_batches[0]))
         elif self.caption_weight:
             raise ValueError("CoCa's captioning loss is computed on one micro-batch (grad_accum 1)")
@@ -116,6 +121,15 @@ class TrainStep:
         if self.caption_weight:
             loss = loss + self.caption_weight * caption_loss(out.logits.float(), out.labels, self.pad_id)
         return loss
+
+    def _loss_with_negatives(self, images: torch.Tensor, tokens: torch.Tensor, negatives: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+        b, k, length = negatives.shape
+        with autocast(self.precision, self.device):
+            out = self.model(images, torch.cat([tokens, negatives.view(b * k, length)]))
+        txt = out.text_features.float()
+        return clip_loss_with_negatives(out.image_features.float(), txt[:b], txt[b:].view(b, k, -1), mask,
+                                        out.logit_scale.float())
 
     def _backward(self, loss: torch.Tensor) -> torch.Tensor:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

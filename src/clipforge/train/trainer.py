@@ -48,6 +48,7 @@ from clipforge.train.runtime import (
 from clipforge.train.setup import build_model, caption_weight, choose_resume, plan_steps, prepare_model, resolve_loss, wrap_model
 from clipforge.train.state import TrainState, check_resume_settings, resume_settings
 from clipforge.train.step import TrainStep, clip_gradients
+from clipforge.train.swap_negatives import swap_negatives_for
 from clipforge.train.validation import run_validation
 from clipforge.utils import resolve_device
 
@@ -111,6 +112,7 @@ class Trainer:
             self.state.restore(train_state, info.rank)
         self.raw = raw.to(self.device).train()
         self.locked = prepare_model(self.cfg, self.raw)
+        self.make_negatives = swap_negatives_for(cfg, raw, info.world_size)
         self.model, self.replicated = wrap_model(self.raw, cfg, info, self.device)
         self.opt = build_optimizer(self.raw, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -279,7 +281,10 @@ class Trainer:
     def _step(self, micro: list[Any]) -> tuple[float, float]:
         dev = self.device
         pairs = [(b.images.to(dev, non_blocking=True), b.tokens.to(dev, non_blocking=True)) for b in micro]
-        result = self.train_step.step(pairs, stop=self._signalled)
+        negatives = None
+        if self.make_negatives is not None:
+            negatives = tuple(t.to(dev, non_blocking=True) for t in self.make_negatives(micro[0].tokens))
+        result = self.train_step.step(pairs, stop=self._signalled, negatives=negatives)
         self._stop = result.stop
         if result.applied:
             self.state.last_loss = result.loss

@@ -222,3 +222,21 @@ def _multi(scene: Scene, w: _Writer) -> str:
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + w.pick((" and ", ", and ")) + parts[-1]
     frame = w.pick(("{l}", "{l}", "a photo of {l}", "{l} on a {bg}", "{n} shapes: {l}", "an image showing {l}"))
     return frame.format(l=listed, bg=w.backdrop(scene), n=n)
+
+
+def attribute_word_groups() -> dict[str, list[list[str]]]:
+    """The caption words of each attribute, grouped by value (synonyms together): what swapped-word
+    negatives exchange (``TrainConfig.swap_words``). Plural shape names form their own attribute,
+    so that a swap keeps a caption's number; position words are the single words the position
+    and relation phrases are made of."""
+    from clipforge.data.synth.world import COLOURS
+
+    return {
+        "colour": [[c] for c in COLOURS],
+        "shape": [list(words) for words in SHAPE_WORDS.values()],
+        "shapes": [[plural(w) for w in words] for words in SHAPE_WORDS.values()],
+        "size": [list(words) for words in SIZE_WORDS.values()],
+        "number": [list(words) for words in NUMBER_WORDS.values()],
+        "place": [["left"], ["right"], ["top", "upper", "above"], ["bottom", "lower", "below", "beneath", "under"],
+                  ["center", "centre", "middle"]],
+    }

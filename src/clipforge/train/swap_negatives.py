@@ -1,0 +1,129 @@
+"""Swapped-word hard negatives (``TrainConfig.swap_negatives``, ``swap_words``): NegCLIP's
+negatives (Yuksekgonul et al., 2023) with every alternative at once. One attribute word of each
+caption (a colour, a shape, a size ...) is chosen at random and the caption is copied once per
+other value of that attribute ("a red circle" -> "a red hexagon", "a red square", ...); the copies
+are extra wrong answers for the caption's own image only. In-batch negatives rarely differ from a
+caption in one word, so without them the loss barely asks for fine distinctions such as circle
+against hexagon (benchmarks/demo/RESULTS.md).
+
+Words are matched and swapped as token sequences, so captions are not tokenized again; the
+randomness is torch's global generator, which checkpoints save (exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from clipforge.train.config import ConfigError
+
+
+@dataclass(frozen=True)
+class SwapTable:
+    """Token sequences of the attribute words: ``words[seq] = (attribute, value)`` and, per
+    attribute, each value's synonyms as token sequences."""
+
+    words: dict[tuple[int, ...], tuple[int, int]]
+    values: list[list[list[tuple[int, ...]]]]  # [attribute][value] -> synonyms
+    longest: int
+    starts: frozenset[int]  # first tokens of the words: other positions are skipped at once
+
+
+def read_swap_words(path: str | Path) -> dict[str, list[list[str]]]:
+    """A JSON object: attribute name -> list of values, each a list of synonymous words."""
+    try:
+        groups = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"swap_words {path}: {e}") from None
+    ok = isinstance(groups, dict) and all(
+        isinstance(v, list) and len(v) >= 2 and all(isinstance(g, list) and g and all(isinstance(w, str) and w.strip()
+                                                                                       for w in g) for g in v)
+        for v in groups.values())
+    if not ok or not groups:
+        raise ConfigError(f"swap_words {path}: expected {{attribute: [[word, synonym, ...], ...]}} with at least "
+                          "two values per attribute")
+    return groups
+
+
+def build_swap_table(groups: dict[str, list[list[str]]], tokenizer: Callable[[Sequence[str]], torch.Tensor],
+                     eot_id: int, pad_id: int) -> SwapTable:
+    words: dict[tuple[int, ...], tuple[int, int]] = {}
+    values: list[list[list[tuple[int, ...]]]] = []
+    for a, attribute in enumerate(groups.values()):
+        values.append([])
+        for v, synonyms in enumerate(attribute):
+            rows = tokenizer(list(synonyms)).tolist()
+            seqs = [tuple(t for t in row[1:] if t not in (eot_id, pad_id)) for row in rows]
+            values[a].append(seqs)
+            for seq in seqs:
+                if seq in words and words[seq] != (a, v):
+                    raise ConfigError(f"swap_words: {synonyms[seqs.index(seq)]!r} belongs to two values")
+                words[seq] = (a, v)
+    return SwapTable(words, values, max(len(s) for s in words), frozenset(s[0] for s in words))
+
+
+def _matches(row: list[int], table: SwapTable, end: int) -> list[tuple[int, int, int, int]]:
+    """(start, stop, attribute, value) of each attribute word in row[1:end], longest first."""
+    found, i = [], 1
+    while i < end:
+        if row[i] not in table.starts:
+            i += 1
+            continue
+        for n in range(min(table.longest, end - i), 0, -1):
+            hit = table.words.get(tuple(row[i:i + n]))
+            if hit is not None:
+                found.append((i, i + n, *hit))
+                i += n
+                break
+        else:
+            i += 1
+    return found
+
+
+def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int,
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] captions -> ([B, k, L] swapped copies, [B, k] mask of the real ones). A caption
+    without an attribute word has none; one whose attribute has more than k other values gets k of
+    them, drawn at random, each with a random synonym."""
+    b, length = tokens.shape
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's generator (checkpointed)
+    rng = random.Random(seed)
+    out = np.full((b, k, length), pad_id, dtype=np.int64)
+    real = np.zeros((b, k), dtype=bool)
+    for r, row in enumerate(tokens.tolist()):
+        end = row.index(eot_id) if eot_id in row else length
+        found = _matches(row, table, end)
+        if not found:
+            continue
+        start, stop, a, v = found[rng.randrange(len(found))]
+        others = [w for w in range(len(table.values[a])) if w != v]
+        for j, w in enumerate(rng.sample(others, min(k, len(others)))):
+            new = (row[:start] + list(rng.choice(table.values[a][w])) + row[stop:end])[:length - 1] + [eot_id]
+            out[r, j, :len(new)] = new
+            real[r, j] = True
+    return torch.from_numpy(out).to(tokens.dtype), torch.from_numpy(real)
+
+
+def swap_negatives_for(cfg, model, world_size: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The trainer's negatives maker for ``cfg.swap_negatives`` (None when off); refuses the
+    settings the extra columns are not implemented for."""
+    if not cfg.swap_negatives:
+        return None
+    text = model.config.text
+    why = ("it needs one process" if world_size > 1 else "it needs grad_accum 1" if cfg.grad_accum > 1
+           else "it needs CLIP's loss, untiled" if cfg.loss != "clip" or cfg.loss_tile else
+           "a CoCa model's captioning loss is not combined with it" if model.config.decoder is not None else
+           "it needs a text tower that reads CLIP's BPE tokens" if text.hf_model or text.hf_tokenizer_name else None)
+    if why:
+        raise ConfigError(f"swap_negatives: {why}")
+    from clipforge.model.factory import tokenizer_for
+
+    table = build_swap_table(read_swap_words(cfg.swap_words), tokenizer_for(model), text.eot_token_id,
+                             text.pad_token_id)
+    return lambda tokens: swap_negatives(tokens, table, cfg.swap_negatives, text.eot_token_id, text.pad_token_id)

@@ -1,0 +1,115 @@
+"""Swapped-word negatives (TrainConfig.swap_negatives): the copies they make, their loss and their refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.data.synth.captions import attribute_word_groups
+from clipforge.model.tokenizer import decode
+from clipforge.train.config import ConfigError, TrainConfig
+from clipforge.train.loss import clip_loss, clip_loss_with_negatives
+from clipforge.train.setup import build_model
+from clipforge.train.swap_negatives import build_swap_table, read_swap_words, swap_negatives, swap_negatives_for
+
+EOT = 49407
+TABLE = build_swap_table(attribute_word_groups(), clipforge.tokenize, EOT, 0)
+SHAPES = attribute_word_groups()["shape"]
+
+
+def _text(row: torch.Tensor) -> str:
+    return decode([t for t in row.tolist() if t not in (0, 49406, EOT)]).replace(" - ", "-").strip()
+
+
+def _value(word: str, groups: list[list[str]]) -> int:
+    return next(i for i, g in enumerate(groups) if word in g)
+
+
+def test_one_word_swapped_for_each_other_value_multi_token_words_whole():
+    captions = ["a picture of a hexagon", "a plus sign", "a picture of a disc"]
+    torch.manual_seed(0)
+    neg, mask = swap_negatives(clipforge.tokenize(captions), TABLE, 9, EOT, 0)
+    assert neg.shape == (3, 9, 77) and mask.all()  # nine other shapes each
+    for caption, rows in zip(captions, neg):
+        texts = [_text(r) for r in rows]
+        prefix = caption.rsplit(" a ", 1)[0] + " a " if " of " in caption else "a "
+        swapped = [t[len(prefix):] for t in texts]
+        assert all(t.startswith(prefix) for t in texts)
+        own = _value(caption[len(prefix):], SHAPES)
+        assert sorted(_value(w, SHAPES) for w in swapped) == [v for v in range(10) if v != own]
+
+
+def test_at_most_k_copies_none_without_attribute_words_and_padding():
+    tokens = clipforge.tokenize(["a small red square", "nothing to see here", "two blue stars"])
+    torch.manual_seed(1)
+    neg, mask = swap_negatives(tokens, TABLE, 2, EOT, 0)  # every attribute has at least two other values
+    assert mask.sum(1).tolist() == [2, 0, 2] and (neg[1] == 0).all()
+    groups = attribute_word_groups()
+    attribute = {w: name for name, values in groups.items() for g in values for w in g}
+    for row in (0, 2):
+        for j in range(2):
+            words, own = _text(neg[row, j]).split(), _text(tokens[row]).split()
+            changed = [(a, b) for a, b in zip(words, own) if a != b]
+            assert len(words) == len(own) and len(changed) == 1
+            assert attribute[changed[0][0]] == attribute[changed[0][1]]  # "stars" -> another plural shape
+            assert (neg[row, j, (neg[row, j] == EOT).nonzero()[0, 0] + 1:] == 0).all()
+
+
+def test_draws_follow_torchs_generator():
+    tokens = clipforge.tokenize(["a small red square in the top left corner"] * 4)
+    torch.manual_seed(5)
+    a = swap_negatives(tokens, TABLE, 4, EOT, 0)
+    torch.manual_seed(5)
+    b = swap_negatives(tokens, TABLE, 4, EOT, 0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_word_files_are_checked(tmp_path):
+    for body in ("not json", "[1, 2]", json.dumps({"colour": [["red"]]}), json.dumps({"c": [["red"], []]})):
+        (tmp_path / "w.json").write_text(body)
+        with pytest.raises(ConfigError, match="swap_words"):
+            read_swap_words(tmp_path / "w.json")
+    with pytest.raises(ConfigError, match="two values"):
+        build_swap_table({"c": [["red"], ["red", "blue"]]}, clipforge.tokenize, EOT, 0)
+
+
+def test_loss_with_negatives():
+    g = torch.Generator().manual_seed(0)
+    img, txt = (torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(2))
+    neg = torch.nn.functional.normalize(torch.randn(6, 3, 8, generator=g), dim=-1)
+    scale = torch.tensor(20.0)
+    none = torch.zeros(6, 3, dtype=torch.bool)
+    assert torch.allclose(clip_loss_with_negatives(img, txt, neg, none, scale), clip_loss(img, txt, scale))
+    mask = torch.tensor([[1, 1, 0]] * 6, dtype=torch.bool)
+    logits = torch.cat([scale * img @ txt.T, scale * torch.einsum("nd,nkd->nk", img, neg[:, :2])], 1)
+    want = (torch.nn.functional.cross_entropy(logits, torch.arange(6))
+            + torch.nn.functional.cross_entropy(scale * txt @ img.T, torch.arange(6))) / 2
+    assert torch.allclose(clip_loss_with_negatives(img, txt, neg, mask, scale), want)
+
+
+def test_config_and_refusals(tmp_path):
+    words = tmp_path / "w.json"
+    words.write_text(json.dumps({"colour": [["red"], ["blue"]]}))
+    with pytest.raises(ConfigError, match="go together"):
+        TrainConfig(swap_negatives=4)
+    with pytest.raises(ConfigError, match="go together"):
+        TrainConfig(swap_words=str(words))
+    for bad in (0.0, 101.0):
+        with pytest.raises(ConfigError, match="init_logit_scale"):
+            TrainConfig(init_logit_scale=bad)
+    model = clipforge.create_model("nano")
+    assert swap_negatives_for(TrainConfig(loss="clip"), model, 1) is None
+    cfg = TrainConfig(swap_negatives=2, swap_words=str(words), loss="clip")
+    assert swap_negatives_for(cfg, model, 1) is not None
+    for over, world, why in ((dict(loss="siglip"), 1, "CLIP's loss"), (dict(loss_tile=4), 1, "CLIP's loss"),
+                             (dict(grad_accum=2), 1, "grad_accum"), ({}, 2, "one process")):
+        with pytest.raises(ConfigError, match=why):
+            swap_negatives_for(TrainConfig(**{**dict(swap_negatives=2, swap_words=str(words), loss="clip"), **over}),
+                               model, world)
+
+
+def test_init_logit_scale_sets_a_fresh_models_temperature():
+    model = build_model(TrainConfig(model="nano", init_logit_scale=100.0), None, None)
+    assert math.isclose(model.logit_scale.item(), math.log(100.0), rel_tol=1e-6)
