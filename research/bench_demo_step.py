@@ -6,10 +6,12 @@
     .venv/bin/python research/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
     .venv/bin/python research/bench_demo_step.py --compare alloc   # freed memory kept for reuse vs glibc default
     .venv/bin/python research/bench_demo_step.py --compare sparse  # token table's used rows vs dense gradient
+    .venv/bin/python research/bench_demo_step.py --compare swap    # with the 9 swapped-word copies vs without
 
 One step is the trainer's own (``clipforge.train.step.TrainStep``: clear the gradients, bf16
 autocast forward of ``tiny-bow``, the contrastive loss in fp32, backward, clipping at 1.0, fused
-AdamW) on a synthetic batch (128 images of 64 px, captions of 20 tokens), without the loader.
+AdamW) on a synthetic batch (128 images of 64 px, captions of 20 tokens; ``swap``: 128 of the world's
+captions and their swapped-word copies, made in the step as the trainer makes them), without the loader.
 Each side runs in its own process, one model per process as in training (two models in one
 process share the allocator, and what one frees the other reuses), and the processes alternate
 (A B, B A, ...) so the shared host's drift falls on both alike. Per process: the median step time
@@ -39,6 +41,7 @@ VARIANTS = {
     "act": ("|x| first stage", "ReLU first stage"),
     "alloc": ("freed memory reused", "glibc default"),
     "sparse": ("token table's rows (sparse_embeddings)", "dense token table gradient"),
+    "swap": ("9 swapped-word copies per caption", "no copies"),
 }
 
 
@@ -73,12 +76,22 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     images = torch.randn(128, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))
     tokens[:, 20:] = 0
+    make = None
+    if compare == "swap":  # world captions (random ids hold no attribute words to swap)
+        from clipforge.data.synth import SynthConfig, make_sample
+        from clipforge.data.synth.captions import attribute_word_groups
+        from clipforge.train.swap_negatives import build_swap_table, swap_negatives
+
+        tokens = clipforge.tokenize([make_sample(SynthConfig(), "train", i).caption for i in range(128)])
+        if not alternative:
+            table = build_swap_table(attribute_word_groups(), clipforge.tokenize, 49407, 0)
+            make = functools.partial(swap_negatives, table=table, k=9, eot_id=49407, pad_id=0)
     times, faults0 = [], 0
     for i in range(warmup + steps):
         if i == warmup:
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        step.step([(images, tokens)])
+        step.step([(images, tokens)], negatives=make(tokens) if make else None)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
