@@ -36,7 +36,8 @@ PAIRS = (("hexagon", "circle"), ("cross", "star"))
 
 
 def lines(path: str) -> list[str]:
-    return [x for x in open(path).read().split("\n") if x]
+    with open(path) as f:
+        return [x for x in f.read().split("\n") if x]
 
 
 def main() -> int:
@@ -46,7 +47,8 @@ def main() -> int:
     p.add_argument("--per-shape", type=int, default=150, help="scenes per shape for the pair statistics")
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = SynthConfig(**json.load(open(f"{a.world}/world.json"))["config"])
+    with open(f"{a.world}/world.json") as f:
+        cfg = SynthConfig(**json.load(f)["config"])
     model, pre = clipforge.load(a.model)
     classes = lines(f"{a.world}/tasks/shape_classes.txt")
     weights = build_zeroshot_classifier(model, classes, lines(f"{a.world}/tasks/shape_templates.txt"))

@@ -12,7 +12,12 @@ from clipforge.model.tokenizer import decode
 from clipforge.train.config import ConfigError, TrainConfig
 from clipforge.train.loss import clip_loss, clip_loss_with_negatives
 from clipforge.train.setup import build_model
-from clipforge.train.swap_negatives import build_swap_table, read_swap_words, swap_negatives, swap_negatives_for
+from clipforge.train.swap_negatives import (
+    build_swap_table,
+    read_swap_words,
+    swap_negatives,
+    swap_negatives_for,
+)
 
 EOT = 49407
 TABLE = build_swap_table(attribute_word_groups(), clipforge.tokenize, EOT, 0)
