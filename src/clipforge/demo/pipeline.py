@@ -5,7 +5,6 @@ paths (CSV data source, trainer, own checkpoint format, evaluation), as a user's
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -146,14 +145,9 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
         negatives = None
         if swap_negatives:  # the world's attribute words, as the run will swap them
             from clipforge.data.synth.captions import attribute_word_groups
-            from clipforge.train.swap_negatives import build_swap_table
-            from clipforge.train.swap_negatives import swap_negatives as make
+            from clipforge.train.swap_negatives import negatives_maker
 
-            text = model.config.text
-            table = build_swap_table(attribute_word_groups(), factory.tokenizer_for(model), text.eot_token_id,
-                                     text.pad_token_id)
-            negatives = functools.partial(make, table=table, k=swap_negatives, eot_id=text.eot_token_id,
-                                          pad_id=text.pad_token_id)
+            negatives = negatives_maker(attribute_word_groups(), model, swap_negatives)
         times = []
         for i in range(3 + timed):
             t = time.perf_counter()

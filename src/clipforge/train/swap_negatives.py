@@ -12,6 +12,7 @@ randomness is torch's global generator, which checkpoints save (exact resume).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -110,7 +111,10 @@ def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int,
     return torch.from_numpy(out).to(tokens.dtype), torch.from_numpy(real)
 
 
-def swap_negatives_for(cfg, model, world_size: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+Maker = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # tokens -> (copies, mask)
+
+
+def swap_negatives_for(cfg, model, world_size: int) -> Maker | None:
     """The trainer's negatives maker for ``cfg.swap_negatives`` (None when off); refuses the
     settings the extra columns are not implemented for."""
     if not cfg.swap_negatives:
@@ -122,8 +126,13 @@ def swap_negatives_for(cfg, model, world_size: int) -> Callable[[torch.Tensor], 
            "it needs a text tower that reads CLIP's BPE tokens" if text.hf_model or text.hf_tokenizer_name else None)
     if why:
         raise ConfigError(f"swap_negatives: {why}")
+    return negatives_maker(read_swap_words(cfg.swap_words), model, cfg.swap_negatives)
+
+
+def negatives_maker(groups: dict[str, list[list[str]]], model, k: int) -> Maker:
+    """tokens -> (up to ``k`` swapped copies, mask) for ``model``'s tokenizer and word ``groups``."""
     from clipforge.model.factory import tokenizer_for
 
-    table = build_swap_table(read_swap_words(cfg.swap_words), tokenizer_for(model), text.eot_token_id,
-                             text.pad_token_id)
-    return lambda tokens: swap_negatives(tokens, table, cfg.swap_negatives, text.eot_token_id, text.pad_token_id)
+    text = model.config.text
+    table = build_swap_table(groups, tokenizer_for(model), text.eot_token_id, text.pad_token_id)
+    return functools.partial(swap_negatives, table=table, k=k, eot_id=text.eot_token_id, pad_id=text.pad_token_id)
