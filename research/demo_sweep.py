@@ -213,7 +213,6 @@ p.add_argument('--swapcls', default='0,1,2,3,4', help='--swapneg: the word class
 p.add_argument('--k1', type=int, default=0, help="the conv stem's first convolution: kernel size (stride 2) [3]")
 p.add_argument('--c1', type=int, default=0, help="the conv stem's first convolution: output channels [32]")
 p.add_argument('--save', default=None, help='write the trained model here (clipforge format)')
-p.add_argument('--scale_fix', type=int, default=0, help='keep the logit scale at --scale_init throughout (not learned)')
 p.add_argument('--tpool', default='eot'); p.add_argument('--force_pos', type=float, default=0); p.add_argument('--canon', type=int, default=0); p.add_argument('--tlr', type=float, default=1.0); p.add_argument('--siglip', type=int, default=0); p.add_argument('--neg', type=int, default=0); p.add_argument('--seed', type=int, default=0); p.add_argument('--single_steps', type=int, default=0); p.add_argument('--group', default='none'); p.add_argument('--gsize', type=int, default=8); p.add_argument('--gfrac', type=float, default=1.0)
 p.add_argument('--vlayers', type=int, default=None); p.add_argument('--patch', type=int, default=None)
 p.add_argument('--multicap', type=int, default=0, help='K captions per training image, one per epoch in turn (regenerated from the scene)')
@@ -473,9 +472,7 @@ for step in range(a.steps):
             out = model(augment(X[idx], g, pick), tokens)
         return lossf(out.image_features, out.text_features, out.logit_scale, getattr(out, 'logit_bias', None))
     loss = train_step.minimise(sweep_loss).loss
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))
-        if a.scale_fix: model.logit_scale.fill_(math.log(a.scale_init))
+    with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
     if a.ema:
         ema.update_parameters(model)
     if step % 50 == 0 or step == a.steps-1:
