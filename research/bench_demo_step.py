@@ -6,12 +6,17 @@
     .venv/bin/python research/bench_demo_step.py --compare act     # stem's first activation |x| vs ReLU
     .venv/bin/python research/bench_demo_step.py --compare alloc   # freed memory kept for reuse vs glibc default
     .venv/bin/python research/bench_demo_step.py --compare sparse  # token table's used rows vs dense gradient
-    .venv/bin/python research/bench_demo_step.py --compare swap    # with the 9 swapped-word copies vs without
+    .venv/bin/python research/bench_demo_step.py --compare swap    # with the demo's swapped-word copies vs without
+    .venv/bin/python research/bench_demo_step.py --compare words   # copies of every attribute word vs of one
+    .venv/bin/python research/bench_demo_step.py --compare kernel  # stem's first convolution 5x5 vs 3x3
+    .venv/bin/python research/bench_demo_step.py --compare bag     # text mean in one embedding_bag vs padded
 
 One step is the trainer's own (``clipforge.train.step.TrainStep``: clear the gradients, bf16
 autocast forward of ``tiny-bow``, the contrastive loss in fp32, backward, clipping at 1.0, fused
 AdamW) on a synthetic batch (128 images of 64 px, captions of 20 tokens; ``swap``: 128 of the world's
-captions and their swapped-word copies, made in the step as the trainer makes them), without the loader.
+captions and their swapped-word copies as the demo makes them in the step, up to 64 per caption of
+every attribute word; ``bag``: the same, both sides; ``words``: against up to 9 of one word), without
+the loader.
 Each side runs in its own process, one model per process as in training (two models in one
 process share the allocator, and what one frees the other reuses), and the processes alternate
 (A B, B A, ...) so the shared host's drift falls on both alike. Per process: the median step time
@@ -39,19 +44,24 @@ VARIANTS = {
     "stem": ("channels-last stem", "NCHW stem"),
     "pool": ("class token", "mean of patch tokens"),
     "act": ("|x| first stage", "ReLU first stage"),
+    "kernel": ("5x5 first convolution", "3x3 first convolution"),
     "alloc": ("freed memory reused", "glibc default"),
     "sparse": ("token table's rows (sparse_embeddings)", "dense token table gradient"),
-    "swap": ("9 swapped-word copies per caption", "no copies"),
+    "swap": ("swapped-word copies of every attribute word (up to 64)", "no copies"),
+    "words": ("copies of every attribute word (up to 64)", "copies of one word drawn at random (up to 9)"),
+    "bag": ("text mean gathered and summed at once (embedding_bag)", "text mean over a padded [B, N, W] tensor"),
 }
 
 
 def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: int) -> dict:
     """One side, in this process: median seconds per step and minor page faults per step."""
+    import dataclasses
     import functools
 
     import torch
 
     import clipforge
+    from clipforge.model.registry import get_config
     from clipforge.train.config import OptimConfig
     from clipforge.train.optim import build_optimizer
     from clipforge.train.runtime import reuse_freed_memory
@@ -60,12 +70,17 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     torch.set_num_threads(threads)
     if compare != "alloc" or not alternative:
         reuse_freed_memory()  # as the trainer does on a CPU
-    model = clipforge.create_model("tiny-bow", seed=0).train()
+    cfg = get_config("tiny-bow")
+    if alternative and compare == "kernel":
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem_kernel=3))
+    model = clipforge.create_model(cfg, seed=0).train()
     if alternative and compare == "stem":
         model.visual.stem_is_conv = False  # skips the channels-last reorder
     if alternative and compare == "pool":
         full = model.visual.transformer.forward  # every position through every block, then the mean
         model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
+    if alternative and compare == "bag":
+        model.text.bag_mean = False
     if alternative and compare == "act":
         model.visual.conv1[2] = torch.nn.ReLU(inplace=True)  # the stem's first activation
     sparse = compare != "sparse" or not alternative  # the demo now trains with sparse_embeddings
@@ -77,15 +92,17 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))
     tokens[:, 20:] = 0
     make = None
-    if compare == "swap":  # world captions (random ids hold no attribute words to swap)
+    if compare in ("swap", "bag", "words"):  # world captions (random ids hold no attribute words to swap)
         from clipforge.data.synth import SynthConfig, make_sample
         from clipforge.data.synth.captions import attribute_word_groups
         from clipforge.train.swap_negatives import build_swap_table, swap_negatives
 
         tokens = clipforge.tokenize([make_sample(SynthConfig(), "train", i).caption for i in range(128)])
-        if not alternative:
+        if compare != "swap" or not alternative:
             table = build_swap_table(attribute_word_groups(), clipforge.tokenize, 49407, 0)
-            make = functools.partial(swap_negatives, table=table, k=9, eot_id=49407, pad_id=0)
+            every = not (compare == "words" and alternative)
+            make = functools.partial(swap_negatives, table=table, k=64 if every else 9, eot_id=49407, pad_id=0,
+                                     every_word=every)
     times, faults0 = [], 0
     for i in range(warmup + steps):
         if i == warmup:

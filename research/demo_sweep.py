@@ -209,6 +209,7 @@ p.add_argument('--threads', type=int, default=2); p.add_argument('--ntrain', typ
 p.add_argument('--scale_init', type=float, default=None)
 p.add_argument('--hnnce', type=float, default=0.0, help='HN-NCE hard-negative weighting with this beta (0: the plain CLIP loss)')
 p.add_argument('--swapneg', type=int, default=0, help='K: each image also against its caption with one attribute word swapped for each other class of its kind (up to K)')
+p.add_argument('--swapall', type=int, default=0, help='--swapneg: swaps of every attribute word of the caption at once (up to K), not of one drawn at random')
 p.add_argument('--swapcls', default='0,1,2,3,4', help='--swapneg: the word classes swapped (0 colour, 1 shape, 2 size, 3 position, 4 count)')
 p.add_argument('--k1', type=int, default=0, help="the conv stem's first convolution: kernel size (stride 2) [3]")
 p.add_argument('--c1', type=int, default=0, help="the conv stem's first convolution: output channels [32]")
@@ -443,7 +444,9 @@ for step in range(a.steps):
             rows_, mask_ = [], []
             for i in idx.tolist():
                 gs = SG[i]
-                if gs:
+                if gs and a.swapall:  # every attribute word's swaps at once, up to K
+                    r_ = [x for st, n_ in gs for x in range(st, st + n_)][:K]
+                elif gs:
                     st, n_ = gs[int(torch.randint(len(gs), (1,), generator=g))]
                     r_ = list(range(st, st + min(n_, K)))
                 else:
@@ -452,8 +455,10 @@ for step in range(a.steps):
                 rows_.extend(r_ + [0] * (K - len(r_)))
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(a.bf16)):
                 imf = F.normalize(model.encode_image(augment(X[idx], g, pick)).float(), dim=-1)
-                both = F.normalize(model.encode_text(torch.cat([tokens, SWT[rows_]])).float(), dim=-1)
-            txf, ngf = both[:a.bs], both[a.bs:].view(a.bs, K, -1)
+                real_ = torch.tensor(mask_)  # the real copies only, as the trainer encodes them
+                both = F.normalize(model.encode_text(torch.cat([tokens, SWT[torch.tensor(rows_)[real_.view(-1)]]])).float(), dim=-1)
+            txf, ngf = both[:a.bs], both.new_zeros(a.bs, K, both.shape[1])
+            ngf[real_] = both[a.bs:]
             sc = model.logit_scale.exp().clamp(max=100)
             li = sc * imf @ txf.T
             ln_ = (sc * torch.einsum('bd,bkd->bk', imf, ngf)).masked_fill(~torch.tensor(mask_), -1e4)

@@ -38,6 +38,9 @@ class VisionConfig:
     # The conv stem's first activation. "abs" rectifies with |x| (Jarrett et al. 2009), so shape
     # features learned on bright objects carry over to dark ones. Later stages keep ReLU.
     stem_act: Literal["relu", "abs"] = "relu"
+    # The conv stem's first kernel (odd). 5 sees an outline's corners at 64 px where 3 sees edges:
+    # the demo's model tells hexagons from circles sooner with it (benchmarks/demo/RESULTS.md).
+    stem_kernel: int = 3
     # A timm image tower, as OpenCLIP's vision_cfg names and means these fields (its TimmModel),
     # so OpenCLIP's state dicts load 1:1. timm_pool: the trunk's global pooling ('avg', 'token',
     # 'map', '' for the trunk's default, ...) or an attention pool on the feature map ('abs_attn',
@@ -97,6 +100,10 @@ class VisionConfig:
             raise ValueError(f"VisionConfig.stem_act must be 'relu' or 'abs', got {self.stem_act!r}")
         if self.stem_act != "relu" and self.stem != "conv":
             raise ValueError("VisionConfig.stem_act applies to a conv stem only (stem='conv')")
+        if self.stem_kernel < 1 or self.stem_kernel % 2 == 0:
+            raise ValueError(f"VisionConfig.stem_kernel must be odd and >= 1, got {self.stem_kernel}")
+        if self.stem_kernel != 3 and self.stem != "conv":
+            raise ValueError("VisionConfig.stem_kernel applies to a conv stem only (stem='conv')")
         if self.arch == "resnet" and self.image_size % 32:
             raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
         object.__setattr__(self, "resnet_layers", tuple(self.resnet_layers))

@@ -97,3 +97,34 @@ def test_channels_last_stem_on_the_cpu_computes_the_same_and_keeps_weights_conti
         model.visual.stem_is_conv = False  # the plain NCHW path
         b = model.encode_image(images)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_first_kernel_sizes_only_the_first_convolution_and_keeps_the_grid():
+    stem = conv_stem(128, 8, "abs", first_kernel=5)
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(5, 5), (3, 3), (3, 3), (1, 1)]
+    assert stem(torch.randn(2, 3, 64, 64)).shape == (2, 128, 8, 8)
+    with pytest.raises(ValueError, match="stem_kernel"):
+        VisionConfig(arch="vit", image_size=64, patch_size=8, stem="conv", stem_kernel=4)
+    with pytest.raises(ValueError, match="conv stem only"):
+        VisionConfig(arch="vit", image_size=64, patch_size=8, stem_kernel=5)
+    assert get_config("tiny-bow").vision.stem_kernel == 5
+
+
+def test_a_checkpoint_without_the_kernel_field_loads_as_three(tmp_path):
+    """Models saved before stem_kernel existed had 3x3 first convolutions: their config, lacking
+    the field, must rebuild that and not the registry's current 5x5."""
+    import json
+
+    cfg = _conv_stem_config("abs")
+    model = clipforge.create_model(cfg, seed=0).eval()
+    clipforge.save(model, tmp_path / "m")
+    meta = tmp_path / "m" / "config.json"
+    data = json.loads(meta.read_text())
+    assert data["vision"].pop("stem_kernel") == 3
+    meta.write_text(json.dumps(data))
+    loaded, _ = clipforge.load(tmp_path / "m")
+    assert loaded.config.vision.stem_kernel == 3
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), loaded.encode_image(x))

@@ -62,6 +62,27 @@ def test_at_most_k_copies_none_without_attribute_words_and_padding():
             assert (neg[row, j, (neg[row, j] == EOT).nonzero()[0, 0] + 1:] == 0).all()
 
 
+def test_every_word_swapped_in_turn_each_copy_differs_in_one_word():
+    groups = attribute_word_groups()
+    attribute = {w: name for name, values in groups.items() for g in values for w in g}
+    caption = "a small red square"
+    tokens = clipforge.tokenize([caption, "nothing to see here"])
+    torch.manual_seed(2)
+    neg, mask = swap_negatives(tokens, TABLE, 64, EOT, 0, every_word=True)
+    expected = {"small": len(groups["size"]) - 1, "red": len(groups["colour"]) - 1, "square": len(SHAPES) - 1}
+    assert mask.sum(1).tolist() == [sum(expected.values()), 0]
+    changed = []
+    for row in neg[0, mask[0]]:
+        diff = [(a, b) for a, b in zip(_text(row).split(), caption.split()) if a != b]
+        assert len(diff) == 1 and attribute[diff[0][0]] == attribute[diff[0][1]]
+        changed.append(diff[0][1])
+    assert {w: changed.count(w) for w in expected} == expected  # each word against each other value once
+    torch.manual_seed(2)
+    few, few_mask = swap_negatives(tokens, TABLE, 5, EOT, 0, every_word=True)
+    assert few_mask.sum(1).tolist() == [5, 0]  # a random five of them
+    assert {_text(r) for r in few[0]} <= {_text(r) for r in neg[0, mask[0]]}
+
+
 def test_draws_follow_torchs_generator():
     tokens = clipforge.tokenize(["a small red square in the top left corner"] * 4)
     torch.manual_seed(5)
@@ -69,6 +90,28 @@ def test_draws_follow_torchs_generator():
     torch.manual_seed(5)
     b = swap_negatives(tokens, TABLE, 4, EOT, 0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_step_encodes_only_the_real_copies_and_scores_as_the_padded_batch():
+    """TrainStep sends only the copies the mask marks through the text tower; the loss equals
+    clip_loss_with_negatives on every row encoded, padding included."""
+    from clipforge.train.step import TrainStep
+
+    model = clipforge.create_model("tiny-bow", seed=0).train()
+    images = torch.randn(3, 3, 64, 64)
+    tokens = clipforge.tokenize(["a small red square", "nothing to see here", "two blue stars"])
+    torch.manual_seed(3)
+    neg, mask = swap_negatives(tokens, TABLE, 12, EOT, 0, every_word=True)
+    assert 0 < mask.sum() < mask.numel()
+    seen = []
+    model.text.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), precision="fp32", device="cpu")
+    got = step._loss_with_negatives(images, tokens, neg, mask)
+    assert seen == [3 + int(mask.sum())]
+    out = model(images, torch.cat([tokens, neg.view(-1, neg.shape[-1])]))
+    want = clip_loss_with_negatives(out.image_features, out.text_features[:3], out.text_features[3:].view(3, 12, -1),
+                                    mask, out.logit_scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_word_files_are_checked(tmp_path):
@@ -101,6 +144,8 @@ def test_config_and_refusals(tmp_path):
         TrainConfig(swap_negatives=4)
     with pytest.raises(ConfigError, match="go together"):
         TrainConfig(swap_words=str(words))
+    with pytest.raises(ConfigError, match="swap_every_word"):
+        TrainConfig(swap_every_word=True)
     for bad in (0.0, 101.0):
         with pytest.raises(ConfigError, match="init_logit_scale"):
             TrainConfig(init_logit_scale=bad)

@@ -106,3 +106,30 @@ def test_zero_layers_needs_the_mean():
         TextConfig(layers=0)
     with pytest.raises(ValueError, match="layers"):
         TextConfig(layers=-1, pool="mean")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_zero_layers_gradients_match_the_padded_mean(sparse):
+    """The bag-of-words tower gathers and sums in one pass (embedding_bag): outputs and the token
+    table's and positions' gradients equal those of the written-out mean over a padded batch."""
+    model = clipforge.create_model("tiny-bow", seed=0).train()
+    text = model.text
+    text.token_embedding.sparse = sparse
+    tokens = clipforge.tokenize(["a red circle", "two small blue stars near the top", "x"])
+    weights = torch.randn(len(tokens), model.config.embed_dim)
+
+    def written_out() -> torch.Tensor:
+        rows = []
+        for row in tokens:
+            n = int((row == text.cfg.eot_token_id).int().argmax()) + 1
+            rows.append((text.token_embedding.weight[row[:n]] + text.positional_embedding[:n]).mean(0))
+        return text.ln_final(torch.stack(rows)) @ text.text_projection
+
+    params = [text.token_embedding.weight, text.positional_embedding, text.text_projection]
+    got, want = model.encode_text(tokens), written_out()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    want_grads = torch.autograd.grad((want * weights).sum(), params)
+    assert got_grads[0].is_sparse == sparse
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, rtol=1e-5, atol=1e-6)

@@ -79,6 +79,7 @@ _SWITCHES = [
     ("--resampled", "sample shards with replacement (an endless stream)"),
     ("--sparse-embeddings", "update the token table only at the rows a batch uses (one process; faster for "
                             "small models on a CPU)"),
+    ("--swap-every-word", "--swap-negatives: swap each attribute word of a caption in turn, not one drawn at random"),
 ]
 
 

@@ -10,6 +10,7 @@ matrix, or an ``nn.Linear`` with ``proj_bias``; ``ls_1.gamma``/``ls_2.gamma`` wi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipforge.config import TextConfig
@@ -56,6 +57,9 @@ class TextTransformer(nn.Module):
         # prefer static shapes (the .item() below is a host sync). A bidirectional model, or one
         # pooled at the last position, always runs the full context: padding is attended to.
         self.trim_padding = True
+        # A tower without blocks averages in one gather-and-sum (``_bag_mean``); off, it takes the
+        # padded [B, N, W] path as towers with blocks do (research/bench_demo_step.py compares the two).
+        self.bag_mean = cfg.layers == 0 and cfg.pool == "mean"
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -135,6 +139,8 @@ class TextTransformer(nn.Module):
             x = self.transformer(x, causal=causal, rows=tokens.shape[1], mask=mask)  # [B, W]
             return self._project(self.ln_final(x), project)
         pos = self.pooled_positions(tokens)  # [B]
+        if self.bag_mean and not torch.onnx.is_in_onnx_export():
+            return self._project(self.ln_final(self._bag_mean(tokens, pos)), project)
         if self.trim_padding and causal:
             tokens = tokens[:, : int(pos.max()) + 1]
         n = tokens.shape[1]
@@ -149,6 +155,18 @@ class TextTransformer(nn.Module):
             # so pooling first is the same.
             x = self.transformer(x, causal=causal, rows=pos)  # [B, W]
         return self._project(self.ln_final(x), project)  # [B, E]
+
+    def _bag_mean(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """A tower without blocks: the mean of token and position embeddings up to the end token,
+        gathered and summed in one pass (``embedding_bag``) rather than through a [B, N, W] tensor:
+        the same figures at a fraction of a bag-of-words step's text cost (research/bench_demo_step.py)."""
+        n = int(pos.max()) + 1
+        tokens, length = tokens[:, :n], (pos + 1).unsqueeze(1)
+        weights = (torch.arange(n, device=tokens.device)[None, :] < length) / length
+        table = self.token_embedding
+        x = F.embedding_bag(tokens, table.weight, per_sample_weights=weights.to(table.weight.dtype), mode="sum",
+                            sparse=table.sparse)
+        return x + self.positional_embedding[:n].cumsum(0)[pos] / length  # the positions' mean, from their running sum
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable

@@ -21,11 +21,12 @@ class AbsActivation(nn.Module):
         return x.abs()
 
 
-def conv_stem(width: int, patch_size: int, first_act: str = "relu") -> nn.Sequential:
+def conv_stem(width: int, patch_size: int, first_act: str = "relu", first_kernel: int = 3) -> nn.Sequential:
     """3x3 stride-2 convs (BatchNorm + ReLU) from 3 channels to ``width``, log2(patch) of them,
     then a 1x1 conv: the same [B, width, H/p, W/p] grid as a patch embedding, with a CNN's
     locality prior. Channels double per stage and end at ``width``. ``first_act='abs'`` rectifies
-    the first stage with |x| instead (VisionConfig.stem_act explains why)."""
+    the first stage with |x| instead (VisionConfig.stem_act explains why); ``first_kernel`` sizes
+    the first convolution (VisionConfig.stem_kernel)."""
     if first_act not in ("relu", "abs"):
         raise ValueError(f"first_act must be 'relu' or 'abs', got {first_act!r}")
     stages = patch_size.bit_length() - 1
@@ -34,7 +35,8 @@ def conv_stem(width: int, patch_size: int, first_act: str = "relu") -> nn.Sequen
     c_in = 3
     for i, c in enumerate(chans):
         act = AbsActivation() if i == 0 and first_act == "abs" else nn.ReLU(inplace=True)
-        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), act]
+        k = first_kernel if i == 0 else 3
+        layers += [nn.Conv2d(c_in, c, k, stride=2, padding=k // 2, bias=False), nn.BatchNorm2d(c), act]
         c_in = c
     layers.append(nn.Conv2d(c_in, width, 1))
     return nn.Sequential(*layers)
@@ -52,7 +54,7 @@ class VisionTransformer(nn.Module):
         self.grid = cfg.image_size // p
         self.stem_is_conv = cfg.stem == "conv"
         if self.stem_is_conv:
-            self.conv1: nn.Module = conv_stem(width, p, cfg.stem_act)
+            self.conv1: nn.Module = conv_stem(width, p, cfg.stem_act, cfg.stem_kernel)
         else:
             self.conv1 = nn.Conv2d(3, width, kernel_size=p, stride=p, bias=False)
         scale = width**-0.5

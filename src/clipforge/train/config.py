@@ -113,9 +113,11 @@ class TrainConfig:
     compile: bool = False
     patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped while training
     # Swapped-word negatives (train.swap_negatives): up to this many copies of each caption with one
-    # attribute word exchanged for each other value of it, from the word groups in ``swap_words`` (JSON).
+    # attribute word exchanged for each other value of it, from the word groups in ``swap_words`` (JSON);
+    # the word is drawn at random, or with ``swap_every_word`` each is swapped in turn.
     swap_negatives: int = 0
     swap_words: str | None = None
+    swap_every_word: bool = False
     init_logit_scale: float | None = None  # a fresh model's initial logit scale (1 / temperature); None: the architecture's
     # Random resized crop: the area fraction kept, drawn from [lo, hi]. (1, 1) keeps every pixel
     # where it is, for data whose captions state positions and sizes (the demo world).
@@ -160,6 +162,8 @@ class TrainConfig:
         object.__setattr__(self, "crop_scale", (lo, hi))  # a list from YAML/JSON becomes the tuple
         if self.swap_negatives < 0 or (self.swap_negatives > 0) != (self.swap_words is not None):
             raise ConfigError("swap_negatives (>= 0) and swap_words (a JSON file of word groups) go together")
+        if self.swap_every_word and not self.swap_negatives:
+            raise ConfigError("swap_every_word needs swap_negatives")
         if self.init_logit_scale is not None and not 0 < self.init_logit_scale <= 100:
             raise ConfigError(f"init_logit_scale must lie in (0, 100], got {self.init_logit_scale}")
         if not 0.0 <= self.patch_dropout < 1.0:

@@ -124,12 +124,13 @@ class TrainStep:
 
     def _loss_with_negatives(self, images: torch.Tensor, tokens: torch.Tensor, negatives: torch.Tensor,
                              mask: torch.Tensor) -> torch.Tensor:
-        b, k, length = negatives.shape
-        with autocast(self.precision, self.device):
-            out = self.model(images, torch.cat([tokens, negatives.view(b * k, length)]))
+        b, k, _ = negatives.shape
+        with autocast(self.precision, self.device):  # the real copies only: captions have few or many
+            out = self.model(images, torch.cat([tokens, negatives[mask]]))
         txt = out.text_features.float()
-        return clip_loss_with_negatives(out.image_features.float(), txt[:b], txt[b:].view(b, k, -1), mask,
-                                        out.logit_scale.float())
+        copies = txt.new_zeros(b, k, txt.shape[1])
+        copies[mask] = txt[b:]
+        return clip_loss_with_negatives(out.image_features.float(), txt[:b], copies, mask, out.logit_scale.float())
 
     def _backward(self, loss: torch.Tensor) -> torch.Tensor:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -1,8 +1,9 @@
 """Swapped-word hard negatives (``TrainConfig.swap_negatives``, ``swap_words``): NegCLIP's
 negatives (Yuksekgonul et al., 2023) with every alternative at once. One attribute word of each
-caption (a colour, a shape, a size ...) is chosen at random and the caption is copied once per
-other value of that attribute ("a red circle" -> "a red hexagon", "a red square", ...); the copies
-are extra wrong answers for the caption's own image only. In-batch negatives rarely differ from a
+caption (a colour, a shape, a size ...) is chosen at random, or with ``swap_every_word`` each of
+them in turn, and the caption is copied once per other value of that attribute ("a red circle" ->
+"a red hexagon", "a red square", ...); the copies are extra wrong answers for the caption's own
+image only. In-batch negatives rarely differ from a
 caption in one word, so without them the loss barely asks for fine distinctions such as circle
 against hexagon (benchmarks/demo/RESULTS.md).
 
@@ -87,11 +88,12 @@ def _matches(row: list[int], table: SwapTable, end: int) -> list[tuple[int, int,
     return found
 
 
-def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int,
-                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int, pad_id: int,
+                   every_word: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, L] captions -> ([B, k, L] swapped copies, [B, k] mask of the real ones). A caption
-    without an attribute word has none; one whose attribute has more than k other values gets k of
-    them, drawn at random, each with a random synonym."""
+    without an attribute word has none. One word, drawn at random, is swapped for each other value
+    of its attribute (``every_word``: each word in turn, in random order); past k copies, a random
+    k of them are kept. Each copy takes a random synonym of its new value."""
     b, length = tokens.shape
     seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's generator (checkpointed)
     rng = random.Random(seed)
@@ -102,9 +104,9 @@ def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int,
         found = _matches(row, table, end)
         if not found:
             continue
-        start, stop, a, v = found[rng.randrange(len(found))]
-        others = [w for w in range(len(table.values[a])) if w != v]
-        for j, w in enumerate(rng.sample(others, min(k, len(others)))):
+        words = found if every_word else [found[rng.randrange(len(found))]]
+        swaps = [(start, stop, a, w) for start, stop, a, v in words for w in range(len(table.values[a])) if w != v]
+        for j, (start, stop, a, w) in enumerate(rng.sample(swaps, min(k, len(swaps)))):
             new = (row[:start] + list(rng.choice(table.values[a][w])) + row[stop:end])[:length - 1] + [eot_id]
             out[r, j, :len(new)] = new
             real[r, j] = True
@@ -126,13 +128,14 @@ def swap_negatives_for(cfg, model, world_size: int) -> Maker | None:
            "it needs a text tower that reads CLIP's BPE tokens" if text.hf_model or text.hf_tokenizer_name else None)
     if why:
         raise ConfigError(f"swap_negatives: {why}")
-    return negatives_maker(read_swap_words(cfg.swap_words), model, cfg.swap_negatives)
+    return negatives_maker(read_swap_words(cfg.swap_words), model, cfg.swap_negatives, cfg.swap_every_word)
 
 
-def negatives_maker(groups: dict[str, list[list[str]]], model, k: int) -> Maker:
+def negatives_maker(groups: dict[str, list[list[str]]], model, k: int, every_word: bool = False) -> Maker:
     """tokens -> (up to ``k`` swapped copies, mask) for ``model``'s tokenizer and word ``groups``."""
     from clipforge.model.factory import tokenizer_for
 
     text = model.config.text
     table = build_swap_table(groups, tokenizer_for(model), text.eot_token_id, text.pad_token_id)
-    return functools.partial(swap_negatives, table=table, k=k, eot_id=text.eot_token_id, pad_id=text.pad_token_id)
+    return functools.partial(swap_negatives, table=table, k=k, eot_id=text.eot_token_id, pad_id=text.pad_token_id,
+                             every_word=every_word)
