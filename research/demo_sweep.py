@@ -137,6 +137,12 @@ def shape_stem(visual):
         st[0] = nn.Conv2d(3, c1, k1, stride=2, padding=(k1 - 1) // 2, bias=False)
         st[1] = nn.BatchNorm2d(c1)
         st[3] = nn.Conv2d(c1, st[3].out_channels, 3, stride=2, padding=1, bias=False)
+    if a.lumhalf:  # the first conv's first N filters colour-blind: one weight shared by R, G and B
+        import torch.nn.utils.parametrize as P_
+        class _Blind(nn.Module):
+            def forward(self, w):
+                return torch.cat([w[:a.lumhalf].mean(1, keepdim=True).expand(-1, w.shape[1], -1, -1), w[a.lumhalf:]])
+        P_.register_parametrization(visual.conv1[0], 'weight', _Blind())
     stem = visual.conv1
     if a.stemnorm == 'gn':  # per-image normalisation in the conv stem instead of batch statistics
         for k, m_ in enumerate(stem):
@@ -211,6 +217,7 @@ p.add_argument('--hnnce', type=float, default=0.0, help='HN-NCE hard-negative we
 p.add_argument('--swapneg', type=int, default=0, help='K: each image also against its caption with one attribute word swapped for each other class of its kind (up to K)')
 p.add_argument('--swapall', type=int, default=0, help='--swapneg: swaps of every attribute word of the caption at once (up to K), not of one drawn at random')
 p.add_argument('--swapcls', default='0,1,2,3,4', help='--swapneg: the word classes swapped (0 colour, 1 shape, 2 size, 3 position, 4 count)')
+p.add_argument('--lumhalf', type=int, default=0, help="the stem's first N filters see luminance only (weights shared across R, G, B)")
 p.add_argument('--k1', type=int, default=0, help="the conv stem's first convolution: kernel size (stride 2) [3]")
 p.add_argument('--c1', type=int, default=0, help="the conv stem's first convolution: output channels [32]")
 p.add_argument('--save', default=None, help='write the trained model here (clipforge format)')

@@ -38,8 +38,8 @@ class VisionConfig:
     # The conv stem's first activation. "abs" rectifies with |x| (Jarrett et al. 2009), so shape
     # features learned on bright objects carry over to dark ones. Later stages keep ReLU.
     stem_act: Literal["relu", "abs"] = "relu"
-    # The conv stem's first kernel (odd). 5 sees an outline's corners at 64 px where 3 sees edges:
-    # the demo's model tells hexagons from circles sooner with it (benchmarks/demo/RESULTS.md).
+    # The conv stem's first kernel (odd); the demo's model opens with 5, for the corners that tell a
+    # small hexagon from a circle at 64 px (benchmarks/demo/RESULTS.md).
     stem_kernel: int = 3
     # A timm image tower, as OpenCLIP's vision_cfg names and means these fields (its TimmModel),
     # so OpenCLIP's state dicts load 1:1. timm_pool: the trunk's global pooling ('avg', 'token',

@@ -54,8 +54,8 @@ class DemoConfig:
     cache_mb: int = 1024  # decoded training images kept in memory (20,000 x 64x64x3 bytes: 234 MiB)
     crop_scale: tuple[float, float] = (1.0, 1.0)  # no random crop: captions state positions and sizes
     # Each caption also against its copies with one attribute word swapped, every word in turn
-    # (train.swap_negatives), from the initial temperature 1/100 (tiny-bow's own is 1/50): circle
-    # against hexagon is learnt in time for the held-out pairs (benchmarks/demo/RESULTS.md)
+    # (train.swap_negatives), from the initial temperature 1/100 (tiny-bow's own is 1/50): the loss
+    # then asks for fine distinctions such as circle against hexagon (benchmarks/demo/RESULTS.md)
     swap_negatives: int = 64
     swap_every_word: bool = True
     logit_scale: float = 100.0

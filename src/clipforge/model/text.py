@@ -158,8 +158,8 @@ class TextTransformer(nn.Module):
 
     def _bag_mean(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """A tower without blocks: the mean of token and position embeddings up to the end token,
-        gathered and summed in one pass (``embedding_bag``) rather than through a [B, N, W] tensor:
-        the same figures at a fraction of a bag-of-words step's text cost (research/bench_demo_step.py)."""
+        gathered and summed in one pass (``embedding_bag``) rather than through a [B, N, W] tensor;
+        the same figures, less time (research/bench_demo_step.py --compare bag)."""
         n = int(pos.max()) + 1
         tokens, length = tokens[:, :n], (pos + 1).unsqueeze(1)
         weights = (torch.arange(n, device=tokens.device)[None, :] < length) / length
