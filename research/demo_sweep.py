@@ -59,7 +59,14 @@ research/demo_heldout_diag.py):
   python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
       --steps 1800 --warmup 100 --lr 2e-3 --seed 0/1/2 [--scale_init 100 | --hnnce 0.5 | --swapneg 9
       | --swapneg 9 --lr 3e-3 [--tlr 0.6667] | --swapneg 9 --scale_init 100 | --tdrop 0.25] [--save DIR]
-  (--swapcls and --k1/--c1 exist for runs not made yet: swaps of some word classes only; the stem's first conv)
+  (--swapcls and --c1 exist for runs not made yet: swaps of some word classes only; the first conv's channels)
+
+Every attribute word swapped, and the stem's first convolution (RESULTS.md, "Every attribute word swapped";
+tiny-bow now opens with 5x5, so --k1 3 gives the earlier stem):
+
+  python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
+      --steps 1800 --warmup 100 --lr 2e-3 --scale_init 100 --seed 0/1/2/3 [--swapneg 9 --k1 3 | --swapneg 64
+      --swapall 1 --k1 3 | --swapneg 9 --k1 5 | --swapneg 64 --swapall 1 --k1 5 [--lumhalf 16]] [--save DIR]
 
 --tpool mean swaps in a mean-pooled text forward for models built with end-token pooling (the
 library's TextConfig.pool='mean' does the same); --neg 1 adds NegCLIP-style negative captions (one

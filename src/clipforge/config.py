@@ -41,6 +41,10 @@ class VisionConfig:
     # The conv stem's first kernel (odd); the demo's model opens with 5, for the corners that tell a
     # small hexagon from a circle at 64 px (benchmarks/demo/RESULTS.md).
     stem_kernel: int = 3
+    # How many of the conv stem's first filters see only the sum of the colour channels (one weight
+    # for R, G and B): shape features that cannot tell colours apart, so what they learn on nine
+    # colours also answers the tenth (the demo's black hexagons; benchmarks/demo/RESULTS.md).
+    stem_gray: int = 0
     # A timm image tower, as OpenCLIP's vision_cfg names and means these fields (its TimmModel),
     # so OpenCLIP's state dicts load 1:1. timm_pool: the trunk's global pooling ('avg', 'token',
     # 'map', '' for the trunk's default, ...) or an attention pool on the feature map ('abs_attn',
@@ -104,6 +108,8 @@ class VisionConfig:
             raise ValueError(f"VisionConfig.stem_kernel must be odd and >= 1, got {self.stem_kernel}")
         if self.stem_kernel != 3 and self.stem != "conv":
             raise ValueError("VisionConfig.stem_kernel applies to a conv stem only (stem='conv')")
+        if self.stem_gray < 0 or (self.stem_gray and self.stem != "conv"):
+            raise ValueError(f"VisionConfig.stem_gray must be >= 0, and > 0 only with a conv stem, got {self.stem_gray}")
         if self.arch == "resnet" and self.image_size % 32:
             raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
         object.__setattr__(self, "resnet_layers", tuple(self.resnet_layers))

@@ -13,7 +13,7 @@ from clipforge.config import ClipConfig, VisionConfig
 from clipforge.errors import CheckpointError
 from clipforge.model.checkpoints import export
 from clipforge.model.registry import get_config
-from clipforge.model.vision import conv_stem
+from clipforge.model.vision import ColourBlindSplit, conv_stem
 
 
 @pytest.mark.parametrize("patch,width", [(2, 32), (4, 64), (8, 128), (16, 96)])
@@ -125,6 +125,41 @@ def test_a_checkpoint_without_the_kernel_field_loads_as_three(tmp_path):
     meta.write_text(json.dumps(data))
     loaded, _ = clipforge.load(tmp_path / "m")
     assert loaded.config.vision.stem_kernel == 3
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(x), loaded.encode_image(x))
+
+
+def test_colour_blind_filters_answer_the_channel_sum_only():
+    """stem_gray: the first N filters see R + G + B; two images with the same channel sum give
+    them the same response (and the colour filters a different one)."""
+    split = ColourBlindSplit(32, 5, 16)
+    x = torch.randn(2, 3, 32, 32)
+    y = x[:, [2, 0, 1]]  # colours permuted: every pixel's channel sum kept
+    with torch.no_grad():
+        fx, fy = split(x), split(y)
+    assert fx.shape == (2, 32, 16, 16)
+    torch.testing.assert_close(fx[:, :16], fy[:, :16])
+    assert not torch.allclose(fx[:, 16:], fy[:, 16:])
+    split(x).sum().backward()
+    assert split.gray.weight.grad is not None and split.colour.weight.grad is not None
+    for bad in (0, 32):
+        with pytest.raises(ValueError, match="gray filters"):
+            ColourBlindSplit(32, 5, bad)
+    with pytest.raises(ValueError, match="stem_gray"):
+        VisionConfig(arch="vit", image_size=64, patch_size=8, stem_gray=4)
+    with pytest.raises(ValueError, match="stem_gray"):
+        VisionConfig(arch="vit", image_size=64, patch_size=8, stem="conv", stem_gray=-1)
+    assert isinstance(clipforge.create_model("tiny-bow").visual.conv1[0], ColourBlindSplit)
+
+
+def test_colour_blind_stem_saves_and_loads_exactly(tmp_path):
+    cfg = _conv_stem_config("abs")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem_kernel=5, stem_gray=8))
+    model = clipforge.create_model(cfg, seed=0).eval()
+    clipforge.save(model, tmp_path / "m")
+    loaded, _ = clipforge.load(tmp_path / "m")
+    assert loaded.config.vision.stem_gray == 8
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), loaded.encode_image(x))

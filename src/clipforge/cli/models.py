@@ -82,7 +82,8 @@ def _image_tower(v) -> str:
     tower = f"{'SigLIP ' if v.arch == 'siglip' else ''}ViT/{v.patch_size} x{v.layers}"
     if v.arch == "vit" and v.stem == "conv":
         tower += " conv stem" + (" |x|" if v.stem_act == "abs" else "") + \
-            (f" {v.stem_kernel}x{v.stem_kernel}" if v.stem_kernel != 3 else "")
+            (f" {v.stem_kernel}x{v.stem_kernel}" if v.stem_kernel != 3 else "") + \
+            (f" {v.stem_gray} gray" if v.stem_gray else "")
     if v.arch == "vit" and v.pool == "avg":
         tower += " avg"
     if v.attentional_pool:

