@@ -142,7 +142,7 @@ def test_colour_blind_filters_answer_the_channel_sum_only():
     torch.testing.assert_close(fx[:, :16], fy[:, :16])
     assert not torch.allclose(fx[:, 16:], fy[:, 16:])
     split(x).sum().backward()
-    assert split.gray.weight.grad is not None and split.colour.weight.grad is not None
+    assert split.gray_weight.grad is not None and split.colour_weight.grad is not None
     for bad in (0, 32):
         with pytest.raises(ValueError, match="gray filters"):
             ColourBlindSplit(32, 5, bad)
