@@ -61,8 +61,9 @@ research/demo_heldout_diag.py):
       | --swapneg 9 --lr 3e-3 [--tlr 0.6667] | --swapneg 9 --scale_init 100 | --tdrop 0.25] [--save DIR]
   (--swapcls and --c1 exist for runs not made yet: swaps of some word classes only; the first conv's channels)
 
-Every attribute word swapped, and the stem's first convolution (RESULTS.md, "Every attribute word swapped";
-tiny-bow now opens with 5x5, so --k1 3 gives the earlier stem):
+Every attribute word swapped, the stem's first convolution, colour-blind first filters (RESULTS.md, "Every
+attribute word swapped"; tiny-bow now opens with a 5x5 convolution, and --k1 K puts a plain KxK one in its
+place: --k1 3 gives the earlier stem; --lumhalf 16, tried and not kept, makes half its filters colour-blind):
 
   python research/demo_sweep.py --world demo_out/world --model tiny-bow --bf16 1 --sparse 1 --threads 1 \
       --steps 1800 --warmup 100 --lr 2e-3 --scale_init 100 --seed 0/1/2/3 [--swapneg 9 --k1 3 | --swapneg 64

