@@ -42,8 +42,8 @@ def _bow(name: str, width: int, layers: int) -> ClipConfig:
     """``tiny-bow`` (the demo's learner) at another width and depth: the scaling sweep's family,
     so that every size trains with the recipe that learns the world's tasks."""
     base = get_config("tiny-bow")
-    first = conv_stem_channels(width, base.vision.patch_size)[0]
-    gray = first // 2 if base.vision.stem_gray else 0  # half the first filters colour-blind where tiny-bow's are
+    # half the first filters colour-blind where tiny-bow's are
+    gray = conv_stem_channels(width, base.vision.patch_size)[0] // 2 if base.vision.stem_gray else 0
     vision = dataclasses.replace(base.vision, width=width, layers=layers, heads=max(1, width // 64), stem_gray=gray)
     text = dataclasses.replace(base.text, width=width, heads=max(1, width // 64))
     return dataclasses.replace(base, embed_dim=width, vision=vision, text=text, name=name)

@@ -38,8 +38,7 @@ class ColourBlindSplit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([self.gray_weight.expand(-1, 3, -1, -1), self.colour_weight])
-        return F.conv2d(x, weight.to(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) else weight, stride=2, padding=self.padding)
+        return F.conv2d(x, weight, stride=2, padding=self.padding)
 
 
 def conv_stem_channels(width: int, patch_size: int) -> list[int]:
