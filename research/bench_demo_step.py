@@ -11,12 +11,13 @@
     .venv/bin/python research/bench_demo_step.py --compare kernel  # stem's first convolution 5x5 vs 3x3
     .venv/bin/python research/bench_demo_step.py --compare gray    # half the first filters colour-blind vs none (not kept)
     .venv/bin/python research/bench_demo_step.py --compare bag     # text mean in one embedding_bag vs padded
+    .venv/bin/python research/bench_demo_step.py --compare gather  # the batch's words gathered first vs per occurrence
 
 One step is the trainer's own (``clipforge.train.step.TrainStep``: clear the gradients, bf16
 autocast forward of ``tiny-bow``, the contrastive loss in fp32, backward, clipping at 1.0, fused
 AdamW) on a synthetic batch (128 images of 64 px, captions of 20 tokens; ``swap``: 128 of the world's
 captions and their swapped-word copies as the demo makes them in the step, up to 64 per caption of
-every attribute word; ``bag``: the same, both sides; ``words``: against up to 9 of one word), without
+every attribute word; ``bag``, ``gather``: the same, both sides; ``words``: against up to 9 of one word), without
 the loader.
 Each side runs in its own process, one model per process as in training (two models in one
 process share the allocator, and what one frees the other reuses), and the processes alternate
@@ -52,7 +53,23 @@ VARIANTS = {
     "swap": ("swapped-word copies of every attribute word (up to 64)", "no copies"),
     "words": ("copies of every attribute word (up to 64)", "copies of one word drawn at random (up to 9)"),
     "bag": ("text mean gathered and summed at once (embedding_bag)", "text mean over a padded [B, N, W] tensor"),
+    "gather": ("the batch's words gathered first (one gradient row per word)",
+               "a gradient row per token occurrence (coalesced by clipping and the optimizer)"),
 }
+
+
+def _bag_mean_per_occurrence(text, tokens, pos):
+    """TextTransformer._bag_mean before the batch's words were gathered first."""
+    import torch
+    import torch.nn.functional as F
+
+    n = int(pos.max()) + 1
+    tokens, length = tokens[:, :n], (pos + 1).unsqueeze(1)
+    weights = (torch.arange(n)[None, :] < length) / length
+    table = text.token_embedding
+    x = F.embedding_bag(tokens, table.weight, per_sample_weights=weights.to(table.weight.dtype), mode="sum",
+                        sparse=table.sparse)
+    return x + text.positional_embedding[:n].cumsum(0)[pos] / length
 
 
 def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: int) -> dict:
@@ -85,6 +102,8 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
         model.visual.transformer.forward = lambda x, causal=False, rows=None: full(x, causal)[:, 1:].mean(1)
     if alternative and compare == "bag":
         model.text.bag_mean = False
+    if alternative and compare == "gather":  # embedding_bag straight on the token table, as before
+        model.text._bag_mean = functools.partial(_bag_mean_per_occurrence, model.text)
     if alternative and compare == "act":
         model.visual.conv1[2] = torch.nn.ReLU(inplace=True)  # the stem's first activation
     sparse = compare != "sparse" or not alternative  # the demo now trains with sparse_embeddings
@@ -96,7 +115,7 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))
     tokens[:, 20:] = 0
     make = None
-    if compare in ("swap", "bag", "words"):  # world captions (random ids hold no attribute words to swap)
+    if compare in ("swap", "bag", "words", "gather"):  # world captions (random ids hold no attribute words to swap)
         from clipforge.data.synth import SynthConfig, make_sample
         from clipforge.data.synth.captions import attribute_word_groups
         from clipforge.train.swap_negatives import build_swap_table, swap_negatives

@@ -110,8 +110,8 @@ def test_zero_layers_needs_the_mean():
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_zero_layers_gradients_match_the_padded_mean(sparse):
-    """The bag-of-words tower gathers and sums in one pass (embedding_bag): outputs and the token
-    table's and positions' gradients equal those of the written-out mean over a padded batch."""
+    """The bag-of-words tower gathers the batch's words and sums in one pass (embedding_bag): outputs
+    and the token table's and positions' gradients equal those of the written-out mean over a padded batch."""
     model = clipforge.create_model("tiny-bow", seed=0).train()
     text = model.text
     text.token_embedding.sparse = sparse
@@ -131,5 +131,7 @@ def test_zero_layers_gradients_match_the_padded_mean(sparse):
     got_grads = torch.autograd.grad((got * weights).sum(), params)
     want_grads = torch.autograd.grad((want * weights).sum(), params)
     assert got_grads[0].is_sparse == sparse
+    if sparse:  # one gradient row per distinct word of the batch (padding included), not per occurrence
+        assert got_grads[0]._nnz() == len(torch.unique(tokens[:, :int((tokens != 0).sum(1).max())]))
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, rtol=1e-5, atol=1e-6)

@@ -164,8 +164,11 @@ class TextTransformer(nn.Module):
         tokens, length = tokens[:, :n], (pos + 1).unsqueeze(1)
         weights = (torch.arange(n, device=tokens.device)[None, :] < length) / length
         table = self.token_embedding
-        x = F.embedding_bag(tokens, table.weight, per_sample_weights=weights.to(table.weight.dtype), mode="sum",
-                            sparse=table.sparse)
+        # Summed over the batch's own words (a few hundred rows), whose gradient is then one row per
+        # word: a sparse gradient per token occurrence cost more to coalesce than the rest of the tower.
+        words, inverse = torch.unique(tokens, return_inverse=True)
+        rows = F.embedding(words, table.weight, sparse=table.sparse)
+        x = F.embedding_bag(inverse, rows, per_sample_weights=weights.to(rows.dtype), mode="sum")
         return x + self.positional_embedding[:n].cumsum(0)[pos] / length  # the positions' mean, from their running sum
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
