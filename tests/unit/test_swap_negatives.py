@@ -13,6 +13,7 @@ from clipforge.train.config import ConfigError, TrainConfig
 from clipforge.train.loss import clip_loss, clip_loss_with_negatives
 from clipforge.train.setup import build_model
 from clipforge.train.swap_negatives import (
+    attested_pairs,
     build_swap_table,
     read_swap_words,
     swap_negatives,
@@ -81,6 +82,33 @@ def test_every_word_swapped_in_turn_each_copy_differs_in_one_word():
     few, few_mask = swap_negatives(tokens, TABLE, 5, EOT, 0, every_word=True)
     assert few_mask.sum(1).tolist() == [5, 0]  # a random five of them
     assert {_text(r) for r in few[0]} <= {_text(r) for r in neg[0, mask[0]]}
+
+
+def test_attested_copies_only_pair_words_the_training_captions_pair():
+    """With ``attested``, a swap is kept only where the new word and each attribute word beside it
+    form a pair some training caption has: "black" is never followed by "hexagon" below, so no copy
+    says "black hexagon", and the swaps it keeps are ones the unfiltered copies make too."""
+    groups = attribute_word_groups()
+    training = [f"a {c} {s}" for c in ("black", "white", "red") for s in ("circle", "hexagon", "square")
+                if (c, s) != ("black", "hexagon")] + ["two black circles", "two white hexagons"]
+    attested = attested_pairs(clipforge.tokenize(training), TABLE, EOT)
+    colour, shape = (list(groups).index(n) for n in ("colour", "shape"))
+    black, white = (_value(c, groups["colour"]) for c in ("black", "white"))
+    hexagon = _value("hexagon", SHAPES)
+    assert ((colour, white), (shape, hexagon)) in attested and ((colour, black), (shape, hexagon)) not in attested
+    assert len(attested) == 8 + 2 + 2  # one pair per "a <colour> <shape>", two per "two <colour> <shapes>"
+    captions = ["a black circle", "a white hexagon", "a small black circle in the top left corner"]
+    tokens = clipforge.tokenize(captions)
+    torch.manual_seed(4)
+    every, every_mask = swap_negatives(tokens, TABLE, 64, EOT, 0, every_word=True)
+    torch.manual_seed(4)
+    kept, kept_mask = swap_negatives(tokens, TABLE, 64, EOT, 0, every_word=True, attested=attested)
+    got = [{_text(x) for x in kept[r, kept_mask[r]]} for r in range(3)]
+    every_text = [{_text(x) for x in every[r, every_mask[r]]} for r in range(3)]
+    assert got[0] == {"a white circle", "a red circle", "a black square"} < every_text[0]
+    assert got[1] == {"a red hexagon", "a white circle", "a white square"} < every_text[1]
+    assert got[2] == set() and len(every_text[2]) == 28  # no training caption pairs a size or a place with anything
+    assert "a black hexagon" in {_text(x) for x in every[0, every_mask[0]]}
 
 
 def test_draws_follow_torchs_generator():
@@ -158,6 +186,32 @@ def test_config_and_refusals(tmp_path):
         with pytest.raises(ConfigError, match=why):
             swap_negatives_for(TrainConfig(**{**dict(swap_negatives=2, swap_words=str(words), loss="clip"), **over}),
                                model, world)
+
+
+def test_attested_pairs_come_from_the_training_table(tmp_path):
+    from clipforge.data.config import DataConfig
+    from clipforge.data.sources import table_captions
+
+    words = tmp_path / "w.json"
+    words.write_text(json.dumps({"colour": [["red"], ["blue"], ["green"]], "shape": [["circle"], ["star"]]}))
+    table = tmp_path / "train.csv"
+    table.write_text('image,caption\na.png,a red circle\nb.png,a blue star\nc.png,\nd.png,"a green circle, big"\n')
+    data = DataConfig(path=str(table))
+    assert table_captions(data) == ["a red circle", "a blue star", "a green circle, big"]  # the empty one skipped
+    with pytest.raises(ConfigError, match="swap_attested needs swap_negatives"):
+        TrainConfig(swap_attested=True, data=data)
+    model = clipforge.create_model("nano")
+    make = swap_negatives_for(TrainConfig(data=data, swap_negatives=4, swap_words=str(words), swap_every_word=True,
+                                          swap_attested=True, loss="clip"), model, 1)
+    neg, mask = make(clipforge.tokenize(["a red circle", "a blue circle"]))
+    assert sorted(_text(r) for r in neg[0, mask[0]]) == ["a green circle"]  # no blue circle, no red star
+    assert sorted(_text(r) for r in neg[1, mask[1]]) == ["a blue star", "a green circle", "a red circle"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "000.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match="swap_attested: .*not WebDataset"):
+        swap_negatives_for(TrainConfig(data=DataConfig(path=str(shards / "000.tar")), swap_negatives=4,
+                                       swap_words=str(words), swap_attested=True, loss="clip"), model, 1)
 
 
 def test_init_logit_scale_sets_a_fresh_models_temperature():

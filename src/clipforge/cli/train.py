@@ -80,6 +80,8 @@ _SWITCHES = [
     ("--sparse-embeddings", "update the token table only at the rows a batch uses (one process; faster for "
                             "small models on a CPU)"),
     ("--swap-every-word", "--swap-negatives: swap each attribute word of a caption in turn, not one drawn at random"),
+    ("--swap-attested", "--swap-negatives: only copies whose neighbouring attribute words form a pair some training "
+                        "caption has (the captions are read first; tables and folders)"),
 ]
 
 

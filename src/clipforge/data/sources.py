@@ -27,10 +27,10 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from clipforge.data.config import DataConfig, resolve_kind, rng_for, seed_for
-from clipforge.data.skips import SKIP_KINDS, RawSample, Skip, load_sample, note_skip
+from clipforge.data.skips import SKIP_KINDS, RawSample, Skip, decode_caption, load_sample, note_skip, read_file
 from clipforge.errors import DataError
 
-__all__ = ["DataConfig", "Batch", "SKIP_KINDS", "MapBatches", "StreamBatches", "open_index"]
+__all__ = ["DataConfig", "Batch", "SKIP_KINDS", "MapBatches", "StreamBatches", "open_index", "table_captions"]
 
 log = logging.getLogger("clipforge.data")
 _REPORT_EVERY = 64  # a stream worker reports skips at least this often, batch or not
@@ -63,6 +63,26 @@ def open_index(cfg: DataConfig, kind: str | None = None, with_extras: bool = Fal
 
         return read_folder(cfg)
     raise DataError(f"{cfg.path} is WebDataset shards, not a table or folder")
+
+
+def table_captions(cfg: DataConfig) -> list[str]:
+    """Every usable caption of a table or folder source, images unread (a row whose caption
+    cannot be read is left out, as training would skip it)."""
+    kind = resolve_kind(cfg)
+    if kind == "wds":
+        raise DataError(f"{cfg.path}: the training captions are read before the run from a table or folder, "
+                        "not WebDataset shards")
+    index = open_index(cfg, kind)
+    out = []
+    for i in range(len(index)):
+        raw = index.raw(i)
+        text = raw.caption
+        if raw.bad is None and text is None and raw.caption_path is not None:
+            text = read_file(raw.caption_path)
+        text = None if raw.bad is not None or isinstance(text, Skip) else decode_caption(text)
+        if isinstance(text, str):
+            out.append(text)
+    return out
 
 
 class Featurizer:

@@ -118,6 +118,9 @@ class TrainConfig:
     swap_negatives: int = 0
     swap_words: str | None = None
     swap_every_word: bool = False
+    # ... and only copies whose neighbouring attribute words form a pair found in the training captions
+    # (read once before the run; tables and folders): no "black hexagon" where none was ever shown
+    swap_attested: bool = False
     init_logit_scale: float | None = None  # a fresh model's initial logit scale (1 / temperature); None: the architecture's
     # Random resized crop: the area fraction kept, drawn from [lo, hi]. (1, 1) keeps every pixel
     # where it is, for data whose captions state positions and sizes (the demo world).
@@ -164,6 +167,8 @@ class TrainConfig:
             raise ConfigError("swap_negatives (>= 0) and swap_words (a JSON file of word groups) go together")
         if self.swap_every_word and not self.swap_negatives:
             raise ConfigError("swap_every_word needs swap_negatives")
+        if self.swap_attested and not self.swap_negatives:
+            raise ConfigError("swap_attested needs swap_negatives")
         if self.init_logit_scale is not None and not 0 < self.init_logit_scale <= 100:
             raise ConfigError(f"init_logit_scale must lie in (0, 100], got {self.init_logit_scale}")
         if not 0.0 <= self.patch_dropout < 1.0:

@@ -88,12 +88,34 @@ def _matches(row: list[int], table: SwapTable, end: int) -> list[tuple[int, int,
     return found
 
 
+Word = tuple[int, int]  # (attribute, value)
+Pair = tuple[Word, Word]
+
+
+def _neighbours(found: list[tuple[int, int, int, int]]) -> set[Pair]:
+    """Each attribute word with the next one of the caption, in order ("black" then "circle")."""
+    words = [(a, v) for _, _, a, v in found]
+    return set(zip(words, words[1:]))
+
+
+def attested_pairs(tokens: torch.Tensor, table: SwapTable, eot_id: int) -> frozenset[Pair]:
+    """The pairs of neighbouring attribute words that occur in these [N, L] captions."""
+    pairs: set[Pair] = set()
+    for row in tokens.tolist():
+        pairs |= _neighbours(_matches(row, table, row.index(eot_id) if eot_id in row else len(row)))
+    return frozenset(pairs)
+
+
 def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int, pad_id: int,
-                   every_word: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   every_word: bool = False, attested: frozenset[Pair] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, L] captions -> ([B, k, L] swapped copies, [B, k] mask of the real ones). A caption
     without an attribute word has none. One word, drawn at random, is swapped for each other value
     of its attribute (``every_word``: each word in turn, in random order); past k copies, a random
-    k of them are kept. Each copy takes a random synonym of its new value."""
+    k of them are kept. Each copy takes a random synonym of its new value. With ``attested``, a
+    copy is made only where the new word and each attribute word beside it form a pair found
+    there: a negative no training caption could be is one the model learns to refuse from the
+    pair alone ("black" is never followed by "hexagon"), whatever the image shows."""
     b, length = tokens.shape
     seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's generator (checkpointed)
     rng = random.Random(seed)
@@ -104,13 +126,20 @@ def swap_negatives(tokens: torch.Tensor, table: SwapTable, k: int, eot_id: int, 
         found = _matches(row, table, end)
         if not found:
             continue
-        words = found if every_word else [found[rng.randrange(len(found))]]
-        swaps = [(start, stop, a, w) for start, stop, a, v in words for w in range(len(table.values[a])) if w != v]
+        chosen = range(len(found)) if every_word else [rng.randrange(len(found))]
+        swaps = [(found[i][0], found[i][1], found[i][2], w) for i in chosen
+                 for w in range(len(table.values[found[i][2]])) if w != found[i][3]
+                 if attested is None or _attested(found, i, (found[i][2], w), attested)]
         for j, (start, stop, a, w) in enumerate(rng.sample(swaps, min(k, len(swaps)))):
             new = (row[:start] + list(rng.choice(table.values[a][w])) + row[stop:end])[:length - 1] + [eot_id]
             out[r, j, :len(new)] = new
             real[r, j] = True
     return torch.from_numpy(out).to(tokens.dtype), torch.from_numpy(real)
+
+
+def _attested(found: list[tuple[int, int, int, int]], i: int, new: Word, attested: frozenset[Pair]) -> bool:
+    return (i == 0 or ((found[i - 1][2], found[i - 1][3]), new) in attested) and \
+        (i + 1 == len(found) or (new, (found[i + 1][2], found[i + 1][3])) in attested)
 
 
 Maker = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # tokens -> (copies, mask)
@@ -128,14 +157,34 @@ def swap_negatives_for(cfg, model, world_size: int) -> Maker | None:
            "it needs a text tower that reads CLIP's BPE tokens" if text.hf_model or text.hf_tokenizer_name else None)
     if why:
         raise ConfigError(f"swap_negatives: {why}")
-    return negatives_maker(read_swap_words(cfg.swap_words), model, cfg.swap_negatives, cfg.swap_every_word)
+    captions = None
+    if cfg.swap_attested:
+        from clipforge.data.sources import table_captions
+        from clipforge.errors import DataError
+
+        try:
+            captions = table_captions(cfg.data)
+        except DataError as e:
+            raise ConfigError(f"swap_attested: {e}") from None
+    return negatives_maker(read_swap_words(cfg.swap_words), model, cfg.swap_negatives, cfg.swap_every_word, captions)
 
 
-def negatives_maker(groups: dict[str, list[list[str]]], model, k: int, every_word: bool = False) -> Maker:
-    """tokens -> (up to ``k`` swapped copies, mask) for ``model``'s tokenizer and word ``groups``."""
+def negatives_maker(groups: dict[str, list[list[str]]], model, k: int, every_word: bool = False,
+                    captions: Sequence[str] | None = None) -> Maker:
+    """tokens -> (up to ``k`` swapped copies, mask) for ``model``'s tokenizer and word ``groups``;
+    with ``captions`` (the training set's), only copies whose neighbouring word pairs occur there."""
     from clipforge.model.factory import tokenizer_for
 
     text = model.config.text
-    table = build_swap_table(groups, tokenizer_for(model), text.eot_token_id, text.pad_token_id)
+    tokenizer = tokenizer_for(model)
+    table = build_swap_table(groups, tokenizer, text.eot_token_id, text.pad_token_id)
+    attested = None
+    if captions is not None:
+        captions = list(captions)
+        attested = frozenset().union(*(attested_pairs(tokenizer(captions[i:i + _SCAN]), table, text.eot_token_id)
+                                       for i in range(0, len(captions), _SCAN)))
     return functools.partial(swap_negatives, table=table, k=k, eot_id=text.eot_token_id, pad_id=text.pad_token_id,
-                             every_word=every_word)
+                             every_word=every_word, attested=attested)
+
+
+_SCAN = 8192  # captions tokenized at a time while reading the training set's word pairs
