@@ -12,12 +12,13 @@
     .venv/bin/python research/bench_demo_step.py --compare gray    # half the first filters colour-blind vs none (not kept)
     .venv/bin/python research/bench_demo_step.py --compare bag     # text mean in one embedding_bag vs padded
     .venv/bin/python research/bench_demo_step.py --compare gather  # the batch's words gathered first vs per occurrence
+    .venv/bin/python research/bench_demo_step.py --compare patch   # a 4x4 grid (patch 16) vs 8x8 (patch 8)
 
 One step is the trainer's own (``clipforge.train.step.TrainStep``: clear the gradients, bf16
 autocast forward of ``tiny-bow``, the contrastive loss in fp32, backward, clipping at 1.0, fused
 AdamW) on a synthetic batch (128 images of 64 px, captions of 20 tokens; ``swap``: 128 of the world's
 captions and their swapped-word copies as the demo makes them in the step, up to 64 per caption of
-every attribute word; ``bag``, ``gather``: the same, both sides; ``words``: against up to 9 of one word), without
+every attribute word; ``bag``, ``gather``, ``patch``: the same, both sides; ``words``: against up to 9 of one word), without
 the loader.
 Each side runs in its own process, one model per process as in training (two models in one
 process share the allocator, and what one frees the other reuses), and the processes alternate
@@ -53,6 +54,7 @@ VARIANTS = {
     "swap": ("swapped-word copies of every attribute word (up to 64)", "no copies"),
     "words": ("copies of every attribute word (up to 64)", "copies of one word drawn at random (up to 9)"),
     "bag": ("text mean gathered and summed at once (embedding_bag)", "text mean over a padded [B, N, W] tensor"),
+    "patch": ("four-stage stem to a 4x4 grid (patch 16)", "three-stage stem to an 8x8 grid (patch 8)"),
     "gather": ("the batch's words gathered first (one gradient row per word)",
                "a gradient row per token occurrence (coalesced by clipping and the optimizer)"),
 }
@@ -90,6 +92,8 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     if compare != "alloc" or not alternative:
         reuse_freed_memory()  # as the trainer does on a CPU
     cfg = get_config("tiny-bow")
+    if alternative and compare == "patch":
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_size=8))
     if alternative and compare == "kernel":
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, stem_kernel=3))
     if not alternative and compare == "gray":  # tried, not kept in tiny-bow
@@ -115,7 +119,7 @@ def measure(compare: str, alternative: bool, steps: int, warmup: int, threads: i
     tokens = torch.randint(1, 1000, (128, 77), generator=torch.Generator().manual_seed(1))
     tokens[:, 20:] = 0
     make = None
-    if compare in ("swap", "bag", "words", "gather"):  # world captions (random ids hold no attribute words to swap)
+    if compare in ("swap", "bag", "words", "gather", "patch"):  # world captions (random ids hold no attribute words to swap)
         from clipforge.data.synth import SynthConfig, make_sample
         from clipforge.data.synth.captions import attribute_word_groups
         from clipforge.train.swap_negatives import build_swap_table, swap_negatives

@@ -152,29 +152,37 @@ def test_method_names_and_the_front_door():
     assert clipforge.explain is explain
 
 
-def test_cells_are_drawn_where_their_receptive_field_is():
+@pytest.mark.parametrize("patch, cells", [(8, (3, 5)), (16, (1, 2))])
+def test_cells_are_drawn_where_their_receptive_field_is(patch, cells):
     """A conv stem (3x3 stride-2 convolutions padded by 1) centres each cell on its patch's first pixel,
     not the patch's middle: measured here from the stem itself (the input gradient of one cell, all
-    weights one, is symmetric about that cell's centre), and ``grid_centres`` must agree."""
+    weights one, is symmetric about that cell's centre; cells whose field the image's edge cuts are
+    left out), and ``grid_centres`` must agree. tiny-bow's stem, with three stages (8x8) and four (4x4)."""
+    from dataclasses import replace
+
     import torch.nn.functional as F
 
     from clipforge.explanations.core import _upsample, grid_centres
+    from clipforge.model.registry import get_config
 
-    model = clipforge.create_model("tiny-bow", seed=0).eval()
+    cfg = get_config("tiny-bow")
+    model = clipforge.create_model(replace(cfg, vision=replace(cfg.vision, patch_size=patch)), seed=0).eval()
     stem = model.visual.conv1
     for layer in stem:
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.ones_(layer.weight)
     stem = torch.nn.Sequential(*[m for m in stem if isinstance(m, torch.nn.Conv2d)])
     x = torch.zeros(1, 3, 64, 64, requires_grad=True)
-    out = stem(x)  # [1, C, 8, 8]
+    out = stem(x)  # [1, C, 64 / patch, 64 / patch]
     (stride, offset), _ = grid_centres(model.visual, (64, 64), tuple(out.shape[-2:]))
-    for i in (3, 5):
+    for i in cells:
         (grad,) = torch.autograd.grad(out[0, :, i, i].sum(), x, retain_graph=True)
         w = grad[0].abs().sum(0)
         centre = float((w.sum(1) * torch.arange(64.0)).sum() / w.sum())
         assert abs(centre - (stride * i + offset)) < 1e-3, (i, centre, stride, offset)
-    assert (stride, offset) == (8.0, 0.0)  # half a cell (3.5 px) up and left of a patch's middle
+    assert (stride, offset) == (float(patch), 0.0)  # half a cell up and left of a patch's middle
+    if patch != 8:
+        return
     # a cell's value is drawn at its centre, and a patch-embedding tower keeps plain bilinear upsampling
     m = torch.rand(1, 8, 8)
     drawn = _upsample(m, (64, 64), grid_centres(model.visual, (64, 64), (8, 8)))

