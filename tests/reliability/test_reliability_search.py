@@ -128,7 +128,11 @@ def test_full_disk_while_embedding_is_one_line_and_keeps_finished_parts(images, 
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no half-written temporaries
     monkeypatch.setattr(embed.np, "save", real_save)  # space freed
     assert main(args) == 0
-    _assert_exact(out, root / "clean")
+    # against the same command run once without the fault: the command loads the model from its folder,
+    # and on some CPUs that copy's image features differ from the fixture's in a last bit
+    clean = args[:args.index("--out") + 1] + [str(tmp_path / "clean")] + args[args.index("--out") + 2:]
+    assert main(clean) == 0
+    _assert_exact(out, tmp_path / "clean")
 
 
 # -- indexing ----------------------------------------------------------------------------------
