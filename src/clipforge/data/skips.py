@@ -127,8 +127,8 @@ class RawSample(NamedTuple):
     bad: str | None = None  # already known to be unusable (a malformed row): the skip kind
 
 
-def load_sample(raw: RawSample, min_side: int, max_pixels: int) -> tuple[Image.Image, str] | Skip:
-    """Read and decode one entry. The caption is checked first: it is the cheaper of the two."""
+def load_caption(raw: RawSample) -> str | Skip:
+    """One entry's caption, read from its own file where it has one; the image is left unread."""
     if raw.bad is not None:
         return Skip(raw.bad, raw.where)
     caption_raw = raw.caption
@@ -137,7 +137,12 @@ def load_sample(raw: RawSample, min_side: int, max_pixels: int) -> tuple[Image.I
         if isinstance(got, Skip):
             return Skip("missing_caption", raw.caption_path) if got.kind == "missing_file" else got
         caption_raw = got
-    caption = decode_caption(caption_raw, raw.where)
+    return decode_caption(caption_raw, raw.where)
+
+
+def load_sample(raw: RawSample, min_side: int, max_pixels: int) -> tuple[Image.Image, str] | Skip:
+    """Read and decode one entry. The caption is checked first: it is the cheaper of the two."""
+    caption = load_caption(raw)
     if isinstance(caption, Skip):
         return caption
     if raw.image is None or raw.image == "":

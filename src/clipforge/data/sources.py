@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from clipforge.data.config import DataConfig, resolve_kind, rng_for, seed_for
-from clipforge.data.skips import SKIP_KINDS, RawSample, Skip, decode_caption, load_sample, note_skip, read_file
+from clipforge.data.skips import SKIP_KINDS, RawSample, Skip, load_caption, load_sample, note_skip
 from clipforge.errors import DataError
 
 __all__ = ["DataConfig", "Batch", "SKIP_KINDS", "MapBatches", "StreamBatches", "open_index", "table_captions"]
@@ -73,16 +73,8 @@ def table_captions(cfg: DataConfig) -> list[str]:
         raise DataError(f"{cfg.path}: the training captions are read before the run from a table or folder, "
                         "not WebDataset shards")
     index = open_index(cfg, kind)
-    out = []
-    for i in range(len(index)):
-        raw = index.raw(i)
-        text = raw.caption
-        if raw.bad is None and text is None and raw.caption_path is not None:
-            text = read_file(raw.caption_path)
-        text = None if raw.bad is not None or isinstance(text, Skip) else decode_caption(text)
-        if isinstance(text, str):
-            out.append(text)
-    return out
+    captions = (load_caption(index.raw(i)) for i in range(len(index)))
+    return [c for c in captions if isinstance(c, str)]
 
 
 class Featurizer:

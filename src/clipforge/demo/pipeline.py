@@ -25,12 +25,11 @@ if TYPE_CHECKING:
 TARGETS = {"colour": 0.98, "shape": 0.95, "size": 0.95, "position": 0.90, "count": 0.80}
 # ... and shape on the held-out colour-shape pairs at most this far below shape on the test split.
 HELDOUT_GAP_TARGET = 0.10
-# What the targets have taken, for the demo's account of a miss (benchmarks/demo/RESULTS.md: the 4x4-grid
-# model met every one in runs of 1,500 and 2,100 steps), and the calibrated step of this demo on a quiet
-# 2-core host: the 8x8-grid model's 125 ms there (record demo_runs-cpu-20261206-233844.json) over the 4x4
-# grid's measured speed-up on two threads (1.94, research/bench_demo_step.py --compare patch).
+# What the targets have taken, for the demo's account of a miss (benchmarks/demo/RESULTS.md: runs of
+# 1,500-3,010 steps met every one), and the calibrated step of this demo on an idle 2-core host (92-96 ms
+# in the two-core runs of record demo_runs-cpu-20261207-032357.json, an AMD EPYC).
 STEPS_FOR_TARGETS = 1800
-REFERENCE_STEP_S = 0.065
+REFERENCE_STEP_S = 0.095
 
 
 @dataclass(frozen=True)
@@ -151,8 +150,8 @@ def calibrate_steps(model_name: str, batch_size: int, seconds: float, workers: i
             from clipforge.data.synth.captions import attribute_word_groups
             from clipforge.train.swap_negatives import negatives_maker
 
-            # unfiltered (TrainConfig.swap_attested): reading the captions twice costs more than the
-            # few percent fewer copies it would time, and the clock ends the run either way
+            # every copy, not only the attested ones (TrainConfig.swap_attested): those are 6% fewer in the
+            # demo's world, and the clock, not this plan, ends the run
             negatives = negatives_maker(attribute_word_groups(), model, swap_negatives, swap_every_word)
         times = []
         for i in range(3 + timed):

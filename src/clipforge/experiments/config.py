@@ -22,7 +22,6 @@ from typing import Any
 from clipforge.config import ClipConfig, TextConfig, VisionConfig
 from clipforge.errors import ClipforgeError
 from clipforge.model.registry import get_config, list_models
-from clipforge.model.vision import conv_stem_channels
 
 FINDINGS = ("objectives", "prompts", "fewshot", "probe", "robustness", "scaling", "labelset")
 
@@ -42,9 +41,7 @@ def _bow(name: str, width: int, layers: int) -> ClipConfig:
     """``tiny-bow`` (the demo's learner) at another width and depth: the scaling sweep's family,
     so that every size trains with the recipe that learns the world's tasks."""
     base = get_config("tiny-bow")
-    # half the first filters colour-blind where tiny-bow's are
-    gray = conv_stem_channels(width, base.vision.patch_size)[0] // 2 if base.vision.stem_gray else 0
-    vision = dataclasses.replace(base.vision, width=width, layers=layers, heads=max(1, width // 64), stem_gray=gray)
+    vision = dataclasses.replace(base.vision, width=width, layers=layers, heads=max(1, width // 64))
     text = dataclasses.replace(base.text, width=width, heads=max(1, width // 64))
     return dataclasses.replace(base, embed_dim=width, vision=vision, text=text, name=name)
 

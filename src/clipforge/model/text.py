@@ -164,8 +164,8 @@ class TextTransformer(nn.Module):
         tokens, length = tokens[:, :n], (pos + 1).unsqueeze(1)
         weights = (torch.arange(n, device=tokens.device)[None, :] < length) / length
         table = self.token_embedding
-        # Summed over the batch's own words (a few hundred rows), whose gradient is then one row per
-        # word: a sparse gradient per token occurrence cost more to coalesce than the rest of the tower.
+        # Summed over the batch's distinct words, whose gradient is then one row per word: a sparse
+        # gradient per token occurrence cost more to coalesce than the rest of the tower.
         words, inverse = torch.unique(tokens, return_inverse=True)
         rows = F.embedding(words, table.weight, sparse=table.sparse)
         x = F.embedding_bag(inverse, rows, per_sample_weights=weights.to(rows.dtype), mode="sum")

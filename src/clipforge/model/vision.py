@@ -41,12 +41,6 @@ class ColourBlindSplit(nn.Module):
         return F.conv2d(x, weight, stride=2, padding=self.padding)
 
 
-def conv_stem_channels(width: int, patch_size: int) -> list[int]:
-    """Output channels of the conv stem's stride-2 stages: doubling per stage, ending at ``width``."""
-    stages = patch_size.bit_length() - 1
-    return [max(16, width >> (stages - 1 - i)) for i in range(stages)]
-
-
 def conv_stem(width: int, patch_size: int, first_act: str = "relu", first_kernel: int = 3,
               first_gray: int = 0) -> nn.Sequential:
     """3x3 stride-2 convs (BatchNorm + ReLU) from 3 channels to ``width``, log2(patch) of them,
@@ -57,7 +51,8 @@ def conv_stem(width: int, patch_size: int, first_act: str = "relu", first_kernel
     colour-blind (VisionConfig.stem_gray, ``ColourBlindSplit``)."""
     if first_act not in ("relu", "abs"):
         raise ValueError(f"first_act must be 'relu' or 'abs', got {first_act!r}")
-    chans = conv_stem_channels(width, patch_size)
+    stages = patch_size.bit_length() - 1
+    chans = [max(16, width >> (stages - 1 - i)) for i in range(stages)]
     layers: list[nn.Module] = []
     c_in = 3
     for i, c in enumerate(chans):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipforge.errors import DataError
 from clipforge.train.config import ConfigError
 
 
@@ -160,7 +161,6 @@ def swap_negatives_for(cfg, model, world_size: int) -> Maker | None:
     captions = None
     if cfg.swap_attested:
         from clipforge.data.sources import table_captions
-        from clipforge.errors import DataError
 
         try:
             captions = table_captions(cfg.data)
